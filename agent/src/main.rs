@@ -1,0 +1,151 @@
+//! joey-agent: serves the kata agent API (ttrpc) over vsock or a Unix socket.
+//!
+//! Two internal subcommands run single-threaded helpers from this same binary:
+//! `launch` (container creation, see `launcher`) and `pidns` (the holder of a
+//! sandbox's shared PID namespace).
+
+mod container;
+mod error;
+mod exec;
+mod launcher;
+mod mount;
+mod process;
+mod reaper;
+mod runtime;
+mod sandbox;
+mod server;
+mod spec;
+mod state;
+mod stats;
+mod stdio;
+mod storage;
+mod streams;
+mod validate;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tracing::{info, warn};
+
+use crate::state::{Agent, Dirs};
+
+/// The agent's default address: vsock port 1024 on any CID, as kata's agent.
+pub const DEFAULT_ADDR: &str = "vsock://-1:1024";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "joey-agent",
+    version,
+    about = "joey's guest agent (kata agent API over ttrpc)"
+)]
+struct Args {
+    /// Address to serve on: vsock://CID:PORT or unix:///path.
+    #[arg(long, env = "KATA_AGENT_SERVER_ADDR", default_value = DEFAULT_ADDR)]
+    server_addr: String,
+    /// Directory for the agent's state (container state, bundles, scratch mounts).
+    #[arg(long, env = "JOEY_AGENT_STATE_DIR", default_value = "/run/joey/agent")]
+    state_dir: PathBuf,
+}
+
+fn main() {
+    match std::env::args().nth(1).as_deref() {
+        Some("launch") => {
+            init_logging();
+            launcher::launcher_main()
+        }
+        Some("pidns") => sandbox::pidns_main(),
+        _ => {}
+    }
+    init_logging();
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("joey-agent: start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(serve(args)) {
+        tracing::error!("{e:#}");
+        std::process::exit(1);
+    }
+    std::process::exit(0);
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("JOEY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
+    let reaper = reaper::Reaper::start().context("start the child reaper")?;
+    let dirs = Dirs::under(&args.state_dir);
+    dirs.create().with_context(|| {
+        format!(
+            "create state directories under {}",
+            args.state_dir.display()
+        )
+    })?;
+    let agent = Arc::new(Agent {
+        dirs,
+        reaper,
+        mounter: Arc::new(mount::LinuxMounter),
+        init_daemon: std::process::id() == 1 || std::env::var_os("JOEY_UNDER_INIT").is_some(),
+        sandbox: Mutex::new(Default::default()),
+        containers: Mutex::new(HashMap::new()),
+        creating: Mutex::new(HashSet::new()),
+        lost: Mutex::new(HashMap::new()),
+        shutdown: tokio::sync::Notify::new(),
+    });
+    agent.recover().await;
+
+    if let Some(path) = args.server_addr.strip_prefix("unix://") {
+        // A socket left by a previous agent would make bind fail.
+        let _ = std::fs::remove_file(path);
+    }
+    let agent_service =
+        joey_protocols::agent_ttrpc::create_agent_service(Arc::new(server::AgentRpc {
+            agent: agent.clone(),
+        }));
+    let health_service = joey_protocols::health_ttrpc::create_health(Arc::new(server::HealthRpc));
+    let mut server = ttrpc::r#async::Server::new()
+        .bind(&args.server_addr)
+        .with_context(|| format!("listen on {}", args.server_addr))?
+        .register_service(agent_service)
+        .register_service(health_service);
+    server.start().await.context("start the ttrpc server")?;
+    info!(addr = %args.server_addr, version = env!("CARGO_PKG_VERSION"), "agent ready");
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = agent.shutdown.notified() => {
+            info!("sandbox destroyed; shutting down");
+            // Let the DestroySandbox reply leave before the connections close.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        _ = sigterm.recv() => warn!("SIGTERM; shutting down"),
+    }
+    if tokio::time::timeout(Duration::from_secs(2), server.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("ttrpc server did not shut down within 2s");
+    }
+    if let Some(path) = args.server_addr.strip_prefix("unix://") {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}

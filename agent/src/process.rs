@@ -1,0 +1,119 @@
+//! One process of a container (its init or an exec): pid, stdio and exit.
+
+use std::sync::Arc;
+
+use tokio::sync::{watch, Mutex};
+
+use crate::reaper::Reaper;
+use crate::stdio::{Input, Output, PipeSet, Pty};
+
+pub struct Process {
+    pub exec_id: String,
+    pub pid: i32,
+    pub stdin: Mutex<Option<Input>>,
+    pub stdout: Mutex<Option<Output>>,
+    pub stderr: Mutex<Option<Output>>,
+    pub tty: Option<Arc<Pty>>,
+    exit: watch::Receiver<Option<i32>>,
+}
+
+/// The agent's side of a new process's stdio.
+pub enum AgentStdio {
+    Pipes(PipeSet),
+    Pty(Arc<Pty>),
+}
+
+impl Process {
+    /// Registers a process that was just created, and starts watching for its exit.
+    pub fn new(exec_id: String, pid: i32, stdio: AgentStdio, reaper: &Reaper) -> Arc<Self> {
+        let (tx, rx) = watch::channel(None);
+        let exited = reaper.wait_for(pid);
+        tokio::spawn(async move {
+            if let Ok(exit) = exited.await {
+                let _ = tx.send(Some(exit.status()));
+            }
+        });
+        let (stdin, stdout, stderr, tty) = match stdio {
+            AgentStdio::Pipes(p) => (
+                Input::Pipe(p.stdin),
+                Output::Pipe(p.stdout),
+                Some(Output::Pipe(p.stderr)),
+                None,
+            ),
+            AgentStdio::Pty(t) => (Input::Pty(t.clone()), Output::Pty(t.clone()), None, Some(t)),
+        };
+        Arc::new(Process {
+            exec_id,
+            pid,
+            stdin: Mutex::new(Some(stdin)),
+            stdout: Mutex::new(Some(stdout)),
+            stderr: Mutex::new(stderr),
+            tty,
+            exit: rx,
+        })
+    }
+
+    /// The exit status if the process has ended (code, or 128 + signal).
+    pub fn exit_status(&self) -> Option<i32> {
+        *self.exit.borrow()
+    }
+
+    /// Waits until the process ends and returns its status.
+    pub async fn wait(&self) -> i32 {
+        let mut rx = self.exit.clone();
+        loop {
+            if let Some(s) = *rx.borrow_and_update() {
+                return s;
+            }
+            if rx.changed().await.is_err() {
+                // The watcher is gone without a status: the reaper stopped. Report the
+                // process as killed rather than hanging the caller forever.
+                return 128 + libc::SIGKILL;
+            }
+        }
+    }
+
+    /// Sends a signal; a process that already ended is not an error.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) -> nix::Result<()> {
+        if self.exit_status().is_some() {
+            return Ok(());
+        }
+        match nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), sig) {
+            Err(nix::errno::Errno::ESRCH) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Whether the process installed a handler for `sig` (from /proc/PID/status SigCgt).
+    pub fn handles_signal(&self, sig: i32) -> bool {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", self.pid)) else {
+            return false;
+        };
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            .is_some_and(|mask| mask & (1u64 << (sig - 1)) != 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn this_test_process_handles_no_sigterm() {
+        let reaper = Reaper::default();
+        let (pipes, _theirs) = crate::stdio::pipes().unwrap();
+        let p = Process::new(
+            "e".into(),
+            std::process::id() as i32,
+            AgentStdio::Pipes(pipes),
+            &reaper,
+        );
+        // The test harness installs no SIGTERM handler; tokio's signal driver is not
+        // listening for SIGTERM here either.
+        assert!(!p.handles_signal(libc::SIGTERM));
+        assert_eq!(p.exit_status(), None);
+    }
+}

@@ -1,0 +1,132 @@
+//! StatsContainer: the container's cgroup statistics (v1 or v2, as the host has).
+
+use std::path::PathBuf;
+
+use joey_protocols::agent::{
+    BlkioStats, BlkioStatsEntry, CgroupStats, CpuStats, CpuUsage, HugetlbStats, MemoryData,
+    MemoryStats, PidsStats, StatsContainerResponse, ThrottlingData,
+};
+use libcgroups::common::{create_cgroup_manager, CgroupConfig, CgroupManager};
+
+use crate::error::Result;
+use crate::state::Agent;
+
+impl Agent {
+    pub async fn stats_container(&self, cid: &str) -> Result<StatsContainerResponse> {
+        let c = self.container(cid)?;
+        let config = CgroupConfig {
+            cgroup_path: PathBuf::from(&c.cgroups_path),
+            systemd_cgroup: false,
+            container_name: cid.to_string(),
+        };
+        let cid = cid.to_string();
+        let stats = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let manager = create_cgroup_manager(config)
+                .map_err(|e| anyhow::anyhow!("cgroup of container {cid}: {e}"))?;
+            manager
+                .stats()
+                .map_err(|e| anyhow::anyhow!("read cgroup stats of container {cid}: {e}"))
+        })
+        .await
+        .map_err(anyhow::Error::from)??;
+        Ok(convert(&stats))
+    }
+}
+
+fn mem(d: &libcgroups::stats::MemoryData) -> MemoryData {
+    let mut m = MemoryData::new();
+    m.usage = d.usage;
+    m.max_usage = d.max_usage;
+    m.failcnt = d.fail_count;
+    m.limit = d.limit;
+    m
+}
+
+fn blkio_entries(list: &[libcgroups::stats::BlkioDeviceStat]) -> Vec<BlkioStatsEntry> {
+    list.iter()
+        .map(|s| {
+            let mut e = BlkioStatsEntry::new();
+            e.major = s.major;
+            e.minor = s.minor;
+            e.op = s.op_type.clone().unwrap_or_default();
+            e.value = s.value;
+            e
+        })
+        .collect()
+}
+
+fn convert(s: &libcgroups::stats::Stats) -> StatsContainerResponse {
+    let mut usage = CpuUsage::new();
+    usage.total_usage = s.cpu.usage.usage_total;
+    usage.percpu_usage = s.cpu.usage.per_core_usage_total.clone();
+    usage.usage_in_kernelmode = s.cpu.usage.usage_kernel;
+    usage.usage_in_usermode = s.cpu.usage.usage_user;
+    let mut thr = ThrottlingData::new();
+    thr.periods = s.cpu.throttling.periods;
+    thr.throttled_periods = s.cpu.throttling.throttled_periods;
+    thr.throttled_time = s.cpu.throttling.throttled_time;
+    let mut cpu = CpuStats::new();
+    cpu.cpu_usage = Some(usage).into();
+    cpu.throttling_data = Some(thr).into();
+
+    let mut memory = MemoryStats::new();
+    memory.cache = s.memory.cache;
+    memory.usage = Some(mem(&s.memory.memory)).into();
+    memory.swap_usage = Some(mem(&s.memory.memswap)).into();
+    memory.kernel_usage = Some(mem(&s.memory.kernel)).into();
+    memory.use_hierarchy = s.memory.hierarchy;
+    memory.stats = s.memory.stats.clone();
+
+    let mut pids = PidsStats::new();
+    pids.current = s.pids.current;
+    pids.limit = s.pids.limit;
+
+    let mut blkio = BlkioStats::new();
+    blkio.io_service_bytes_recursive = blkio_entries(&s.blkio.service_bytes);
+    blkio.io_serviced_recursive = blkio_entries(&s.blkio.serviced);
+    blkio.io_queued_recursive = blkio_entries(&s.blkio.queued);
+    blkio.io_service_time_recursive = blkio_entries(&s.blkio.service_time);
+    blkio.io_wait_time_recursive = blkio_entries(&s.blkio.wait_time);
+    blkio.io_time_recursive = blkio_entries(&s.blkio.time);
+    blkio.sectors_recursive = blkio_entries(&s.blkio.sectors);
+
+    let mut cg = CgroupStats::new();
+    cg.cpu_stats = Some(cpu).into();
+    cg.memory_stats = Some(memory).into();
+    cg.pids_stats = Some(pids).into();
+    cg.blkio_stats = Some(blkio).into();
+    cg.hugetlb_stats = s
+        .hugetlb
+        .iter()
+        .map(|(k, v)| {
+            let mut h = HugetlbStats::new();
+            h.usage = v.usage;
+            h.max_usage = v.max_usage;
+            h.failcnt = v.fail_count;
+            (k.clone(), h)
+        })
+        .collect();
+    let mut r = StatsContainerResponse::new();
+    r.cgroup_stats = Some(cg).into();
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_land_in_kata_fields() {
+        let mut s = libcgroups::stats::Stats::default();
+        s.cpu.usage.usage_total = 11;
+        s.memory.memory.usage = 22;
+        s.memory.memory.limit = 33;
+        s.pids.current = 4;
+        let r = convert(&s);
+        let cg = r.cgroup_stats.as_ref().unwrap();
+        assert_eq!(cg.cpu_stats.cpu_usage.total_usage, 11);
+        assert_eq!(cg.memory_stats.usage.usage, 22);
+        assert_eq!(cg.memory_stats.usage.limit, 33);
+        assert_eq!(cg.pids_stats.current, 4);
+    }
+}

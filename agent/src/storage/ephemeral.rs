@@ -1,0 +1,87 @@
+//! `ephemeral`: a tmpfs in guest memory, gone when it is unmounted.
+
+use std::path::Path;
+
+use super::{create_dir, StorageContext, StorageRequest, Undo};
+use crate::error::{invalid, Result};
+use crate::mount::{parse_options, MountSpec};
+
+pub(super) fn add(
+    ctx: &StorageContext<'_>,
+    req: &StorageRequest,
+    mount_point: &Path,
+    undo: &mut Vec<Undo>,
+) -> Result<()> {
+    if !req.fstype.is_empty() && req.fstype != "tmpfs" {
+        return Err(invalid(format!(
+            "ephemeral storage is tmpfs; fstype {:?} is not supported",
+            req.fstype
+        )));
+    }
+    create_dir(mount_point, undo)?;
+    let (flags, data) = parse_options(&req.options);
+    ctx.mounter
+        .mount(&MountSpec {
+            source: "tmpfs".into(),
+            target: mount_point.to_path_buf(),
+            fstype: "tmpfs".into(),
+            flags,
+            data,
+        })
+        .map_err(anyhow::Error::from)?;
+    undo.push(Undo::Umount(mount_point.to_path_buf()));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mount::RecordingMounter;
+    use crate::storage::add as add_storage;
+    use nix::mount::MsFlags;
+
+    #[test]
+    fn mounts_a_tmpfs_with_the_options_and_undoes_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = RecordingMounter::default();
+        let ctx = StorageContext {
+            mounter: &m,
+            scratch: tmp.path(),
+        };
+        let dir = tmp.path().join("eph");
+        let req = StorageRequest {
+            driver: "ephemeral".into(),
+            options: vec!["nosuid".into(), "size=1m".into()],
+            mount_point: dir.display().to_string(),
+            ..Default::default()
+        };
+        let s = add_storage(&ctx, &req).unwrap();
+        let mounts = m.mounts.lock().unwrap().clone();
+        assert_eq!(mounts.len(), 1);
+        assert_eq!(mounts[0].fstype, "tmpfs");
+        assert_eq!(mounts[0].flags, MsFlags::MS_NOSUID);
+        assert_eq!(mounts[0].data, "size=1m");
+        s.remove(&m);
+        assert_eq!(*m.umounts.lock().unwrap(), vec![dir.clone()]);
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn a_failed_mount_removes_the_directory_it_made() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = RecordingMounter::default();
+        let dir = tmp.path().join("eph");
+        *m.fail_target.lock().unwrap() = Some(dir.clone());
+        let ctx = StorageContext {
+            mounter: &m,
+            scratch: tmp.path(),
+        };
+        let req = StorageRequest {
+            driver: "ephemeral".into(),
+            mount_point: dir.display().to_string(),
+            ..Default::default()
+        };
+        assert!(add_storage(&ctx, &req).is_err());
+        assert!(!dir.exists());
+    }
+}
