@@ -307,6 +307,7 @@ impl Agent {
             warn!("{e:#}");
             let _ = std::fs::remove_dir_all(self.dirs.containers.join(&c.id));
         }
+        prune_cgroup_parents(Path::new(CGROUP_ROOT), &c.cgroups_path);
         for s in c.storages.iter().rev() {
             s.remove(self.mounter.as_ref());
         }
@@ -321,6 +322,34 @@ pub fn save_storages(bundle: &Path, storages: &[MountedStorage]) -> Result<()> {
     let json = serde_json::to_vec(storages).map_err(anyhow::Error::from)?;
     std::fs::write(&path, json).map_err(|e| anyhow::anyhow!("write {}: {e}", path.display()))?;
     Ok(())
+}
+
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// libcontainer removes a container's own cgroup but not the parents it created
+/// (`/joey/<sandbox>` for `/joey/<sandbox>/<container>`). Removes those that are empty,
+/// in the cgroup2 root and in every v1 hierarchy under `root`, but never the first
+/// component, which other sandboxes share (removing it could race their creation).
+fn prune_cgroup_parents(root: &Path, cgroups_path: &str) {
+    let rel = Path::new(cgroups_path.trim_start_matches('/'));
+    let parents: Vec<&Path> = rel
+        .ancestors()
+        .skip(1)
+        .filter(|p| p.components().count() >= 2)
+        .collect();
+    if parents.is_empty() {
+        return;
+    }
+    let mut bases = vec![root.to_path_buf()];
+    if let Ok(entries) = std::fs::read_dir(root) {
+        bases.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+    }
+    for base in &bases {
+        for p in &parents {
+            // Fails (and is meant to) while the cgroup has children or processes.
+            let _ = std::fs::remove_dir(base.join(p));
+        }
+    }
 }
 
 /// Kata may send a systemd-style cgroup path (`slice:prefix:name`). The guest runs no
@@ -394,6 +423,19 @@ fn check_executable(cid: &str, spec: &Spec) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn empty_cgroup_parents_are_pruned_but_not_the_shared_top() {
+        let tmp = tempfile::tempdir().unwrap();
+        for h in ["memory", "pids"] {
+            std::fs::create_dir_all(tmp.path().join(h).join("joey/sb")).unwrap();
+        }
+        std::fs::create_dir_all(tmp.path().join("pids/joey/sb/other")).unwrap();
+        prune_cgroup_parents(tmp.path(), "/joey/sb/c1");
+        assert!(!tmp.path().join("memory/joey/sb").exists());
+        assert!(tmp.path().join("memory/joey").exists());
+        assert!(tmp.path().join("pids/joey/sb/other").exists());
+    }
 
     #[test]
     fn systemd_cgroup_paths_become_plain_paths() {

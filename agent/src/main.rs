@@ -52,9 +52,16 @@ struct Args {
 }
 
 fn main() {
+    // A blocked mask inherited from the parent would silence SIGCHLD (the reaper) and
+    // pass on to every container process.
+    let _ = nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&nix::sys::signal::SigSet::empty()),
+        None,
+    );
     match std::env::args().nth(1).as_deref() {
         Some("launch") => {
-            init_logging();
+            init_launcher_logging();
             launcher::launcher_main()
         }
         Some("pidns") => sandbox::pidns_main(),
@@ -86,6 +93,32 @@ fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// The launcher's container process logs until it execs, after its stderr became the
+/// container's: log to a private copy of the console instead (closed at exec).
+fn init_launcher_logging() {
+    use std::os::fd::{AsFd, OwnedFd};
+    let console: Option<OwnedFd> = nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&std::io::stderr().as_fd()),
+        nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10),
+    )
+    .ok()
+    .map(|fd| {
+        // SAFETY: F_DUPFD_CLOEXEC just returned this fd; we are its only owner.
+        unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+    });
+    let Some(console) = console else {
+        return init_logging();
+    };
+    let file = std::sync::Mutex::new(std::fs::File::from(console));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("JOEY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(file)
         .with_target(false)
         .try_init();
 }

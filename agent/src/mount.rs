@@ -1,6 +1,7 @@
 //! Mounting behind a trait, so storage drivers are unit-tested without root.
 
 use std::path::{Path, PathBuf};
+#[cfg(test)]
 use std::sync::Mutex;
 
 use nix::mount::{MntFlags, MsFlags};

@@ -1,1 +1,129 @@
-fn main() {}
+//! joey-init: PID 1 of a joey sandbox.
+//!
+//! Mounts what the guest needs, starts joey-agent and restarts it if it dies, reaps
+//! orphans, and ends the sandbox on SIGTERM or when the agent finishes after
+//! DestroySandbox: in a VM with reboot(2), in a namespace sandbox by exiting.
+
+mod mounts;
+mod shutdown;
+mod signals;
+mod supervisor;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Parser;
+use nix::sys::signal::Signal;
+use tracing::{error, info, warn};
+
+use crate::mounts::Mode;
+use crate::supervisor::{AgentConfig, AgentExit, Supervisor};
+
+#[derive(Parser, Debug)]
+#[command(name = "joey-init", version, about = "PID 1 of a joey sandbox")]
+struct Args {
+    /// Where init runs: `vm` (PID 1 of a microVM) or `ns` (PID 1 of host namespaces).
+    #[arg(long, default_value = "vm")]
+    sandbox: String,
+    /// The agent binary.
+    #[arg(long, default_value = "/usr/bin/joey-agent")]
+    agent: PathBuf,
+    /// The agent's address.
+    #[arg(long, default_value = "vsock://-1:1024")]
+    agent_addr: String,
+    /// A private tmpfs for the agent's state (mounted by init).
+    #[arg(long, default_value = "/run/joey")]
+    guest_dir: PathBuf,
+}
+
+fn main() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("JOEY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+    // The kernel passes its own arguments to init; only parse ours when they look like ours.
+    let args = Args::try_parse().unwrap_or_else(|e| {
+        if std::process::id() == 1 {
+            warn!("ignoring arguments init does not know: {e}");
+            Args::parse_from(["joey-init"])
+        } else {
+            e.exit()
+        }
+    });
+    let mode = match args.sandbox.as_str() {
+        "vm" => Mode::Vm,
+        "ns" => Mode::Namespace,
+        other => {
+            eprintln!("joey-init: --sandbox must be vm or ns, not {other:?}");
+            std::process::exit(2);
+        }
+    };
+    if std::process::id() != 1 {
+        eprintln!("joey-init: must run as PID 1 (of a VM or a new PID namespace)");
+        std::process::exit(2);
+    }
+    let code = match run(mode, &args) {
+        Ok(code) => code,
+        Err(e) => {
+            error!("{e:#}");
+            1
+        }
+    };
+    shutdown::end_sandbox(mode, code)
+}
+
+/// Sets up the sandbox and supervises the agent; returns init's exit code.
+fn run(mode: Mode, args: &Args) -> anyhow::Result<i32> {
+    signals::block()?;
+    if mode == Mode::Namespace {
+        mounts::make_private()?;
+    }
+    mounts::apply(&mounts::plan(mode, &args.guest_dir))?;
+    if let Err(e) = mounts::loopback_up() {
+        warn!("{e:#}");
+    }
+    info!(?mode, "init ready");
+    let mut sup = Supervisor::new(AgentConfig {
+        path: args.agent.clone(),
+        addr: args.agent_addr.clone(),
+        state_dir: args.guest_dir.join("agent"),
+    });
+    sup.spawn_agent()?;
+    loop {
+        let timeout = sup
+            .restart_at
+            .map(|t| t.saturating_duration_since(Instant::now()));
+        match signals::wait(timeout) {
+            Some(Signal::SIGCHLD) => match sup.reap() {
+                Some(AgentExit::Finished) => {
+                    info!("agent finished after DestroySandbox");
+                    return Ok(0);
+                }
+                Some(AgentExit::Crashed(why)) => {
+                    if !sup.on_crash(&why) {
+                        return Ok(1);
+                    }
+                }
+                None => {}
+            },
+            Some(sig @ (Signal::SIGTERM | Signal::SIGINT | Signal::SIGPWR)) => {
+                info!("{sig}: ending the sandbox");
+                return Ok(0);
+            }
+            Some(_) => {}
+            None => {
+                if sup.restart_at.is_some_and(|t| Instant::now() >= t) {
+                    if let Err(e) = sup.spawn_agent() {
+                        error!("{e:#}");
+                        if !sup.on_crash("could not start") {
+                            return Ok(1);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,1 +1,183 @@
-fn main() {}
+//! joeyctl: boot sandboxes and drive their agent.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use joey_shim::addr::AgentAddr;
+use joey_shim::binaries::Binaries;
+use joey_shim::nssandbox::NsOptions;
+use joey_shim::run::{run_ns, RunOptions};
+use joey_shim::spec::ProcessSpec;
+
+#[derive(Parser)]
+#[command(
+    name = "joeyctl",
+    version,
+    about = "Boot joey sandboxes and drive their agent"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run CMD as a container in a new sandbox; exits with its exit code.
+    Run {
+        /// Use a namespace sandbox on this host (needs root).
+        #[arg(long, conflicts_with = "vm")]
+        ns: bool,
+        /// Use a microVM sandbox.
+        #[arg(long)]
+        vm: bool,
+        /// The container's root filesystem (a directory; mounted read-only under a tmpfs overlay).
+        #[arg(long)]
+        rootfs: PathBuf,
+        /// Environment variable for the process (repeatable).
+        #[arg(long = "env", short = 'e', value_name = "K=V")]
+        env: Vec<String>,
+        /// Give the process a terminal.
+        #[arg(long, short = 't')]
+        tty: bool,
+        /// Working directory inside the container.
+        #[arg(long, default_value = "/")]
+        cwd: String,
+        /// Show the guest's console (init and agent logs) on stderr.
+        #[arg(long)]
+        debug: bool,
+        /// The command and its arguments.
+        #[arg(required = true, last = true)]
+        cmd: Vec<String>,
+    },
+    /// Send one raw agent RPC; request and reply in the proto3 JSON mapping.
+    Agent {
+        /// unix:///path, hvsock:///path:PORT or vsock://CID:PORT.
+        #[arg(long, required_unless_present = "list")]
+        addr: Option<String>,
+        /// List the methods instead.
+        #[arg(long)]
+        list: bool,
+        /// Method name, e.g. Check or CreateSandbox (or grpc.AgentService/CreateSandbox).
+        method: Option<String>,
+        /// The request as JSON.
+        #[arg(default_value = "{}")]
+        json: String,
+        /// RPC deadline in seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// Build a container rootfs.
+    Rootfs {
+        #[command(subcommand)]
+        kind: RootfsKind,
+    },
+}
+
+#[derive(Subcommand)]
+enum RootfsKind {
+    /// From a static busybox (Debian's busybox-static).
+    Busybox {
+        dir: PathBuf,
+        #[arg(long, default_value = joey_shim::rootfs::DEFAULT_BUSYBOX)]
+        busybox: PathBuf,
+    },
+}
+
+fn main() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("JOEY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| {
+            eprintln!("joeyctl: start the async runtime: {e}");
+            std::process::exit(125)
+        });
+    let code = match rt.block_on(dispatch(cli.cmd)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("joeyctl: {e:#}");
+            125
+        }
+    };
+    // Exit without waiting for a blocked stdin reader thread.
+    std::process::exit(code)
+}
+
+async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
+    match cmd {
+        Cmd::Run {
+            ns: _,
+            vm,
+            rootfs,
+            env,
+            tty,
+            cwd,
+            debug,
+            cmd,
+        } => {
+            if vm {
+                anyhow::bail!(
+                    "microVM sandboxes are not available yet; use --ns (a namespace sandbox)"
+                );
+            }
+            for e in &env {
+                if !e.contains('=') || e.starts_with('=') {
+                    anyhow::bail!("--env {e:?}: expected K=V");
+                }
+            }
+            let bins = Binaries::locate().map_err(anyhow::Error::msg)?;
+            let opts = RunOptions {
+                rootfs,
+                process: ProcessSpec {
+                    args: cmd,
+                    env,
+                    cwd,
+                    terminal: tty,
+                },
+                ns: NsOptions {
+                    console_to_stderr: debug,
+                    log: debug.then(|| "debug".to_string()),
+                },
+            };
+            run_ns(&bins, &opts).await
+        }
+        Cmd::Agent {
+            addr,
+            list,
+            method,
+            json,
+            timeout,
+        } => {
+            if list {
+                for m in joey_shim::agentctl::list_methods() {
+                    println!("{m}");
+                }
+                return Ok(0);
+            }
+            let addr: AgentAddr = addr.context("--addr is required")?.parse()?;
+            let method = method.context("a METHOD is required (see --list)")?;
+            let out =
+                joey_shim::agentctl::call(&addr, &method, &json, Duration::from_secs(timeout))
+                    .await?;
+            println!("{out}");
+            Ok(0)
+        }
+        Cmd::Rootfs {
+            kind: RootfsKind::Busybox { dir, busybox },
+        } => {
+            let n = joey_shim::rootfs::busybox_rootfs(&busybox, &dir)?;
+            println!("{}: busybox rootfs with {n} applets", dir.display());
+            Ok(0)
+        }
+    }
+}

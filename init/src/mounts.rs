@@ -1,0 +1,201 @@
+//! What init mounts, as a plan (pure data, unit-tested) and its execution.
+
+use std::path::{Path, PathBuf};
+
+use nix::mount::MsFlags;
+
+/// Where init runs: PID 1 of a microVM, or PID 1 of fresh namespaces on a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Vm,
+    Namespace,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub source: &'static str,
+    pub target: PathBuf,
+    pub fstype: &'static str,
+    pub flags: MsFlags,
+    pub data: &'static str,
+}
+
+fn step(
+    source: &'static str,
+    target: &Path,
+    fstype: &'static str,
+    flags: MsFlags,
+    data: &'static str,
+) -> Step {
+    Step {
+        source,
+        target: target.to_path_buf(),
+        fstype,
+        flags,
+        data,
+    }
+}
+
+/// The mounts for `mode`. `guest_dir` is the tmpfs that holds the agent's state.
+///
+/// In a VM: proc, sysfs, devtmpfs, devpts, /dev/shm, /run, cgroup2 (the guest kernel
+/// has pure cgroup v2). In a namespace sandbox the host's /dev, /sys and cgroup layout
+/// stay as they are (on a hybrid host the controllers live on v1 hierarchies, and
+/// limits must land there to be enforced); init mounts a proc for its own PID
+/// namespace and a private tmpfs for the agent's state.
+pub fn plan(mode: Mode, guest_dir: &Path) -> Vec<Step> {
+    let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let proc_ = step("proc", Path::new("/proc"), "proc", nosuid_nodev_noexec, "");
+    match mode {
+        Mode::Vm => vec![
+            proc_,
+            step("sysfs", Path::new("/sys"), "sysfs", nosuid_nodev_noexec, ""),
+            step(
+                "devtmpfs",
+                Path::new("/dev"),
+                "devtmpfs",
+                MsFlags::MS_NOSUID,
+                "mode=0755",
+            ),
+            step(
+                "devpts",
+                Path::new("/dev/pts"),
+                "devpts",
+                MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+                "newinstance,ptmxmode=0666,mode=0620",
+            ),
+            step(
+                "shm",
+                Path::new("/dev/shm"),
+                "tmpfs",
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                "mode=1777",
+            ),
+            step(
+                "tmpfs",
+                Path::new("/run"),
+                "tmpfs",
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                "mode=0755",
+            ),
+            step(
+                "cgroup2",
+                Path::new("/sys/fs/cgroup"),
+                "cgroup2",
+                nosuid_nodev_noexec,
+                "",
+            ),
+        ],
+        Mode::Namespace => vec![
+            proc_,
+            step(
+                "tmpfs",
+                guest_dir,
+                "tmpfs",
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                "mode=0700",
+            ),
+        ],
+    }
+}
+
+/// Makes every mount private, so nothing init or the agent mounts reaches the host.
+pub fn make_private() -> anyhow::Result<()> {
+    nix::mount::mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| anyhow::anyhow!("make / rprivate: {e}"))
+}
+
+pub fn apply(steps: &[Step]) -> anyhow::Result<()> {
+    for s in steps {
+        std::fs::create_dir_all(&s.target)
+            .map_err(|e| anyhow::anyhow!("create {}: {e}", s.target.display()))?;
+        let data = (!s.data.is_empty()).then_some(s.data);
+        nix::mount::mount(Some(s.source), &s.target, Some(s.fstype), s.flags, data).map_err(
+            |e| {
+                anyhow::anyhow!(
+                    "mount {} ({}) on {}: {e}",
+                    s.source,
+                    s.fstype,
+                    s.target.display()
+                )
+            },
+        )?;
+        tracing::debug!(target = %s.target.display(), fstype = s.fstype, "mounted");
+    }
+    Ok(())
+}
+
+/// Brings the loopback interface up (a fresh network namespace or VM has it down).
+pub fn loopback_up() -> anyhow::Result<()> {
+    // SAFETY: socket() has no memory arguments; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        anyhow::bail!(
+            "socket for loopback setup: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq on this stack frame,
+    // which outlives both calls; fd is the socket opened above.
+    let result = unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            if libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        }
+    };
+    // SAFETY: fd is ours and closed once.
+    unsafe { libc::close(fd) };
+    result.map_err(|e| anyhow::anyhow!("bring lo up: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vm_gets_the_full_set_with_cgroup2_last() {
+        let p = plan(Mode::Vm, Path::new("/run/joey"));
+        let targets: Vec<_> = p.iter().map(|s| s.target.display().to_string()).collect();
+        assert_eq!(
+            targets,
+            [
+                "/proc",
+                "/sys",
+                "/dev",
+                "/dev/pts",
+                "/dev/shm",
+                "/run",
+                "/sys/fs/cgroup"
+            ]
+        );
+        assert_eq!(p.last().unwrap().fstype, "cgroup2");
+    }
+
+    #[test]
+    fn a_namespace_sandbox_keeps_the_hosts_dev_sys_and_cgroups() {
+        let p = plan(Mode::Namespace, Path::new("/run/joey/ns/x/guest"));
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[0].fstype, "proc");
+        assert_eq!(p[1].target, Path::new("/run/joey/ns/x/guest"));
+        assert!(p
+            .iter()
+            .all(|s| s.fstype != "cgroup2" && s.fstype != "sysfs"));
+    }
+}

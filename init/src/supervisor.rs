@@ -1,0 +1,158 @@
+//! Starts the agent, restarts it when it dies, and reaps every orphan.
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tracing::{error, info, warn};
+
+/// More than this many agent deaths within [`RESTART_WINDOW`] ends the sandbox.
+pub const MAX_RESTARTS: usize = 5;
+pub const RESTART_WINDOW: Duration = Duration::from_secs(30);
+const RESTART_DELAY: Duration = Duration::from_millis(100);
+
+pub struct AgentConfig {
+    pub path: PathBuf,
+    pub addr: String,
+    pub state_dir: PathBuf,
+}
+
+/// What the agent's exit means for the sandbox.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AgentExit {
+    /// Exit 0: the agent finished after DestroySandbox; the sandbox ends.
+    Finished,
+    /// Any other end: restart it (unless it keeps dying).
+    Crashed(String),
+}
+
+pub fn classify(status: WaitStatus) -> Option<AgentExit> {
+    match status {
+        WaitStatus::Exited(_, 0) => Some(AgentExit::Finished),
+        WaitStatus::Exited(_, code) => Some(AgentExit::Crashed(format!("exit code {code}"))),
+        WaitStatus::Signaled(_, sig, _) => Some(AgentExit::Crashed(format!("killed by {sig}"))),
+        _ => None,
+    }
+}
+
+pub struct Supervisor {
+    cfg: AgentConfig,
+    pub agent: Option<Pid>,
+    deaths: Vec<Instant>,
+    /// When set, the agent is due to be restarted at this time.
+    pub restart_at: Option<Instant>,
+}
+
+impl Supervisor {
+    pub fn new(cfg: AgentConfig) -> Self {
+        Supervisor {
+            cfg,
+            agent: None,
+            deaths: Vec::new(),
+            restart_at: None,
+        }
+    }
+
+    pub fn spawn_agent(&mut self) -> anyhow::Result<()> {
+        let mut cmd = Command::new(&self.cfg.path);
+        cmd.env("KATA_AGENT_SERVER_ADDR", &self.cfg.addr)
+            .env("JOEY_AGENT_STATE_DIR", &self.cfg.state_dir)
+            .env("JOEY_UNDER_INIT", "1");
+        // SAFETY: sigprocmask is async-signal-safe; the closure touches no shared state.
+        // Init blocks the signals it waits for; the agent must not inherit that mask.
+        unsafe {
+            cmd.pre_exec(|| crate::signals::unblock_all().map_err(std::io::Error::from));
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("start agent {}: {e}", self.cfg.path.display()))?;
+        let pid = Pid::from_raw(child.id() as i32);
+        info!(pid = pid.as_raw(), addr = %self.cfg.addr, "agent started");
+        self.agent = Some(pid);
+        self.restart_at = None;
+        Ok(())
+    }
+
+    /// Reaps every exited child. Returns the agent's fate if the agent was among them.
+    pub fn reap(&mut self) -> Option<AgentExit> {
+        let mut fate = None;
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => break,
+                Ok(status) => {
+                    if status.pid().is_some() && status.pid() == self.agent {
+                        fate = classify(status);
+                        if fate.is_some() {
+                            self.agent = None;
+                        }
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    warn!("waitpid: {e}");
+                    break;
+                }
+            }
+        }
+        fate
+    }
+
+    /// Records a crash and schedules a restart. Returns false when the agent has died
+    /// too often and the sandbox should end instead.
+    pub fn on_crash(&mut self, why: &str) -> bool {
+        let now = Instant::now();
+        self.deaths
+            .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+        self.deaths.push(now);
+        if self.deaths.len() > MAX_RESTARTS {
+            error!(
+                "agent died {} times within {}s ({why}); giving up",
+                self.deaths.len(),
+                RESTART_WINDOW.as_secs()
+            );
+            return false;
+        }
+        warn!("agent died ({why}); restarting it");
+        self.restart_at = Some(now + RESTART_DELAY);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::signal::Signal;
+
+    #[test]
+    fn exit_zero_finishes_and_anything_else_crashes() {
+        let p = Pid::from_raw(5);
+        assert_eq!(
+            classify(WaitStatus::Exited(p, 0)),
+            Some(AgentExit::Finished)
+        );
+        assert!(matches!(
+            classify(WaitStatus::Exited(p, 1)),
+            Some(AgentExit::Crashed(_))
+        ));
+        assert!(matches!(
+            classify(WaitStatus::Signaled(p, Signal::SIGKILL, false)),
+            Some(AgentExit::Crashed(m)) if m.contains("SIGKILL")
+        ));
+    }
+
+    #[test]
+    fn too_many_crashes_give_up() {
+        let mut s = Supervisor::new(AgentConfig {
+            path: "/nonexistent".into(),
+            addr: String::new(),
+            state_dir: "/tmp".into(),
+        });
+        for _ in 0..MAX_RESTARTS {
+            assert!(s.on_crash("test"));
+        }
+        assert!(!s.on_crash("test"));
+    }
+}

@@ -1,0 +1,61 @@
+//! Finding joey's own binaries on the host.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub init: PathBuf,
+    pub agent: PathBuf,
+}
+
+fn find(name: &str, env: &str) -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os(env) {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!("{env}={} is not a file", p.display()))
+        };
+    }
+    let mut tried = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            // Beside joeyctl, and one level up (cargo puts test binaries in deps/).
+            for d in [Some(dir), dir.parent()].into_iter().flatten() {
+                let p = d.join(name);
+                if p.is_file() {
+                    return Ok(p);
+                }
+                tried.push(p);
+            }
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for d in std::env::split_paths(&path) {
+            let p = d.join(name);
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    Err(format!(
+        "{name} not found (set {env}, or build it with `cargo build --workspace`; looked in {} and PATH)",
+        tried.iter().map(|p: &PathBuf| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    ))
+}
+
+impl Binaries {
+    pub fn locate() -> Result<Self, String> {
+        Ok(Binaries {
+            init: find("joey-init", "JOEY_INIT")?,
+            agent: find("joey-agent", "JOEY_AGENT")?,
+        })
+    }
+
+    pub fn in_dir(dir: &Path) -> Self {
+        Binaries {
+            init: dir.join("joey-init"),
+            agent: dir.join("joey-agent"),
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! A namespace sandbox: joey-init as PID 1 of fresh PID, mount, UTS, IPC and network
+//! namespaces on this host (needs root), the agent on a Unix socket.
+//!
+//! Everything the sandbox mounts lives in its private mount namespace and everything
+//! it runs lives in its PID namespace, so when init exits the kernel tears both down.
+//! On the host it leaves only its directory, which [`NsSandbox`] removes.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sched::CloneFlags;
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::addr::AgentAddr;
+use crate::binaries::Binaries;
+
+/// Where namespace sandboxes keep their sockets and console logs.
+pub const NS_ROOT: &str = "/run/joey/ns";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("a namespace sandbox needs root (fresh PID, mount and network namespaces)")]
+    NotRoot,
+    #[error("{0}")]
+    Setup(String),
+}
+
+pub struct NsSandbox {
+    pub id: String,
+    pub dir: PathBuf,
+    pub init_pid: Pid,
+    exit: Option<i32>,
+}
+
+/// Options for starting a sandbox.
+#[derive(Debug, Clone, Default)]
+pub struct NsOptions {
+    /// Send the guest console (init's and the agent's logs) to this process's stderr
+    /// instead of the sandbox's console.log.
+    pub console_to_stderr: bool,
+    /// Log filter for init and the agent (JOEY_LOG).
+    pub log: Option<String>,
+}
+
+pub fn random_id() -> String {
+    let mut b = [0u8; 8];
+    if let Ok(mut f) = File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn cstr(s: impl AsRef<std::ffi::OsStr>) -> Result<CString, SandboxError> {
+    CString::new(s.as_ref().as_encoded_bytes())
+        .map_err(|_| SandboxError::Setup("a path contains a NUL byte".into()))
+}
+
+impl NsSandbox {
+    /// Starts joey-init in new namespaces. Returns once init is running; the agent may
+    /// still be starting (connect with a deadline).
+    pub fn start(bins: &Binaries, opts: &NsOptions) -> Result<Self, SandboxError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(SandboxError::NotRoot);
+        }
+        for b in [&bins.init, &bins.agent] {
+            if !b.is_file() {
+                return Err(SandboxError::Setup(format!(
+                    "{} does not exist",
+                    b.display()
+                )));
+            }
+        }
+        let id = random_id();
+        let dir = Path::new(NS_ROOT).join(&id);
+        std::fs::create_dir_all(dir.join("guest"))
+            .map_err(|e| SandboxError::Setup(format!("create {}: {e}", dir.display())))?;
+        let console = if opts.console_to_stderr {
+            None
+        } else {
+            Some(
+                File::create(dir.join("console.log"))
+                    .map_err(|e| SandboxError::Setup(format!("create console.log: {e}")))?,
+            )
+        };
+        let devnull = File::open("/dev/null")
+            .map_err(|e| SandboxError::Setup(format!("open /dev/null: {e}")))?;
+        let sock = dir.join("agent.sock");
+        let argv = [
+            cstr(&bins.init)?,
+            cstr("--sandbox")?,
+            cstr("ns")?,
+            cstr("--agent")?,
+            cstr(&bins.agent)?,
+            cstr("--agent-addr")?,
+            cstr(format!("unix://{}", sock.display()))?,
+            cstr("--guest-dir")?,
+            cstr(dir.join("guest"))?,
+        ];
+        let mut envp = vec![cstr(
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )?];
+        if let Some(log) = &opts.log {
+            envp.push(cstr(format!("JOEY_LOG={log}"))?);
+        }
+        let console_fd = console.as_ref().map(|f| f.as_raw_fd());
+        let null_fd = devnull.as_raw_fd();
+        let mut stack = vec![0u8; 256 * 1024];
+        let flags = CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWNET;
+        let child = Box::new(|| -> isize {
+            // Runs in the new child before exec: async-signal-safe calls only.
+            // SAFETY: dup2, prctl and execve on fds and pointers prepared before clone.
+            unsafe {
+                libc::dup2(null_fd, 0);
+                if let Some(fd) = console_fd {
+                    libc::dup2(fd, 1);
+                    libc::dup2(fd, 2);
+                }
+                // If joeyctl dies, the sandbox dies with it (and its PID namespace).
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            }
+            let _ = nix::unistd::execve(&argv[0], &argv, &envp);
+            127
+        });
+        // SAFETY: the child only performs async-signal-safe calls before execve (see the
+        // callback), and `stack` outlives the clone call (the child gets its own copy of
+        // the address space since CLONE_VM is not set).
+        let pid = unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }
+            .map_err(|e| SandboxError::Setup(format!("clone into new namespaces: {e}")))?;
+        tracing::debug!(sandbox = %id, pid = pid.as_raw(), "namespace sandbox started");
+        Ok(NsSandbox {
+            id,
+            dir,
+            init_pid: pid,
+            exit: None,
+        })
+    }
+
+    pub fn agent_addr(&self) -> AgentAddr {
+        AgentAddr::Unix(self.dir.join("agent.sock"))
+    }
+
+    /// init's exit status, if it has exited (reaps it).
+    pub fn try_wait(&mut self) -> Option<i32> {
+        if self.exit.is_none() {
+            match waitpid(self.init_pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(_, c)) => self.exit = Some(c),
+                Ok(WaitStatus::Signaled(_, s, _)) => self.exit = Some(128 + s as i32),
+                Err(nix::errno::Errno::ECHILD) => self.exit = Some(-1),
+                _ => {}
+            }
+        }
+        self.exit
+    }
+
+    /// Waits for init to exit, up to `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(c) = self.try_wait() {
+                return Some(c);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Kills the whole sandbox (SIGKILL to its PID 1 ends its PID namespace).
+    pub fn kill(&mut self) {
+        if self.try_wait().is_none() {
+            let _ = nix::sys::signal::kill(self.init_pid, Signal::SIGKILL);
+            let _ = waitpid(self.init_pid, None);
+            self.exit = Some(128 + libc::SIGKILL);
+        }
+    }
+
+    /// The last `lines` lines of the guest console, for error reports.
+    pub fn console_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for NsSandbox {
+    fn drop(&mut self) {
+        self.kill();
+        // Only once init is gone: its mounts (on guest/) vanished with its namespace.
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

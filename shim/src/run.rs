@@ -1,0 +1,184 @@
+//! `joeyctl run`: one container in a new sandbox, its stdio streamed, its exit code
+//! returned, and everything torn down afterwards.
+
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use joey_protocols::agent;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::binaries::Binaries;
+use crate::client::{ctx, AgentClient, RPC_TIMEOUT};
+use crate::nssandbox::NsOptions;
+use crate::pod::{with_console, Pod};
+use crate::spec::ProcessSpec;
+use crate::streams::{pump_input, pump_output, Which};
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub rootfs: PathBuf,
+    pub process: ProcessSpec,
+    pub ns: NsOptions,
+}
+
+/// Runs the container; returns its exit status (128 + signal if it was killed).
+pub async fn run_ns(bins: &Binaries, opts: &RunOptions) -> anyhow::Result<i32> {
+    if !opts.rootfs.is_dir() {
+        anyhow::bail!("rootfs {} is not a directory", opts.rootfs.display());
+    }
+    let pod = Pod::start_ns(bins, &opts.ns).await?;
+    match run_in(&pod, opts).await {
+        Ok(status) => {
+            pod.destroy().await?;
+            Ok(status)
+        }
+        Err(e) => Err(with_console(&pod.sandbox, e)),
+        // `pod` drops here on error: the sandbox is killed and its directory removed.
+    }
+}
+
+/// Puts the host terminal in raw mode while a terminal container runs.
+struct RawTerminal(Option<nix::sys::termios::Termios>);
+
+impl RawTerminal {
+    fn enable() -> Self {
+        let stdin = std::io::stdin();
+        let Ok(orig) = nix::sys::termios::tcgetattr(stdin.as_fd()) else {
+            return RawTerminal(None);
+        };
+        let mut raw = orig.clone();
+        nix::sys::termios::cfmakeraw(&mut raw);
+        let _ =
+            nix::sys::termios::tcsetattr(stdin.as_fd(), nix::sys::termios::SetArg::TCSANOW, &raw);
+        RawTerminal(Some(orig))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(orig) = &self.0 {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin().as_fd(),
+                nix::sys::termios::SetArg::TCSANOW,
+                orig,
+            );
+        }
+    }
+}
+
+fn host_window_size() -> Option<(u16, u16)> {
+    let mut ws: libc::winsize = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one winsize into `ws`, which lives for the call.
+    let rc = unsafe { libc::ioctl(libc::STDIN_FILENO, libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0 && ws.ws_row > 0).then_some((ws.ws_row, ws.ws_col))
+}
+
+async fn resize(client: &AgentClient, cid: &str) {
+    if let Some((rows, cols)) = host_window_size() {
+        let mut req = agent::TtyWinResizeRequest::new();
+        req.container_id = cid.into();
+        req.exec_id = cid.into();
+        req.row = rows.into();
+        req.column = cols.into();
+        let _ = client
+            .agent
+            .tty_win_resize(ctx(Some(RPC_TIMEOUT)), &req)
+            .await;
+    }
+}
+
+/// Forwards SIGINT, SIGTERM, SIGHUP and SIGQUIT to the container's init (kata
+/// semantics apply: SIGTERM to an init without a handler becomes SIGKILL), and
+/// SIGWINCH as a terminal resize.
+fn forward_signals(
+    client: AgentClient,
+    cid: String,
+    tty: bool,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut quit = signal(SignalKind::quit())?;
+    let mut winch = signal(SignalKind::window_change())?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let sig = tokio::select! {
+                _ = int.recv() => libc::SIGINT,
+                _ = term.recv() => libc::SIGTERM,
+                _ = hup.recv() => libc::SIGHUP,
+                _ = quit.recv() => libc::SIGQUIT,
+                _ = winch.recv() => {
+                    if tty {
+                        resize(&client, &cid).await;
+                    }
+                    continue;
+                }
+            };
+            let mut req = agent::SignalProcessRequest::new();
+            req.container_id = cid.clone();
+            req.signal = sig as u32;
+            let _ = client
+                .agent
+                .signal_process(ctx(Some(RPC_TIMEOUT)), &req)
+                .await;
+        }
+    }))
+}
+
+async fn run_in(pod: &Pod, opts: &RunOptions) -> anyhow::Result<i32> {
+    let cid = format!("c-{}", &pod.sandbox.id[..8]);
+    let tty = opts.process.terminal;
+    pod.create_container(&cid, &opts.rootfs, &opts.process)
+        .await?;
+    let client = pod.client.clone();
+    let out = pump_output(
+        client.clone(),
+        cid.clone(),
+        cid.clone(),
+        Which::Stdout,
+        tokio::io::stdout(),
+    );
+    let err = (!tty).then(|| {
+        pump_output(
+            client.clone(),
+            cid.clone(),
+            cid.clone(),
+            Which::Stderr,
+            tokio::io::stderr(),
+        )
+    });
+    let _raw = tty.then(RawTerminal::enable);
+    let input = pump_input(client.clone(), cid.clone(), cid.clone(), tokio::io::stdin());
+    pod.start_container(&cid).await?;
+    if tty {
+        resize(&client, &cid).await;
+    }
+    let signals =
+        forward_signals(client.clone(), cid.clone(), tty).context("install signal forwarding")?;
+    let status = pod.wait_process(&cid, &cid).await;
+    signals.abort();
+    // The output streams end once the process's pipes are drained.
+    for (name, h) in [("stdout", Some(out)), ("stderr", err)] {
+        if let Some(h) = h {
+            match tokio::time::timeout(Duration::from_secs(10), h).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!("{name}: {e:#}"),
+                Ok(Err(e)) => tracing::warn!("{name}: {e}"),
+                Err(_) => {
+                    tracing::warn!("{name} still open 10s after the process exited; dropping it")
+                }
+            }
+        }
+    }
+    input.abort();
+    let status = status?;
+    pod.remove_container(&cid).await?;
+    Ok(status)
+}
