@@ -141,6 +141,8 @@ impl Agent {
             save_storages(&bundle, &rb.storages)?;
         }
         let cgroups_path = self.adjust_spec(&mut spec, cid, req.sandbox_pidns)?;
+        std::fs::write(bundle.join("cgroup"), &cgroups_path)
+            .map_err(|e| anyhow::anyhow!("write {}/cgroup: {e}", bundle.display()))?;
         check_executable(cid, &spec)?;
         spec.save(bundle.join("config.json"))
             .map_err(|e| anyhow::anyhow!("write {}/config.json: {e}", bundle.display()))?;
@@ -324,13 +326,13 @@ pub fn save_storages(bundle: &Path, storages: &[MountedStorage]) -> Result<()> {
     Ok(())
 }
 
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// libcontainer removes a container's own cgroup but not the parents it created
 /// (`/joey/<sandbox>` for `/joey/<sandbox>/<container>`). Removes those that are empty,
 /// in the cgroup2 root and in every v1 hierarchy under `root`, but never the first
 /// component, which other sandboxes share (removing it could race their creation).
-fn prune_cgroup_parents(root: &Path, cgroups_path: &str) {
+pub fn prune_cgroup_parents(root: &Path, cgroups_path: &str) {
     let rel = Path::new(cgroups_path.trim_start_matches('/'));
     let parents: Vec<&Path> = rel
         .ancestors()

@@ -43,3 +43,19 @@ pub async fn delete(root: &Path, id: &str) -> anyhow::Result<()> {
     }
     with_container(root, id, "delete", |c| c.delete(true)).await
 }
+
+/// The container's init pid from its saved state.
+pub async fn init_pid(root: &Path, id: &str) -> anyhow::Result<Option<i32>> {
+    with_container(root, id, "inspect", |c| Ok(c.pid().map(|p| p.as_raw()))).await
+}
+
+/// True while `pid` runs (a zombie has left its cgroup and counts as ended).
+pub fn is_running(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}

@@ -19,6 +19,8 @@ use crate::storage::{self, MountedStorage, DRIVERS};
 use crate::validate::check_id;
 
 const DESTROY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long recovery waits for a killed container of a previous agent to die.
+const RECOVER_KILL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The sandbox as the agent knows it; saved to `sandbox.json` so a restarted agent
 /// keeps the sandbox's mounts and PID namespace.
@@ -177,12 +179,36 @@ impl Agent {
         for id in ids {
             warn!(container = %id, "container of a previous agent: killing it and removing it");
             if self.dirs.containers.join(&id).exists() {
+                let pid = runtime::init_pid(&self.dirs.containers, &id)
+                    .await
+                    .ok()
+                    .flatten();
                 if let Err(e) = runtime::kill_all(&self.dirs.containers, &id, libc::SIGKILL).await {
                     warn!("{e:#}");
                 }
+                if let Some(pid) = pid {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    // Its cgroup can only go once it died (init reaps it, not us).
+                    let deadline = std::time::Instant::now() + RECOVER_KILL_TIMEOUT;
+                    while runtime::is_running(pid) && std::time::Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+                let cgroups_path =
+                    std::fs::read_to_string(self.dirs.bundles.join(&id).join("cgroup"))
+                        .unwrap_or_default();
                 if let Err(e) = runtime::delete(&self.dirs.containers, &id).await {
                     warn!("{e:#}");
                     let _ = std::fs::remove_dir_all(self.dirs.containers.join(&id));
+                }
+                if !cgroups_path.is_empty() {
+                    crate::container::prune_cgroup_parents(
+                        std::path::Path::new(crate::container::CGROUP_ROOT),
+                        &cgroups_path,
+                    );
                 }
             }
             let bundle = self.dirs.bundles.join(&id);

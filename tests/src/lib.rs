@@ -1,1 +1,100 @@
+//! Shared harness for joey's integration tiers.
+//!
+//! A plain `cargo test` cannot report a skip (an early return prints `ok`), so each
+//! tier is a `harness = false` test binary built on libtest-mimic: a test that cannot
+//! run here is reported as *ignored*, with the reason printed, never as passed. With
+//! `JOEY_REQUIRE_ALL_TIERS=1` (CI sets it; CI runs as root with everything installed)
+//! such a skip is a failure instead.
 
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use libtest_mimic::{Arguments, Failed, Trial};
+
+pub const STRICT_ENV: &str = "JOEY_REQUIRE_ALL_TIERS";
+
+pub fn strict() -> bool {
+    std::env::var(STRICT_ENV).is_ok_and(|v| v == "1")
+}
+
+/// One test of a tier.
+pub struct Test {
+    pub name: &'static str,
+    pub run: fn() -> Result<(), Failed>,
+    /// Set when this one test needs hardware the machine lacks (not a tier
+    /// requirement): it is reported as ignored with this reason, even in strict mode.
+    pub machine_lacks: Option<String>,
+}
+
+/// Runs the tier's tests, or reports each as skipped with `skip` (or failed in strict mode).
+pub fn run_tier(tier: &str, tests: Vec<Test>, skip: Option<String>) -> ! {
+    let args = Arguments::from_args();
+    let trials: Vec<Trial> = tests
+        .into_iter()
+        .map(|t| match &skip {
+            _ if t.machine_lacks.is_some() => {
+                eprintln!(
+                    "{}: ignored: {}",
+                    t.name,
+                    t.machine_lacks.as_deref().unwrap_or_default()
+                );
+                Trial::test(t.name, || Ok(())).with_ignored_flag(true)
+            }
+            None => Trial::test(t.name, move || (t.run)()),
+            Some(reason) if strict() => {
+                let msg = format!(
+                    "{tier} tier cannot run ({reason}) and {STRICT_ENV}=1 forbids skipping"
+                );
+                Trial::test(t.name, move || Err(msg.into()))
+            }
+            Some(_) => Trial::test(t.name, || Ok(())).with_ignored_flag(true),
+        })
+        .collect();
+    if let Some(reason) = &skip {
+        eprintln!("{tier} tier: skipping every test: {reason}");
+    }
+    libtest_mimic::run(&args, trials).exit()
+}
+
+/// Runs an async test body on its own runtime.
+pub fn block_on<F: Future<Output = anyhow::Result<()>>>(f: F) -> Result<(), Failed> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Failed::from(e.to_string()))?;
+    rt.block_on(f).map_err(|e| Failed::from(format!("{e:#}")))
+}
+
+/// Polls `cond` until it holds or `timeout` passes.
+pub async fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        if Instant::now() >= deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// The directory cargo puts the workspace's binaries in (the test binary lives in
+/// its `deps/` subdirectory).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let deps = exe.parent().expect("test binary dir");
+    deps.parent().unwrap_or(deps).to_path_buf()
+}
+
+pub fn require_file(p: &Path, hint: &str) -> Result<(), String> {
+    if p.is_file() {
+        Ok(())
+    } else {
+        Err(format!("{} is missing ({hint})", p.display()))
+    }
+}

@@ -1,0 +1,236 @@
+//! What every namespace-tier test needs: the binaries, a busybox rootfs, and helpers
+//! that drive the agent through the shim exactly as joeyctl does.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use joey_protocols::agent;
+use joey_shim::binaries::Binaries;
+use joey_shim::client::{ctx, RPC_TIMEOUT};
+use joey_shim::nssandbox::NsOptions;
+use joey_shim::pod::Pod;
+use joey_shim::spec::ProcessSpec;
+use joey_tests::{bin_dir, require_file};
+use tokio::io::AsyncWriteExt;
+
+pub struct Env {
+    pub bins: Binaries,
+    pub joeyctl: PathBuf,
+    pub rootfs: PathBuf,
+}
+
+static ENV: OnceLock<Env> = OnceLock::new();
+
+pub fn env() -> &'static Env {
+    ENV.get()
+        .expect("the environment is detected before tests run")
+}
+
+/// Checks that this tier can run here; builds the shared busybox rootfs.
+pub fn detect() -> Result<(), String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(
+            "not root: a namespace sandbox needs fresh PID, mount and network namespaces".into(),
+        );
+    }
+    let dir = bin_dir();
+    let bins = Binaries::in_dir(&dir);
+    let joeyctl = dir.join("joeyctl");
+    for p in [&bins.init, &bins.agent, &joeyctl] {
+        require_file(p, "build the binaries first: cargo build --workspace")?;
+    }
+    let busybox = Path::new(joey_shim::rootfs::DEFAULT_BUSYBOX);
+    match joey_shim::rootfs::is_static_elf(busybox) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err("/bin/busybox is not static (apt-get install busybox-static)".into())
+        }
+        Err(e) => {
+            return Err(format!(
+                "no usable busybox ({e}); apt-get install busybox-static"
+            ))
+        }
+    }
+    let rootfs = dir.join("test-rootfs-busybox");
+    if !rootfs.join("bin/sh").exists() {
+        joey_shim::rootfs::busybox_rootfs(busybox, &rootfs)
+            .map_err(|e| format!("build the busybox rootfs: {e:#}"))?;
+    }
+    let _ = ENV.set(Env {
+        bins,
+        joeyctl,
+        rootfs,
+    });
+    Ok(())
+}
+
+pub fn sh(script: &str) -> ProcessSpec {
+    ProcessSpec {
+        args: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        ..Default::default()
+    }
+}
+
+pub async fn pod() -> anyhow::Result<Pod> {
+    Pod::start_ns(&env().bins, &NsOptions::default()).await
+}
+
+/// Creates and starts a container running `p` from the busybox rootfs.
+pub async fn start(pod: &Pod, cid: &str, p: &ProcessSpec) -> anyhow::Result<()> {
+    pod.create_container(cid, &env().rootfs, p).await?;
+    pod.start_container(cid).await
+}
+
+pub async fn read_all(pod: &Pod, cid: &str, eid: &str, stderr: bool) -> anyhow::Result<Vec<u8>> {
+    let mut req = agent::ReadStreamRequest::new();
+    req.container_id = cid.into();
+    req.exec_id = eid.into();
+    req.len = 4096;
+    let mut out = Vec::new();
+    loop {
+        let r = if stderr {
+            pod.client
+                .agent
+                .read_stderr(ctx(Some(RPC_TIMEOUT)), &req)
+                .await
+        } else {
+            pod.client
+                .agent
+                .read_stdout(ctx(Some(RPC_TIMEOUT)), &req)
+                .await
+        }
+        .context("read stream")?;
+        if r.data.is_empty() {
+            return Ok(out);
+        }
+        out.extend_from_slice(&r.data);
+    }
+}
+
+pub async fn exec(pod: &Pod, cid: &str, eid: &str, p: &ProcessSpec) -> anyhow::Result<()> {
+    let mut req = agent::ExecProcessRequest::new();
+    req.container_id = cid.into();
+    req.exec_id = eid.into();
+    req.process = Some(joey_shim::spec::process(p)).into();
+    pod.client
+        .agent
+        .exec_process(ctx(Some(RPC_TIMEOUT)), &req)
+        .await
+        .with_context(|| format!("ExecProcess {cid}/{eid}"))?;
+    Ok(())
+}
+
+pub async fn signal(pod: &Pod, cid: &str, eid: &str, sig: i32) -> anyhow::Result<()> {
+    let mut req = agent::SignalProcessRequest::new();
+    req.container_id = cid.into();
+    req.exec_id = eid.into();
+    req.signal = sig as u32;
+    pod.client
+        .agent
+        .signal_process(ctx(Some(RPC_TIMEOUT)), &req)
+        .await
+        .with_context(|| format!("SignalProcess {cid}/{eid} {sig}"))?;
+    Ok(())
+}
+
+/// The status code and message of a failed RPC.
+pub fn rpc_error<T: std::fmt::Debug>(r: ttrpc::Result<T>) -> anyhow::Result<(ttrpc::Code, String)> {
+    match r {
+        Ok(v) => bail!("expected an error, got {v:?}"),
+        Err(ttrpc::Error::RpcStatus(s)) => Ok((s.code(), s.message().to_string())),
+        Err(e) => bail!("expected an RPC status, got {e:?}"),
+    }
+}
+
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `joeyctl ARGS` with `stdin`, with a deadline.
+pub async fn joeyctl(args: &[&str], stdin: &[u8]) -> anyhow::Result<Output> {
+    let mut child = tokio::process::Command::new(&env().joeyctl)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawn joeyctl")?;
+    let mut input = child.stdin.take().context("stdin")?;
+    let data = stdin.to_vec();
+    tokio::spawn(async move {
+        let _ = input.write_all(&data).await;
+    });
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .context("joeyctl did not finish within 60s")??;
+    Ok(Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// `joeyctl run --ns --rootfs <busybox> -- ARGS`.
+pub async fn run(args: &[&str], stdin: &[u8]) -> anyhow::Result<Output> {
+    let rootfs = env().rootfs.display().to_string();
+    let mut all = vec!["run", "--ns", "--rootfs", rootfs.as_str(), "--"];
+    all.extend_from_slice(args);
+    joeyctl(&all, stdin).await
+}
+
+/// Host pids whose command line mentions `needle`.
+pub fn pids_mentioning(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd).contains(needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// The comm (process name) of `pid`.
+pub fn comm(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+pub fn ppid(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    after.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Every live descendant of `root` (walking parent links in /proc).
+pub fn descendants(root: i32) -> Vec<i32> {
+    let all: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+        .filter_map(|p| ppid(p).map(|pp| (p, pp)))
+        .collect();
+    let mut out = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for (c, pp) in &all {
+            if *pp == p {
+                out.push(*c);
+                frontier.push(*c);
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,328 @@
+//! The agent API driven through the shim client, as a kata shim drives it.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use joey_protocols::{agent, health};
+use joey_shim::client::{ctx, AgentClient, RPC_TIMEOUT};
+use joey_shim::spec::ProcessSpec;
+
+use crate::common::{exec, pod, read_all, sh, signal, start};
+
+pub async fn init_sigterm_without_handler_is_137() -> anyhow::Result<()> {
+    let pod = pod().await?;
+    start(
+        &pod,
+        "c1",
+        &ProcessSpec {
+            args: vec!["/bin/sleep".into(), "1000".into()],
+            ..Default::default()
+        },
+    )
+    .await?;
+    signal(&pod, "c1", "", libc::SIGTERM).await?;
+    let status =
+        tokio::time::timeout(Duration::from_secs(20), pod.wait_process("c1", "")).await??;
+    ensure!(
+        status == 137,
+        "status {status}, want 137 (SIGTERM sent as SIGKILL)"
+    );
+    pod.remove_container("c1").await?;
+    pod.destroy().await?;
+    Ok(())
+}
+
+pub async fn exec_sigterm_is_143_and_exec_exit_codes() -> anyhow::Result<()> {
+    let pod = pod().await?;
+    start(&pod, "c1", &sh("sleep 1000")).await?;
+    exec(
+        &pod,
+        "c1",
+        "e-sleep",
+        &ProcessSpec {
+            args: vec!["/bin/sleep".into(), "1000".into()],
+            ..Default::default()
+        },
+    )
+    .await?;
+    signal(&pod, "c1", "e-sleep", libc::SIGTERM).await?;
+    let status =
+        tokio::time::timeout(Duration::from_secs(20), pod.wait_process("c1", "e-sleep")).await??;
+    ensure!(status == 143, "exec'd sleep: status {status}, want 143");
+    exec(&pod, "c1", "e-three", &sh("echo from-exec; exit 3")).await?;
+    let out = read_all(&pod, "c1", "e-three", false).await?;
+    let status = pod.wait_process("c1", "e-three").await?;
+    ensure!(status == 3, "exec status {status}, want 3");
+    ensure!(
+        out == b"from-exec\n",
+        "exec stdout {:?}",
+        String::from_utf8_lossy(&out)
+    );
+    signal(&pod, "c1", "", libc::SIGKILL).await?;
+    ensure!(pod.wait_process("c1", "").await? == 137, "SIGKILL of init");
+    pod.remove_container("c1").await?;
+    pod.destroy().await?;
+    Ok(())
+}
+
+pub async fn exec_stdin_round_trip() -> anyhow::Result<()> {
+    let pod = pod().await?;
+    start(&pod, "c1", &sh("sleep 1000")).await?;
+    exec(
+        &pod,
+        "c1",
+        "cat",
+        &ProcessSpec {
+            args: vec!["/bin/cat".into()],
+            ..Default::default()
+        },
+    )
+    .await?;
+    let mut w = agent::WriteStreamRequest::new();
+    w.container_id = "c1".into();
+    w.exec_id = "cat".into();
+    w.data = b"ping\n".to_vec();
+    let r = pod
+        .client
+        .agent
+        .write_stdin(ctx(Some(RPC_TIMEOUT)), &w)
+        .await?;
+    ensure!(r.len == 5, "WriteStdin wrote {}", r.len);
+    let mut c = agent::CloseStdinRequest::new();
+    c.container_id = "c1".into();
+    c.exec_id = "cat".into();
+    pod.client
+        .agent
+        .close_stdin(ctx(Some(RPC_TIMEOUT)), &c)
+        .await?;
+    let out = read_all(&pod, "c1", "cat", false).await?;
+    ensure!(
+        out == b"ping\n",
+        "cat echoed {:?}",
+        String::from_utf8_lossy(&out)
+    );
+    ensure!(pod.wait_process("c1", "cat").await? == 0);
+    pod.destroy().await?;
+    Ok(())
+}
+
+pub async fn two_containers_in_one_sandbox() -> anyhow::Result<()> {
+    let pod = pod().await?;
+    // Each waits for a file from the other, so both must run at the same time.
+    let shared = pod.sandbox.dir.join("shared");
+    std::fs::create_dir_all(&shared)?;
+    let a = sh("touch /shared/a; while [ ! -e /shared/b ]; do sleep 0.05; done; echo a-done");
+    let b = sh("touch /shared/b; while [ ! -e /shared/a ]; do sleep 0.05; done; echo b-done");
+    for (cid, p) in [("a", &a), ("b", &b)] {
+        let mut req = pod.container_request(cid, &crate::common::env().rootfs, p);
+        let mut m = joey_protocols::oci::Mount::new();
+        m.destination = "/shared".into();
+        m.source = shared.display().to_string();
+        m.type_ = "bind".into();
+        m.options = vec!["rbind".into(), "rw".into()];
+        req.OCI.as_mut().context("spec")?.Mounts.push(m);
+        pod.client
+            .agent
+            .create_container(ctx(Some(RPC_TIMEOUT)), &req)
+            .await
+            .with_context(|| format!("create {cid}"))?;
+        pod.start_container(cid).await?;
+    }
+    for (cid, want) in [("a", "a-done\n"), ("b", "b-done\n")] {
+        let out = tokio::time::timeout(Duration::from_secs(20), read_all(&pod, cid, cid, false))
+            .await??;
+        ensure!(
+            out == want.as_bytes(),
+            "{cid}: {:?}",
+            String::from_utf8_lossy(&out)
+        );
+        ensure!(pod.wait_process(cid, cid).await? == 0, "{cid} exit");
+        pod.remove_container(cid).await?;
+    }
+    pod.destroy().await?;
+    Ok(())
+}
+
+pub async fn two_sandboxes_at_once() -> anyhow::Result<()> {
+    let (p1, p2) = tokio::try_join!(pod(), pod())?;
+    ensure!(p1.sandbox.id != p2.sandbox.id);
+    start(&p1, "c", &sh("hostname; sleep 0.2")).await?;
+    start(&p2, "c", &sh("hostname; sleep 0.2")).await?;
+    let (o1, o2) = tokio::try_join!(
+        read_all(&p1, "c", "c", false),
+        read_all(&p2, "c", "c", false)
+    )?;
+    ensure!(o1 == b"c\n" && o2 == b"c\n", "{o1:?} {o2:?}");
+    let (s1, s2) = tokio::try_join!(p1.wait_process("c", ""), p2.wait_process("c", ""))?;
+    ensure!(s1 == 0 && s2 == 0);
+    let (d1, d2) = tokio::join!(p1.destroy(), p2.destroy());
+    ensure!(d1? == 0 && d2? == 0, "sandboxes did not end cleanly");
+    Ok(())
+}
+
+/// The kata pod lifecycle with the protobuf types generated from kata's definitions,
+/// over the agent's Unix socket.
+pub async fn kata_lifecycle() -> anyhow::Result<()> {
+    let pod = pod().await?;
+    let c = &pod.client;
+    let mut check = health::CheckRequest::new();
+    check.service = "agent".into();
+    let h = c.health.check(ctx(Some(RPC_TIMEOUT)), &check).await?;
+    ensure!(h.status.enum_value() == Ok(health::health_check_response::ServingStatus::SERVING));
+    let v = c.health.version(ctx(Some(RPC_TIMEOUT)), &check).await?;
+    ensure!(!v.agent_version.is_empty());
+    let mut gd = agent::GuestDetailsRequest::new();
+    gd.mem_block_size = true;
+    let d = c
+        .agent
+        .get_guest_details(ctx(Some(RPC_TIMEOUT)), &gd)
+        .await?;
+    let details = d.agent_details.as_ref().context("agent_details")?;
+    ensure!(details.init_daemon, "the agent runs under joey-init");
+    ensure!(details.storage_handlers.iter().any(|s| s == "overlayfs"));
+    let mut p = sh("echo lifecycle");
+    p.env = vec!["A=1".into()];
+    let mut req = pod.container_request("kata1", &crate::common::env().rootfs, &p);
+    // Limits as a kata shim sends them; they must be enforced, not dropped.
+    let mut res = joey_protocols::oci::LinuxResources::new();
+    let mut mem = joey_protocols::oci::LinuxMemory::new();
+    mem.Limit = 64 << 20;
+    res.Memory = Some(mem).into();
+    let mut pids = joey_protocols::oci::LinuxPids::new();
+    pids.Limit = 64;
+    res.Pids = Some(pids).into();
+    req.OCI
+        .as_mut()
+        .context("spec")?
+        .Linux
+        .as_mut()
+        .context("linux")?
+        .Resources = Some(res).into();
+    c.agent
+        .create_container(ctx(Some(RPC_TIMEOUT)), &req)
+        .await?;
+    let mut stats_req = agent::StatsContainerRequest::new();
+    stats_req.container_id = "kata1".into();
+    let stats = c
+        .agent
+        .stats_container(ctx(Some(RPC_TIMEOUT)), &stats_req)
+        .await?;
+    let cg = stats.cgroup_stats.as_ref().context("cgroup_stats")?;
+    ensure!(
+        cg.memory_stats.usage.limit == 64 << 20,
+        "memory limit {}",
+        cg.memory_stats.usage.limit
+    );
+    ensure!(
+        cg.pids_stats.limit == 64,
+        "pids limit {}",
+        cg.pids_stats.limit
+    );
+    ensure!(
+        cg.pids_stats.current >= 1,
+        "pids current {}",
+        cg.pids_stats.current
+    );
+    pod.start_container("kata1").await?;
+    let out = read_all(&pod, "kata1", "kata1", false).await?;
+    ensure!(out == b"lifecycle\n", "{:?}", String::from_utf8_lossy(&out));
+    ensure!(pod.wait_process("kata1", "kata1").await? == 0);
+    let mut rm = agent::RemoveContainerRequest::new();
+    rm.container_id = "kata1".into();
+    rm.timeout = 5;
+    c.agent
+        .remove_container(ctx(Some(RPC_TIMEOUT)), &rm)
+        .await?;
+    ensure!(pod.destroy().await? == 0, "init exit code");
+    Ok(())
+}
+
+pub async fn tty_container_gets_a_terminal() -> anyhow::Result<()> {
+    let pod = pod().await?;
+    let mut p = sh("tty; stty size");
+    p.terminal = true;
+    pod.create_container("t", &crate::common::env().rootfs, &p)
+        .await?;
+    let mut rz = agent::TtyWinResizeRequest::new();
+    rz.container_id = "t".into();
+    rz.exec_id = "t".into();
+    rz.row = 33;
+    rz.column = 101;
+    pod.client
+        .agent
+        .tty_win_resize(ctx(Some(RPC_TIMEOUT)), &rz)
+        .await?;
+    pod.start_container("t").await?;
+    let out = String::from_utf8_lossy(&read_all(&pod, "t", "t", false).await?).into_owned();
+    ensure!(out.contains("/dev/pts/"), "tty printed {out:?}");
+    ensure!(out.contains("33 101"), "stty size printed {out:?}");
+    ensure!(pod.wait_process("t", "t").await? == 0);
+    pod.destroy().await?;
+    Ok(())
+}
+
+/// The hybrid vsock handshake, against a relay that speaks it in front of the agent.
+pub async fn hybrid_vsock_handshake() -> anyhow::Result<()> {
+    let pod = pod().await?;
+    let relay_path = pod.sandbox.dir.join("hv.sock");
+    let listener = tokio::net::UnixListener::bind(&relay_path)?;
+    let agent_sock = pod.sandbox.dir.join("agent.sock");
+    let relay = tokio::spawn(async move {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        while let Ok((s, _)) = listener.accept().await {
+            let agent_sock = agent_sock.clone();
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(s);
+                let mut line = String::new();
+                reader.read_line(&mut line).await?;
+                let port = line
+                    .strip_prefix("CONNECT ")
+                    .map(str::trim)
+                    .unwrap_or("")
+                    .to_string();
+                let mut s = reader.into_inner();
+                if port != "1024" {
+                    return Ok::<_, std::io::Error>(());
+                }
+                s.write_all(b"OK 1024\n").await?;
+                let mut a = tokio::net::UnixStream::connect(agent_sock).await?;
+                tokio::io::copy_bidirectional(&mut s, &mut a).await?;
+                Ok(())
+            });
+        }
+    });
+    let addr: joey_shim::addr::AgentAddr =
+        format!("hvsock://{}:1024", relay_path.display()).parse()?;
+    let c = AgentClient::connect(&addr).await?;
+    c.check(Duration::from_secs(5)).await?;
+    let bad: joey_shim::addr::AgentAddr = format!("hvsock://{}:9", relay_path.display()).parse()?;
+    let err = match AgentClient::connect(&bad).await {
+        Ok(_) => anyhow::bail!("a refused handshake connected"),
+        Err(e) => e.to_string(),
+    };
+    ensure!(err.contains("handshake"), "{err}");
+    relay.abort();
+    pod.destroy().await?;
+    Ok(())
+}
+
+/// Precondition for the vsock transport: a host vsock device.
+pub fn vsock_available() -> Option<String> {
+    if std::path::Path::new("/dev/vhost-vsock").exists() {
+        None
+    } else {
+        Some("no /dev/vhost-vsock on this host, so no guest to reach over vsock".into())
+    }
+}
+
+pub async fn vsock_transport() -> anyhow::Result<()> {
+    // Reached only on hosts with vhost-vsock: a connect to a CID nobody owns must fail
+    // with a clear error naming the address, not hang.
+    let addr: joey_shim::addr::AgentAddr = "vsock://4294967295:1024".parse()?;
+    let r = tokio::time::timeout(Duration::from_secs(10), AgentClient::connect(&addr)).await?;
+    match r {
+        Ok(_) => anyhow::bail!("connected to a CID nobody owns"),
+        Err(e) => ensure!(e.to_string().contains("vsock://4294967295:1024"), "{e}"),
+    }
+    Ok(())
+}
