@@ -8,6 +8,7 @@ mod container;
 mod error;
 mod exec;
 mod launcher;
+mod listener;
 mod mount;
 mod process;
 mod reaper;
@@ -142,21 +143,20 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         creating: Mutex::new(HashSet::new()),
         lost: Mutex::new(HashMap::new()),
         shutdown: tokio::sync::Notify::new(),
+        writes: listener::WriteCounter::default(),
+        shutdown_mark: std::sync::atomic::AtomicU64::new(0),
     });
     agent.recover().await;
 
-    if let Some(path) = args.server_addr.strip_prefix("unix://") {
-        // A socket left by a previous agent would make bind fail.
-        let _ = std::fs::remove_file(path);
-    }
+    let addr = listener::parse(&args.server_addr)?;
+    let writes = agent.writes.clone();
     let agent_service =
         joey_protocols::agent_ttrpc::create_agent_service(Arc::new(server::AgentRpc {
             agent: agent.clone(),
         }));
     let health_service = joey_protocols::health_ttrpc::create_health(Arc::new(server::HealthRpc));
     let mut server = ttrpc::r#async::Server::new()
-        .bind(&args.server_addr)
-        .with_context(|| format!("listen on {}", args.server_addr))?
+        .add_listener(listener::bind(&addr, writes.clone())?)
         .register_service(agent_service)
         .register_service(health_service);
     server.start().await.context("start the ttrpc server")?;
@@ -165,9 +165,12 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = agent.shutdown.notified() => {
+            // DestroySandbox noted the write count before its reply: wait for that write.
+            let mark = agent.shutdown_mark.load(std::sync::atomic::Ordering::SeqCst);
+            if !writes.wait_past(mark, Duration::from_secs(1)).await {
+                warn!("the DestroySandbox reply was not written within 1s");
+            }
             info!("sandbox destroyed; shutting down");
-            // Let the DestroySandbox reply leave before the connections close.
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         _ = sigterm.recv() => warn!("SIGTERM; shutting down"),
     }
@@ -177,7 +180,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     {
         warn!("ttrpc server did not shut down within 2s");
     }
-    if let Some(path) = args.server_addr.strip_prefix("unix://") {
+    if let listener::ServeAddr::Unix(path) = &addr {
         let _ = std::fs::remove_file(path);
     }
     Ok(())

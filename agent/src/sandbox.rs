@@ -121,6 +121,8 @@ impl Agent {
         teardown_sandbox(self, &sb);
         let _ = std::fs::remove_file(self.sandbox_file());
         info!(sandbox = %sb.id, "sandbox destroyed");
+        self.shutdown_mark
+            .store(self.writes.get(), std::sync::atomic::Ordering::SeqCst);
         self.shutdown.notify_one();
         Ok(())
     }

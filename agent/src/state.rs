@@ -66,6 +66,10 @@ pub struct Agent {
     pub lost: Mutex<HashMap<String, String>>,
     /// Signalled after DestroySandbox: the agent's work is done.
     pub shutdown: Notify,
+    /// Writes on the agent's connections, and their count when DestroySandbox finished
+    /// (its reply is the next write): the agent exits once that reply is out.
+    pub writes: crate::listener::WriteCounter,
+    pub shutdown_mark: std::sync::atomic::AtomicU64,
 }
 
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

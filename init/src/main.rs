@@ -102,11 +102,8 @@ fn run(mode: Mode, args: &Args) -> anyhow::Result<i32> {
                     info!("agent finished after DestroySandbox");
                     return Ok(0);
                 }
-                Some(AgentExit::Crashed(why)) => {
-                    if !sup.on_crash(&why) {
-                        return Ok(1);
-                    }
-                }
+                Some(AgentExit::Crashed(why)) if !sup.on_crash(&why) => return Ok(1),
+                Some(AgentExit::Crashed(_)) => {}
                 None => {}
             },
             Some(sig @ (Signal::SIGTERM | Signal::SIGINT | Signal::SIGPWR)) => {

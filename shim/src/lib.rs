@@ -3,6 +3,7 @@
 
 pub mod addr;
 pub mod agentctl;
+pub mod bench;
 pub mod binaries;
 pub mod client;
 pub mod nssandbox;

@@ -68,6 +68,18 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
+    /// Measure sandbox and container costs against crun (prints medians and a
+    /// machine-readable `bench-ns:` line).
+    Bench {
+        /// Benchmark namespace sandboxes (the only kind so far).
+        #[arg(long)]
+        ns: bool,
+        /// The container rootfs (a busybox rootfs: `joeyctl rootfs busybox DIR`).
+        #[arg(long)]
+        rootfs: PathBuf,
+        #[arg(long, default_value_t = 20)]
+        iterations: usize,
+    },
     /// Build a container rootfs.
     Rootfs {
         #[command(subcommand)]
@@ -170,6 +182,19 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                 joey_shim::agentctl::call(&addr, &method, &json, Duration::from_secs(timeout))
                     .await?;
             println!("{out}");
+            Ok(0)
+        }
+        Cmd::Bench {
+            ns: _,
+            rootfs,
+            iterations,
+        } => {
+            let bins = Binaries::locate().map_err(anyhow::Error::msg)?;
+            joey_shim::bench::bench_ns(
+                &bins,
+                &joey_shim::bench::BenchOptions { rootfs, iterations },
+            )
+            .await?;
             Ok(0)
         }
         Cmd::Rootfs {

@@ -1,0 +1,177 @@
+//! The agent's listeners (Unix socket or vsock), with connections that count the
+//! replies they write. After DestroySandbox the agent exits as soon as that reply is
+//! on the socket, instead of sleeping for a guessed while.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use ttrpc::r#async::transport::Listener;
+
+/// Counts successful writes over every connection.
+#[derive(Clone, Default)]
+pub struct WriteCounter(Arc<AtomicU64>);
+
+impl WriteCounter {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Waits until a write happens after `since` was read, or `timeout` passes.
+    pub async fn wait_past(&self, since: u64, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.get() <= since {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        true
+    }
+}
+
+/// A connection that counts its writes.
+pub struct Counted<S> {
+    inner: S,
+    writes: WriteCounter,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            if *n > 0 {
+                self.writes.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The address forms the agent serves on.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ServeAddr {
+    Unix(std::path::PathBuf),
+    /// CID (u32::MAX, written -1, for any) and port.
+    Vsock(u32, u32),
+}
+
+pub fn parse(addr: &str) -> anyhow::Result<ServeAddr> {
+    if let Some(p) = addr.strip_prefix("unix://") {
+        anyhow::ensure!(!p.is_empty(), "server address {addr:?}: empty socket path");
+        return Ok(ServeAddr::Unix(p.into()));
+    }
+    if let Some(rest) = addr.strip_prefix("vsock://") {
+        let (cid, port) = rest
+            .split_once(':')
+            .with_context(|| format!("server address {addr:?}: expected vsock://CID:PORT"))?;
+        let cid = if cid == "-1" {
+            u32::MAX
+        } else {
+            cid.parse()
+                .with_context(|| format!("bad CID in {addr:?}"))?
+        };
+        let port = port
+            .parse()
+            .with_context(|| format!("bad port in {addr:?}"))?;
+        return Ok(ServeAddr::Vsock(cid, port));
+    }
+    anyhow::bail!("server address {addr:?}: expected unix:///path or vsock://CID:PORT")
+}
+
+pub fn bind(addr: &ServeAddr, writes: WriteCounter) -> anyhow::Result<Listener> {
+    match addr {
+        ServeAddr::Unix(path) => {
+            // A socket left by a previous agent would make bind fail.
+            let _ = std::fs::remove_file(path);
+            let l = tokio::net::UnixListener::bind(path)
+                .with_context(|| format!("listen on {}", path.display()))?;
+            Ok(Listener::new(futures::stream::unfold(
+                (l, writes),
+                |(l, w)| async move {
+                    let r = l.accept().await.map(|(s, _)| Counted {
+                        inner: s,
+                        writes: w.clone(),
+                    });
+                    Some((r, (l, w)))
+                },
+            )))
+        }
+        ServeAddr::Vsock(cid, port) => {
+            let l = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(*cid, *port))
+                .with_context(|| format!("listen on vsock port {port}"))?;
+            Ok(Listener::new(futures::stream::unfold(
+                (l, writes),
+                |(l, w)| async move {
+                    let r = l.accept().await.map(|(s, _)| Counted {
+                        inner: s,
+                        writes: w.clone(),
+                    });
+                    Some((r, (l, w)))
+                },
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse() {
+        assert_eq!(
+            parse("unix:///run/a.sock").unwrap(),
+            ServeAddr::Unix("/run/a.sock".into())
+        );
+        assert_eq!(
+            parse("vsock://-1:1024").unwrap(),
+            ServeAddr::Vsock(u32::MAX, 1024)
+        );
+        assert_eq!(parse("vsock://3:5").unwrap(), ServeAddr::Vsock(3, 5));
+        for bad in ["", "tcp://x", "unix://", "vsock://1", "vsock://a:1"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_are_counted_and_awaited() {
+        use tokio::io::AsyncWriteExt;
+        let counter = WriteCounter::default();
+        let (a, _b) = tokio::net::UnixStream::pair().unwrap();
+        let mut c = Counted {
+            inner: a,
+            writes: counter.clone(),
+        };
+        let before = counter.get();
+        assert!(!counter.wait_past(before, Duration::from_millis(5)).await);
+        c.write_all(b"reply").await.unwrap();
+        assert!(counter.wait_past(before, Duration::from_millis(5)).await);
+    }
+}
