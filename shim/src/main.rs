@@ -159,6 +159,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                 ns: NsOptions {
                     console_to_stderr: debug,
                     log: debug.then(|| "debug".to_string()),
+                    sandbox_pidns: false,
                 },
             };
             run_ns(&bins, &opts).await

@@ -45,6 +45,8 @@ pub struct NsOptions {
     pub console_to_stderr: bool,
     /// Log filter for init and the agent (JOEY_LOG).
     pub log: Option<String>,
+    /// Containers share one sandbox PID namespace (kata's `sandbox_pidns`).
+    pub sandbox_pidns: bool,
 }
 
 pub fn random_id() -> String {

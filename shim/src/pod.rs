@@ -18,6 +18,8 @@ pub const AGENT_READY_DEADLINE: Duration = Duration::from_secs(20);
 pub struct Pod {
     pub sandbox: NsSandbox,
     pub client: AgentClient,
+    /// Containers join the sandbox's shared PID namespace.
+    pub sandbox_pidns: bool,
 }
 
 /// Adds the guest's console tail to an error, which is what explains most failures.
@@ -42,7 +44,12 @@ impl Pod {
         let mut req = agent::CreateSandboxRequest::new();
         req.sandbox_id = sandbox.id.clone();
         req.hostname = format!("joey-{}", &sandbox.id[..8]);
-        let pod = Pod { sandbox, client };
+        req.sandbox_pidns = opts.sandbox_pidns;
+        let pod = Pod {
+            sandbox,
+            client,
+            sandbox_pidns: opts.sandbox_pidns,
+        };
         pod.client
             .agent
             .create_sandbox(ctx(Some(RPC_TIMEOUT)), &req)
@@ -80,6 +87,7 @@ impl Pod {
         req.container_id = cid.into();
         req.exec_id = cid.into();
         req.storages = vec![storage];
+        req.sandbox_pidns = self.sandbox_pidns;
         req.OCI = Some(spec::container(
             p,
             &mount_point,

@@ -326,3 +326,135 @@ pub async fn vsock_transport() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// With `sandbox_pidns`, containers share one PID namespace: one sees the other's process.
+pub async fn sandbox_pidns_is_shared() -> anyhow::Result<()> {
+    let opts = joey_shim::nssandbox::NsOptions {
+        sandbox_pidns: true,
+        ..Default::default()
+    };
+    let pod = joey_shim::pod::Pod::start_ns(&crate::common::env().bins, &opts).await?;
+    start(
+        &pod,
+        "a",
+        &ProcessSpec {
+            args: vec!["/bin/sleep".into(), "4242".into()],
+            ..Default::default()
+        },
+    )
+    .await?;
+    start(&pod, "b", &sh("ps -o pid,args")).await?;
+    let out = String::from_utf8_lossy(&read_all(&pod, "b", "b", false).await?).into_owned();
+    ensure!(
+        out.contains("sleep 4242"),
+        "container b does not see a's process:\n{out}"
+    );
+    ensure!(pod.wait_process("b", "").await? == 0);
+    // In a shared PID namespace the init's death does not take the container's other
+    // processes along: SIGKILL with an empty exec id must reach them (via the cgroup).
+    exec(
+        &pod,
+        "a",
+        "extra",
+        &ProcessSpec {
+            args: vec!["/bin/sleep".into(), "4343".into()],
+            ..Default::default()
+        },
+    )
+    .await?;
+    signal(&pod, "a", "", libc::SIGKILL).await?;
+    let (init, extra) = tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::try_join!(pod.wait_process("a", ""), pod.wait_process("a", "extra"))
+    })
+    .await??;
+    ensure!(
+        init == 137 && extra == 137,
+        "after SIGKILL to the container: init {init}, exec {extra}"
+    );
+    pod.destroy().await?;
+    Ok(())
+}
+
+/// `joeyctl agent`: one raw RPC in the proto3 JSON mapping.
+pub async fn raw_rpc_cli() -> anyhow::Result<()> {
+    let pod = pod().await?;
+    let addr = pod.sandbox.agent_addr().to_string();
+    let o = crate::common::joeyctl(
+        &["agent", "--addr", &addr, "Check", r#"{"service":"agent"}"#],
+        b"",
+    )
+    .await?;
+    ensure!(
+        o.code == 0 && o.stdout.contains("SERVING"),
+        "Check: {} {:?} {}",
+        o.code,
+        o.stdout,
+        o.stderr
+    );
+    let o = crate::common::joeyctl(
+        &[
+            "agent",
+            "--addr",
+            &addr,
+            "grpc.AgentService/GetGuestDetails",
+            r#"{"mem_block_size":true}"#,
+        ],
+        b"",
+    )
+    .await?;
+    let v: serde_json::Value =
+        serde_json::from_str(&o.stdout).with_context(|| format!("reply {:?}", o.stdout))?;
+    ensure!(
+        v["agentDetails"]["initDaemon"] == true,
+        "GetGuestDetails: {v}"
+    );
+    let o = crate::common::joeyctl(&["agent", "--addr", &addr, "GetOOMEvent"], b"").await?;
+    ensure!(
+        o.code == 125 && o.stderr.contains("not implemented"),
+        "GetOOMEvent: {} {}",
+        o.code,
+        o.stderr
+    );
+    let o = crate::common::joeyctl(&["agent", "--addr", &addr, "NoSuchMethod"], b"").await?;
+    ensure!(
+        o.code == 125 && o.stderr.contains("NoSuchMethod"),
+        "{} {}",
+        o.code,
+        o.stderr
+    );
+    pod.destroy().await?;
+    Ok(())
+}
+
+/// The agent also runs standalone (not under init): it serves a Unix socket, says it
+/// is no init daemon, and exits 0 after DestroySandbox, removing its socket.
+pub async fn standalone_agent() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let sock = dir.path().join("agent.sock");
+    let mut child = tokio::process::Command::new(&crate::common::env().bins.agent)
+        .arg("--server-addr")
+        .arg(format!("unix://{}", sock.display()))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env_remove("JOEY_UNDER_INIT")
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let addr = joey_shim::addr::AgentAddr::Unix(sock.clone());
+    let c = AgentClient::connect_ready(&addr, Duration::from_secs(10)).await?;
+    let d = c
+        .agent
+        .get_guest_details(ctx(Some(RPC_TIMEOUT)), &agent::GuestDetailsRequest::new())
+        .await?;
+    ensure!(
+        !d.agent_details.init_daemon,
+        "a standalone agent claims to be the init daemon"
+    );
+    c.agent
+        .destroy_sandbox(ctx(Some(RPC_TIMEOUT)), &agent::DestroySandboxRequest::new())
+        .await?;
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await??;
+    ensure!(status.success(), "agent exit {status}");
+    ensure!(!sock.exists(), "the agent left its socket behind");
+    Ok(())
+}
