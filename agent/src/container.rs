@@ -11,16 +11,13 @@ use oci_spec::runtime::{LinuxNamespaceBuilder, LinuxNamespaceType, MountBuilder,
 use tracing::{info, warn};
 
 use crate::error::{invalid, AgentError, Result};
-use crate::launcher::{self, LaunchRequest};
-use crate::process::{AgentStdio, Process};
+use crate::launcher::LaunchRequest;
+use crate::process::{self, Process};
 use crate::state::{lock, Agent};
-use crate::stdio::{self, ConsoleSocket, Pty};
 use crate::storage::{self, MountedStorage};
 use crate::validate::{check_abs_path, check_id};
 use crate::{runtime, spec};
 
-/// How long the agent waits for a new terminal to arrive from the container.
-const CONSOLE_DEADLINE: Duration = Duration::from_secs(10);
 /// RemoveContainer's wait for the container's init to die when the host gives no timeout.
 const DEFAULT_REMOVE_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -152,33 +149,20 @@ impl Agent {
             .as_ref()
             .and_then(|p| p.terminal())
             .unwrap_or(false);
-        let (pipes, fds, console) = if terminal {
-            let sock = ConsoleSocket::bind(&bundle.join(format!("{exec_id}.console")))?;
-            (None, None, Some(sock))
-        } else {
-            let (p, fds) = stdio::pipes()?;
-            (Some(p), Some(fds), None)
-        };
-        let pid = launcher::launch(
-            LaunchRequest::Create {
+        let launched = process::launch(
+            |console_socket| LaunchRequest::Create {
                 id: cid.clone(),
                 root: self.dirs.containers.clone(),
                 bundle: bundle.clone(),
-                console_socket: console.as_ref().map(|c| c.path().to_path_buf()),
+                console_socket,
             },
-            fds,
+            terminal,
+            &bundle.join(format!("{exec_id}.console")),
             self.reaper.clone(),
         )
-        .await
-        .map_err(|e| invalid(format!("{e:#}")))?;
+        .await;
+        let (pid, stdio) = launched?;
         rb.pid = Some(pid);
-        let stdio = match (pipes, console) {
-            (Some(p), _) => AgentStdio::Pipes(p),
-            (None, Some(c)) => {
-                AgentStdio::Pty(Arc::new(Pty::new(c.receive(CONSOLE_DEADLINE).await?)?))
-            }
-            (None, None) => unreachable!("either pipes or a console socket exist"),
-        };
         let init = Process::new(exec_id.clone(), pid, stdio, &self.reaper);
         rb.armed = false;
         Ok(Arc::new(Container {

@@ -8,10 +8,9 @@ use nix::sys::signal::Signal;
 use tracing::info;
 
 use crate::error::{invalid, AgentError, Result};
-use crate::launcher::{self, LaunchRequest};
-use crate::process::{AgentStdio, Process};
+use crate::launcher::LaunchRequest;
+use crate::process::{self, Process};
 use crate::state::{lock, Agent};
-use crate::stdio::{self, ConsoleSocket, Pty};
 use crate::validate::check_id;
 use crate::{runtime, spec};
 
@@ -46,38 +45,20 @@ impl Agent {
         std::fs::write(&path, json)
             .map_err(|e| anyhow::anyhow!("write {}: {e}", path.display()))?;
         let terminal = process.terminal().unwrap_or(false);
-        let (pipes, fds, console) = if terminal {
-            let sock = ConsoleSocket::bind(&c.bundle.join(format!("{eid}.console")))?;
-            (None, None, Some(sock))
-        } else {
-            let (p, fds) = stdio::pipes()?;
-            (Some(p), Some(fds), None)
-        };
-        let launched = launcher::launch(
-            LaunchRequest::Exec {
+        let launched = process::launch(
+            |console_socket| LaunchRequest::Exec {
                 id: cid.clone(),
                 root: self.dirs.containers.clone(),
                 process: path.clone(),
-                console_socket: console.as_ref().map(|s| s.path().to_path_buf()),
+                console_socket,
             },
-            fds,
+            terminal,
+            &c.bundle.join(format!("{eid}.console")),
             self.reaper.clone(),
         )
         .await;
         let _ = std::fs::remove_file(&path);
-        let pid = launched.map_err(|e| invalid(format!("{e:#}")))?;
-        let stdio = match (pipes, console) {
-            (Some(p), _) => AgentStdio::Pipes(p),
-            (None, Some(s)) => match s.receive(std::time::Duration::from_secs(10)).await {
-                Ok(fd) => AgentStdio::Pty(Arc::new(Pty::new(fd)?)),
-                Err(e) => {
-                    let _ =
-                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
-                    return Err(e.into());
-                }
-            },
-            (None, None) => unreachable!("either pipes or a console socket exist"),
-        };
+        let (pid, stdio) = launched?;
         let p = Process::new(eid.clone(), pid, stdio, &self.reaper);
         lock(&c.execs).insert(eid.clone(), p);
         info!(container = %cid, exec = %eid, pid, "exec started");

@@ -1,11 +1,18 @@
 //! One process of a container (its init or an exec): pid, stdio and exit.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{watch, Mutex};
 
+use crate::error::{invalid, Result};
+use crate::launcher::{self, LaunchRequest};
 use crate::reaper::Reaper;
-use crate::stdio::{Input, Output, PipeSet, Pty};
+use crate::stdio::{self, ConsoleSocket, Input, Output, PipeSet, Pty};
+
+/// How long the agent waits for a new terminal to arrive from the container.
+const CONSOLE_DEADLINE: Duration = Duration::from_secs(10);
 
 pub struct Process {
     pub exec_id: String,
@@ -21,6 +28,43 @@ pub struct Process {
 pub enum AgentStdio {
     Pipes(PipeSet),
     Pty(Arc<Pty>),
+}
+
+/// Launches a container's init or an exec: with pipes, or with a terminal when
+/// `terminal` (libcontainer then sends the terminal's master to a console socket at
+/// `console`). Returns the new process's pid and the agent's side of its stdio. A
+/// process whose terminal never arrives is killed.
+pub async fn launch(
+    request: impl FnOnce(Option<PathBuf>) -> LaunchRequest,
+    terminal: bool,
+    console: &Path,
+    reaper: Arc<Reaper>,
+) -> Result<(i32, AgentStdio)> {
+    let (pipes, fds, socket) = if terminal {
+        (None, None, Some(ConsoleSocket::bind(console)?))
+    } else {
+        let (p, fds) = stdio::pipes()?;
+        (Some(p), Some(fds), None)
+    };
+    let req = request(socket.as_ref().map(|s| s.path().to_path_buf()));
+    let pid = launcher::launch(req, fds, reaper)
+        .await
+        .map_err(|e| invalid(format!("{e:#}")))?;
+    let stdio = match (pipes, socket) {
+        (Some(p), _) => AgentStdio::Pipes(p),
+        (None, Some(s)) => match s.receive(CONSOLE_DEADLINE).await {
+            Ok(fd) => AgentStdio::Pty(Arc::new(Pty::new(fd)?)),
+            Err(e) => {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                return Err(e.into());
+            }
+        },
+        (None, None) => unreachable!("either pipes or a console socket exist"),
+    };
+    Ok((pid, stdio))
 }
 
 impl Process {
