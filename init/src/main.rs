@@ -25,8 +25,8 @@ struct Args {
     /// Where init runs: `vm` (PID 1 of a microVM) or `ns` (PID 1 of host namespaces).
     #[arg(long, default_value = "vm")]
     sandbox: String,
-    /// The agent binary.
-    #[arg(long, default_value = "/usr/bin/joey-agent")]
+    /// The agent binary. In a VM, `JOEY_AGENT_PATH=...` on the kernel command line sets it.
+    #[arg(long, env = "JOEY_AGENT_PATH", default_value = "/usr/bin/joey-agent")]
     agent: PathBuf,
     /// The agent's address.
     #[arg(long, default_value = "vsock://-1:1024")]
@@ -36,7 +36,18 @@ struct Args {
     guest_dir: PathBuf,
 }
 
+/// Printed first thing, with the time since boot: benchmarks read the kernel's
+/// boot-to-init time from it, the same way for every kernel.
+pub const BOOT_MARKER: &str = "joey-init: started";
+
 fn main() {
+    if let Ok(t) = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME) {
+        eprintln!(
+            "{BOOT_MARKER} {}.{:06}s after boot",
+            t.tv_sec(),
+            t.tv_nsec() / 1000
+        );
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("JOEY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()

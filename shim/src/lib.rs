@@ -12,3 +12,4 @@ pub mod rootfs;
 pub mod run;
 pub mod spec;
 pub mod streams;
+pub mod vm;

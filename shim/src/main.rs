@@ -8,8 +8,9 @@ use clap::{Parser, Subcommand};
 use joey_shim::addr::AgentAddr;
 use joey_shim::binaries::Binaries;
 use joey_shim::nssandbox::NsOptions;
-use joey_shim::run::{run_ns, RunOptions};
+use joey_shim::run::{run_ns, run_vm};
 use joey_shim::spec::ProcessSpec;
+use joey_shim::vm::{Artifacts, VmOptions};
 
 #[derive(Parser)]
 #[command(
@@ -33,8 +34,20 @@ enum Cmd {
         #[arg(long)]
         vm: bool,
         /// The container's root filesystem (a directory; mounted read-only under a tmpfs overlay).
+        #[arg(long, required_unless_present = "image", conflicts_with = "image")]
+        rootfs: Option<PathBuf>,
+        /// With --vm: an EROFS image of the container's rootfs.
+        #[arg(long, requires = "vm")]
+        image: Option<PathBuf>,
+        /// With --vm: the guest kernel (default: vmlinux in images/out or $JOEY_ARTIFACTS).
         #[arg(long)]
-        rootfs: PathBuf,
+        kernel: Option<PathBuf>,
+        /// With --vm: the shared guest image (default: guest.img beside the kernel).
+        #[arg(long)]
+        guest_image: Option<PathBuf>,
+        /// With --vm: guest memory in MiB.
+        #[arg(long, default_value_t = 256)]
+        memory: u32,
         /// Environment variable for the process (repeatable).
         #[arg(long = "env", short = 'e', value_name = "K=V")]
         env: Vec<String>,
@@ -71,9 +84,13 @@ enum Cmd {
     /// Measure sandbox and container costs against crun (prints medians and a
     /// machine-readable `bench-ns:` line).
     Bench {
-        /// Benchmark namespace sandboxes (the only kind so far).
-        #[arg(long)]
+        /// Benchmark namespace sandboxes against crun.
+        #[arg(long, conflicts_with = "vm", required_unless_present = "vm")]
         ns: bool,
+        /// Benchmark microVMs: boot time against Debian's cloud kernel, agent readiness,
+        /// guest memory, artifact sizes.
+        #[arg(long)]
+        vm: bool,
         /// The container rootfs (a busybox rootfs: `joeyctl rootfs busybox DIR`).
         #[arg(long)]
         rootfs: PathBuf,
@@ -95,6 +112,13 @@ enum RootfsKind {
         #[arg(long, default_value = joey_shim::rootfs::DEFAULT_BUSYBOX)]
         busybox: PathBuf,
     },
+}
+
+/// A private scratch directory for one command (container images made on the fly).
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = PathBuf::from("/run/joey/tmp").join(joey_shim::nssandbox::random_id());
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    Ok(dir)
 }
 
 fn main() {
@@ -131,38 +155,74 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
             ns: _,
             vm,
             rootfs,
+            image,
+            kernel,
+            guest_image,
+            memory,
             env,
             tty,
             cwd,
             debug,
             cmd,
         } => {
-            if vm {
-                anyhow::bail!(
-                    "microVM sandboxes are not available yet; use --ns (a namespace sandbox)"
-                );
-            }
             for e in &env {
                 if !e.contains('=') || e.starts_with('=') {
                     anyhow::bail!("--env {e:?}: expected K=V");
                 }
             }
-            let bins = Binaries::locate().map_err(anyhow::Error::msg)?;
-            let opts = RunOptions {
-                rootfs,
-                process: ProcessSpec {
-                    args: cmd,
-                    env,
-                    cwd,
-                    terminal: tty,
-                },
-                ns: NsOptions {
-                    console_to_stderr: debug,
-                    log: debug.then(|| "debug".to_string()),
-                    sandbox_pidns: false,
-                },
+            let process = ProcessSpec {
+                args: cmd,
+                env,
+                cwd,
+                terminal: tty,
             };
-            run_ns(&bins, &opts).await
+            if vm {
+                let artifacts = Artifacts::find(kernel.as_deref(), guest_image.as_deref())
+                    .map_err(anyhow::Error::msg)?;
+                let (backend, why) = joey_shim::vm::backend::select(
+                    std::path::Path::new("/sys/module"),
+                    std::path::Path::new("/dev/kvm"),
+                );
+                tracing::info!("VM backend {} ({why})", backend.name());
+                if debug {
+                    eprintln!("joeyctl: VM backend {} ({why})", backend.name());
+                }
+                let tmp = tempfile_dir()?;
+                let rootfs_image = match (image, rootfs) {
+                    (Some(img), _) => img,
+                    (None, Some(dir)) => {
+                        let img = tmp.join("rootfs.erofs");
+                        joey_shim::vm::image::make_erofs(&dir, &img)?;
+                        img
+                    }
+                    (None, None) => anyhow::bail!("--vm needs --rootfs DIR or --image FILE"),
+                };
+                let opts = VmOptions {
+                    kernel: artifacts.kernel,
+                    guest_image: artifacts.guest_image,
+                    rootfs_image: Some(rootfs_image),
+                    initrd: None,
+                    memory_mib: memory,
+                    backend,
+                    kernel_args: if debug {
+                        vec!["JOEY_LOG=debug".into()]
+                    } else {
+                        vec![]
+                    },
+                    quiet: !debug,
+                };
+                let r = run_vm(&opts, &process).await;
+                let _ = std::fs::remove_dir_all(&tmp);
+                return r;
+            }
+            let rootfs = rootfs.ok_or_else(|| anyhow::anyhow!("--ns needs --rootfs DIR"))?;
+            let bins = Binaries::locate().map_err(anyhow::Error::msg)?;
+            let ns = NsOptions {
+                console_to_stderr: debug,
+                log: debug.then(|| "debug".to_string()),
+                sandbox_pidns: false,
+            };
+            run_ns(&bins, &rootfs, &ns, &process).await
         }
         Cmd::Agent {
             addr,
@@ -187,6 +247,51 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
         }
         Cmd::Bench {
             ns: _,
+            vm: true,
+            rootfs,
+            iterations,
+        } => {
+            let artifacts = Artifacts::find(None, None).map_err(anyhow::Error::msg)?;
+            let (backend, why) = joey_shim::vm::backend::select(
+                std::path::Path::new("/sys/module"),
+                std::path::Path::new("/dev/kvm"),
+            );
+            eprintln!("bench: VM backend {} ({why})", backend.name());
+            let tmp = tempfile_dir()?;
+            let image = tmp.join("rootfs.erofs");
+            joey_shim::vm::image::make_erofs(&rootfs, &image)?;
+            let initrd = artifacts.guest_image.with_file_name("initrd.img");
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| "/root".into());
+            let cache = std::env::var_os("JOEY_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| home.join(".cache/joey"));
+            let o = joey_shim::vm::bench::VmBenchOptions {
+                base: VmOptions {
+                    kernel: artifacts.kernel.clone(),
+                    guest_image: artifacts.guest_image.clone(),
+                    rootfs_image: None,
+                    initrd: None,
+                    memory_mib: 256,
+                    backend,
+                    kernel_args: vec![],
+                    quiet: true,
+                },
+                artifacts,
+                rootfs_image: image,
+                initrd,
+                cache,
+                iterations,
+            };
+            let r = joey_shim::vm::bench::bench_vm(&o).await;
+            let _ = std::fs::remove_dir_all(&tmp);
+            r?;
+            Ok(0)
+        }
+        Cmd::Bench {
+            ns: _,
+            vm: false,
             rootfs,
             iterations,
         } => {

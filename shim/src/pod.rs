@@ -7,23 +7,103 @@ use std::time::Duration;
 use anyhow::Context;
 use joey_protocols::agent;
 
+use crate::addr::AgentAddr;
 use crate::binaries::Binaries;
 use crate::client::{ctx, AgentClient, RPC_TIMEOUT};
 use crate::nssandbox::{NsOptions, NsSandbox};
 use crate::spec::{self, ProcessSpec};
+use crate::vm::{VmOptions, VmSandbox};
+
+/// The guest directory under which a VM's agent mounts container storage.
+const VM_GUEST_DIR: &str = "/run/joey";
+
+/// A running sandbox of either kind.
+pub enum Sandbox {
+    Ns(NsSandbox),
+    Vm(VmSandbox),
+}
+
+impl Sandbox {
+    pub fn id(&self) -> &str {
+        match self {
+            Sandbox::Ns(s) => &s.id,
+            Sandbox::Vm(s) => &s.id,
+        }
+    }
+
+    /// The sandbox's directory on the host (sockets, console log).
+    pub fn dir(&self) -> &Path {
+        match self {
+            Sandbox::Ns(s) => &s.dir,
+            Sandbox::Vm(s) => &s.dir,
+        }
+    }
+
+    pub fn agent_addr(&self) -> AgentAddr {
+        match self {
+            Sandbox::Ns(s) => s.agent_addr(),
+            Sandbox::Vm(s) => s.agent_addr(),
+        }
+    }
+
+    pub fn console_tail(&self, lines: usize) -> String {
+        match self {
+            Sandbox::Ns(s) => s.console_tail(lines),
+            Sandbox::Vm(s) => s.console_tail(lines),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        match self {
+            Sandbox::Ns(s) => s.kill(),
+            Sandbox::Vm(s) => s.kill(),
+        }
+    }
+
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        match self {
+            Sandbox::Ns(s) => s.wait_exit(timeout).await,
+            Sandbox::Vm(s) => s.wait_exit(timeout).await,
+        }
+    }
+
+    /// Where container storage is mounted inside the sandbox.
+    fn guest_dir(&self) -> std::path::PathBuf {
+        match self {
+            Sandbox::Ns(s) => s.dir.join("guest"),
+            Sandbox::Vm(_) => Path::new(VM_GUEST_DIR).to_path_buf(),
+        }
+    }
+
+    pub fn ns(&self) -> Option<&NsSandbox> {
+        match self {
+            Sandbox::Ns(s) => Some(s),
+            Sandbox::Vm(_) => None,
+        }
+    }
+}
+
+/// Where a container's rootfs comes from.
+#[derive(Debug, Clone)]
+pub enum RootfsSource {
+    /// A host directory (namespace sandboxes see the host's filesystem).
+    HostDir(std::path::PathBuf),
+    /// An EROFS image attached to the VM as a virtio-blk disk with this serial.
+    Disk { serial: String },
+}
 
 /// How long a new sandbox's agent may take to answer.
 pub const AGENT_READY_DEADLINE: Duration = Duration::from_secs(20);
 
 pub struct Pod {
-    pub sandbox: NsSandbox,
+    pub sandbox: Sandbox,
     pub client: AgentClient,
     /// Containers join the sandbox's shared PID namespace.
     pub sandbox_pidns: bool,
 }
 
 /// Adds the guest's console tail to an error, which is what explains most failures.
-pub fn with_console(sandbox: &NsSandbox, e: anyhow::Error) -> anyhow::Error {
+pub fn with_console(sandbox: &Sandbox, e: anyhow::Error) -> anyhow::Error {
     let tail = sandbox.console_tail(20);
     if tail.is_empty() {
         e
@@ -35,20 +115,54 @@ pub fn with_console(sandbox: &NsSandbox, e: anyhow::Error) -> anyhow::Error {
 impl Pod {
     /// Starts a namespace sandbox and runs CreateSandbox on it.
     pub async fn start_ns(bins: &Binaries, opts: &NsOptions) -> anyhow::Result<Pod> {
-        let sandbox = NsSandbox::start(bins, opts)?;
-        let client =
-            match AgentClient::connect_ready(&sandbox.agent_addr(), AGENT_READY_DEADLINE).await {
-                Ok(c) => c,
-                Err(e) => return Err(with_console(&sandbox, e.into())),
-            };
+        let sandbox = Sandbox::Ns(NsSandbox::start(bins, opts)?);
+        Self::connect(sandbox, AGENT_READY_DEADLINE, opts.sandbox_pidns).await
+    }
+
+    /// Boots a microVM sandbox and runs CreateSandbox on it.
+    pub async fn start_vm(opts: &VmOptions, deadline: Duration) -> anyhow::Result<Pod> {
+        let sandbox = Sandbox::Vm(VmSandbox::start(opts)?);
+        Self::connect(sandbox, deadline, false).await
+    }
+
+    async fn connect(
+        mut sandbox: Sandbox,
+        deadline: Duration,
+        sandbox_pidns: bool,
+    ) -> anyhow::Result<Pod> {
+        let start = std::time::Instant::now();
+        let addr = sandbox.agent_addr();
+        let client = loop {
+            // Short attempts, so a sandbox that died is noticed at once.
+            let attempt = Duration::from_millis(500).min(deadline.saturating_sub(start.elapsed()));
+            match AgentClient::connect_ready(&addr, attempt).await {
+                Ok(c) => break c,
+                Err(e) => {
+                    if let Some(code) = sandbox.wait_exit(Duration::ZERO).await {
+                        let e = anyhow::anyhow!(
+                            "the sandbox ended (exit {code}) before its agent answered ({e})"
+                        );
+                        return Err(with_console(&sandbox, e));
+                    }
+                    if start.elapsed() >= deadline {
+                        sandbox.kill();
+                        let e = anyhow::anyhow!(
+                            "the agent did not answer within {}s ({e})",
+                            deadline.as_secs()
+                        );
+                        return Err(with_console(&sandbox, e));
+                    }
+                }
+            }
+        };
         let mut req = agent::CreateSandboxRequest::new();
-        req.sandbox_id = sandbox.id.clone();
-        req.hostname = format!("joey-{}", &sandbox.id[..8]);
-        req.sandbox_pidns = opts.sandbox_pidns;
+        req.sandbox_id = sandbox.id().to_string();
+        req.hostname = format!("joey-{}", &sandbox.id()[..8]);
+        req.sandbox_pidns = sandbox_pidns;
         let pod = Pod {
             sandbox,
             client,
-            sandbox_pidns: opts.sandbox_pidns,
+            sandbox_pidns,
         };
         pod.client
             .agent
@@ -61,43 +175,68 @@ impl Pod {
     /// Where a container's rootfs is mounted inside the sandbox.
     pub fn rootfs_mount_point(&self, cid: &str) -> String {
         self.sandbox
-            .dir
-            .join("guest/containers")
+            .guest_dir()
+            .join("containers")
             .join(cid)
             .join("rootfs")
             .display()
             .to_string()
     }
 
-    /// The CreateContainer request for a container whose rootfs is the host directory
-    /// `rootfs`, read-only under a tmpfs overlay (writes stay in sandbox memory).
+    /// The CreateContainer request for a container whose rootfs is read-only under a
+    /// tmpfs overlay (writes stay in sandbox memory): a host directory as the lower
+    /// layer, or an EROFS disk mounted through the `mmioblk` driver first.
     pub fn container_request(
         &self,
         cid: &str,
-        rootfs: &Path,
+        rootfs: &RootfsSource,
         p: &ProcessSpec,
     ) -> agent::CreateContainerRequest {
         let mount_point = self.rootfs_mount_point(cid);
-        let mut storage = agent::Storage::new();
-        storage.driver = "overlayfs".into();
-        storage.source = rootfs.display().to_string();
-        storage.fstype = "overlay".into();
-        storage.mount_point = mount_point.clone();
+        let mut storages = Vec::new();
+        let lower = match rootfs {
+            RootfsSource::HostDir(dir) => dir.display().to_string(),
+            RootfsSource::Disk { serial } => {
+                let image = self
+                    .sandbox
+                    .guest_dir()
+                    .join("containers")
+                    .join(cid)
+                    .join("image")
+                    .display()
+                    .to_string();
+                let mut disk = agent::Storage::new();
+                disk.driver = "mmioblk".into();
+                disk.source = serial.clone();
+                disk.fstype = "erofs".into();
+                disk.options = vec!["ro".into()];
+                disk.mount_point = image.clone();
+                storages.push(disk);
+                image
+            }
+        };
+        let mut overlay = agent::Storage::new();
+        overlay.driver = "overlayfs".into();
+        overlay.source = lower;
+        overlay.fstype = "overlay".into();
+        overlay.mount_point = mount_point.clone();
+        storages.push(overlay);
         let mut req = agent::CreateContainerRequest::new();
         req.container_id = cid.into();
         req.exec_id = cid.into();
-        req.storages = vec![storage];
+        req.storages = storages;
         req.sandbox_pidns = self.sandbox_pidns;
         req.OCI = Some(spec::container(
             p,
             &mount_point,
             cid,
-            &format!("/joey/{}/{cid}", self.sandbox.id),
+            &format!("/joey/{}/{cid}", self.sandbox.id()),
         ))
         .into();
         req
     }
 
+    /// Creates a container from a host directory (namespace sandboxes).
     pub async fn create_container(
         &self,
         cid: &str,
@@ -107,7 +246,17 @@ impl Pod {
         let rootfs = rootfs
             .canonicalize()
             .with_context(|| format!("rootfs {}", rootfs.display()))?;
-        let req = self.container_request(cid, &rootfs, p);
+        self.create_container_from(cid, &RootfsSource::HostDir(rootfs), p)
+            .await
+    }
+
+    pub async fn create_container_from(
+        &self,
+        cid: &str,
+        rootfs: &RootfsSource,
+        p: &ProcessSpec,
+    ) -> anyhow::Result<()> {
+        let req = self.container_request(cid, rootfs, p);
         self.client
             .agent
             .create_container(ctx(Some(RPC_TIMEOUT)), &req)
@@ -164,11 +313,11 @@ impl Pod {
             self.sandbox.kill();
             return Err(anyhow::anyhow!("DestroySandbox: {e}"));
         }
-        match self.sandbox.wait_exit(Duration::from_secs(10)).await {
+        match self.sandbox.wait_exit(Duration::from_secs(30)).await {
             Some(code) => Ok(code),
             None => {
                 self.sandbox.kill();
-                anyhow::bail!("the sandbox did not end within 10s of DestroySandbox; killed it")
+                anyhow::bail!("the sandbox did not end within 30s of DestroySandbox; killed it")
             }
         }
     }

@@ -70,7 +70,11 @@ pub fn busybox_rootfs(busybox: &Path, dir: &Path) -> anyhow::Result<usize> {
             std::fs::create_dir_all(parent)?;
         }
         let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink("/bin/busybox", &link)
+        // Relative, so the link resolves inside the rootfs wherever it is mounted (an
+        // absolute one would point at the host's or the guest's own /bin/busybox).
+        let depth = Path::new(applet).components().count() - 1;
+        let target = format!("{}bin/busybox", "../".repeat(depth));
+        std::os::unix::fs::symlink(&target, &link)
             .with_context(|| format!("link {}", link.display()))?;
         n += 1;
     }
@@ -94,6 +98,27 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let err = busybox_rootfs(&me, tmp.path()).unwrap_err().to_string();
         assert!(err.contains("busybox-static"), "{err}");
+    }
+
+    #[test]
+    fn applet_links_are_relative_and_resolve_inside_the_rootfs() {
+        let busybox = Path::new(DEFAULT_BUSYBOX);
+        if !is_static_elf(busybox).unwrap_or(false) {
+            eprintln!("no static busybox here; covered by the namespace tier");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        busybox_rootfs(busybox, tmp.path()).unwrap();
+        for applet in ["bin/sh", "usr/bin/env"] {
+            let link = tmp.path().join(applet);
+            let target = std::fs::read_link(&link).unwrap();
+            assert!(target.is_relative(), "{applet} -> {}", target.display());
+            let resolved = link.parent().unwrap().join(&target).canonicalize().unwrap();
+            assert_eq!(
+                resolved,
+                tmp.path().join("bin/busybox").canonicalize().unwrap()
+            );
+        }
     }
 
     #[test]

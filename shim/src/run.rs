@@ -2,7 +2,7 @@
 //! returned, and everything torn down afterwards.
 
 use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -12,24 +12,44 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::binaries::Binaries;
 use crate::client::{ctx, AgentClient, RPC_TIMEOUT};
 use crate::nssandbox::NsOptions;
-use crate::pod::{with_console, Pod};
+use crate::pod::{with_console, Pod, RootfsSource};
 use crate::spec::ProcessSpec;
 use crate::streams::{pump_input, pump_output, Which};
+use crate::vm::VmOptions;
 
-#[derive(Debug, Clone, Default)]
-pub struct RunOptions {
-    pub rootfs: PathBuf,
-    pub process: ProcessSpec,
-    pub ns: NsOptions,
+/// Runs the container in a namespace sandbox from a host directory; returns its exit
+/// status (128 + signal if it was killed).
+pub async fn run_ns(
+    bins: &Binaries,
+    rootfs: &Path,
+    ns: &NsOptions,
+    process: &ProcessSpec,
+) -> anyhow::Result<i32> {
+    let rootfs = rootfs
+        .canonicalize()
+        .ok()
+        .filter(|p| p.is_dir())
+        .ok_or_else(|| anyhow::anyhow!("rootfs {} is not a directory", rootfs.display()))?;
+    let pod = Pod::start_ns(bins, ns).await?;
+    run_pod(pod, RootfsSource::HostDir(rootfs), process).await
 }
 
-/// Runs the container; returns its exit status (128 + signal if it was killed).
-pub async fn run_ns(bins: &Binaries, opts: &RunOptions) -> anyhow::Result<i32> {
-    if !opts.rootfs.is_dir() {
-        anyhow::bail!("rootfs {} is not a directory", opts.rootfs.display());
-    }
-    let pod = Pod::start_ns(bins, &opts.ns).await?;
-    match run_in(&pod, opts).await {
+/// Runs the container in a microVM whose `rootfs_image` is the container's rootfs.
+pub async fn run_vm(vm: &VmOptions, process: &ProcessSpec) -> anyhow::Result<i32> {
+    anyhow::ensure!(
+        vm.rootfs_image.is_some(),
+        "a VM run needs a container rootfs image"
+    );
+    let pod = Pod::start_vm(vm, VM_READY_DEADLINE).await?;
+    let serial = crate::vm::qemu::ROOTFS_SERIAL.to_string();
+    run_pod(pod, RootfsSource::Disk { serial }, process).await
+}
+
+/// How long a VM's agent may take to answer (software emulation boots in seconds).
+pub const VM_READY_DEADLINE: Duration = Duration::from_secs(60);
+
+async fn run_pod(pod: Pod, rootfs: RootfsSource, process: &ProcessSpec) -> anyhow::Result<i32> {
+    match run_in(&pod, &rootfs, process).await {
         Ok(status) => {
             pod.destroy().await?;
             Ok(status)
@@ -132,11 +152,10 @@ fn forward_signals(
     }))
 }
 
-async fn run_in(pod: &Pod, opts: &RunOptions) -> anyhow::Result<i32> {
-    let cid = format!("c-{}", &pod.sandbox.id[..8]);
-    let tty = opts.process.terminal;
-    pod.create_container(&cid, &opts.rootfs, &opts.process)
-        .await?;
+async fn run_in(pod: &Pod, rootfs: &RootfsSource, process: &ProcessSpec) -> anyhow::Result<i32> {
+    let cid = format!("c-{}", &pod.sandbox.id()[..8]);
+    let tty = process.terminal;
+    pod.create_container_from(&cid, rootfs, process).await?;
     let client = pod.client.clone();
     let out = pump_output(
         client.clone(),

@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context};
 use joey_protocols::agent;
 use joey_shim::client::{ctx, RPC_TIMEOUT};
+use joey_shim::pod::RootfsSource;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ttrpc::Code;
 
@@ -21,7 +22,11 @@ pub async fn bad_requests_are_refused_and_the_agent_keeps_serving() -> anyhow::R
         ("..", "'..'"),
         ("x..y", "'..'"),
     ] {
-        let req = pod.container_request(id, &env().rootfs, &sh("true"));
+        let req = pod.container_request(
+            id,
+            &RootfsSource::HostDir(env().rootfs.clone()),
+            &sh("true"),
+        );
         let (code, msg) = rpc_error(c.agent.create_container(ctx(Some(RPC_TIMEOUT)), &req).await)?;
         ensure!(
             code == Code::INVALID_ARGUMENT && msg.contains(needle),
@@ -41,7 +46,11 @@ pub async fn bad_requests_are_refused_and_the_agent_keeps_serving() -> anyhow::R
 
     // A second CreateContainer with an id in use.
     start(&pod, "c1", &sh("sleep 1000")).await?;
-    let req = pod.container_request("c1", &env().rootfs, &sh("true"));
+    let req = pod.container_request(
+        "c1",
+        &RootfsSource::HostDir(env().rootfs.clone()),
+        &sh("true"),
+    );
     let (code, msg) = rpc_error(c.agent.create_container(ctx(Some(RPC_TIMEOUT)), &req).await)?;
     ensure!(
         code == Code::ALREADY_EXISTS && msg.contains("c1"),
@@ -51,7 +60,7 @@ pub async fn bad_requests_are_refused_and_the_agent_keeps_serving() -> anyhow::R
     // A process binary that does not exist is named, and nothing of it is left.
     let mut p = sh("true");
     p.args = vec!["/usr/bin/definitely-missing".into()];
-    let req = pod.container_request("c2", &env().rootfs, &p);
+    let req = pod.container_request("c2", &RootfsSource::HostDir(env().rootfs.clone()), &p);
     let (code, msg) = rpc_error(c.agent.create_container(ctx(Some(RPC_TIMEOUT)), &req).await)?;
     ensure!(
         code == Code::INVALID_ARGUMENT && msg.contains("/usr/bin/definitely-missing"),
@@ -83,7 +92,11 @@ pub async fn bad_requests_are_refused_and_the_agent_keeps_serving() -> anyhow::R
     ensure!(code == Code::INVALID_ARGUMENT, "{code:?}");
 
     // An unsupported storage driver is named.
-    let mut req = pod.container_request("c3", &env().rootfs, &sh("true"));
+    let mut req = pod.container_request(
+        "c3",
+        &RootfsSource::HostDir(env().rootfs.clone()),
+        &sh("true"),
+    );
     req.storages[0].driver = "floppy".into();
     let (code, msg) = rpc_error(c.agent.create_container(ctx(Some(RPC_TIMEOUT)), &req).await)?;
     ensure!(
@@ -114,7 +127,7 @@ pub async fn bad_requests_are_refused_and_the_agent_keeps_serving() -> anyhow::R
 /// that connection, and serves the next one.
 pub async fn oversized_frames_and_garbage_keep_the_agent_serving() -> anyhow::Result<()> {
     let pod = pod().await?;
-    let sock = pod.sandbox.dir.join("agent.sock");
+    let sock = pod.sandbox.dir().join("agent.sock");
 
     let mut s = tokio::net::UnixStream::connect(&sock).await?;
     let len: u32 = 5 << 20;

@@ -51,5 +51,5 @@ fn main() {
         run: || block_on(rpc::vsock_transport()),
         machine_lacks: rpc::vsock_available(),
     });
-    run_tier("namespace", tests, common::detect().err());
+    run_tier("namespace", tests, common::detect().err(), false);
 }

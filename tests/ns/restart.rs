@@ -14,7 +14,12 @@ use crate::common::{comm, descendants, pod, ppid, rpc_error, sh, start};
 pub async fn agent_restart_reports_lost_containers() -> anyhow::Result<()> {
     let mut pod = pod().await?;
     start(&pod, "old", &sh("sleep 1000")).await?;
-    let init = pod.sandbox.init_pid.as_raw();
+    let init = pod
+        .sandbox
+        .ns()
+        .context("a namespace sandbox")?
+        .init_pid
+        .as_raw();
     let agent_pid = descendants(init)
         .into_iter()
         .find(|p| ppid(*p) == Some(init) && comm(*p) == "joey-agent")
@@ -65,7 +70,7 @@ pub async fn agent_restart_reports_lost_containers() -> anyhow::Result<()> {
 
     // Recovery ran before the new agent answered: the lost container's cgroup is gone.
     for h in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
-        let cg = h.path().join("joey").join(&pod.sandbox.id).join("old");
+        let cg = h.path().join("joey").join(pod.sandbox.id()).join("old");
         ensure!(
             !cg.exists(),
             "cgroup {} of the lost container was left behind",

@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context};
 use joey_protocols::{agent, health};
 use joey_shim::client::{ctx, AgentClient, RPC_TIMEOUT};
+use joey_shim::pod::RootfsSource;
 use joey_shim::spec::ProcessSpec;
 
 use crate::common::{exec, pod, read_all, sh, signal, start};
@@ -109,12 +110,16 @@ pub async fn exec_stdin_round_trip() -> anyhow::Result<()> {
 pub async fn two_containers_in_one_sandbox() -> anyhow::Result<()> {
     let pod = pod().await?;
     // Each waits for a file from the other, so both must run at the same time.
-    let shared = pod.sandbox.dir.join("shared");
+    let shared = pod.sandbox.dir().join("shared");
     std::fs::create_dir_all(&shared)?;
     let a = sh("touch /shared/a; while [ ! -e /shared/b ]; do sleep 0.05; done; echo a-done");
     let b = sh("touch /shared/b; while [ ! -e /shared/a ]; do sleep 0.05; done; echo b-done");
     for (cid, p) in [("a", &a), ("b", &b)] {
-        let mut req = pod.container_request(cid, &crate::common::env().rootfs, p);
+        let mut req = pod.container_request(
+            cid,
+            &RootfsSource::HostDir(crate::common::env().rootfs.clone()),
+            p,
+        );
         let mut m = joey_protocols::oci::Mount::new();
         m.destination = "/shared".into();
         m.source = shared.display().to_string();
@@ -145,7 +150,7 @@ pub async fn two_containers_in_one_sandbox() -> anyhow::Result<()> {
 
 pub async fn two_sandboxes_at_once() -> anyhow::Result<()> {
     let (p1, p2) = tokio::try_join!(pod(), pod())?;
-    ensure!(p1.sandbox.id != p2.sandbox.id);
+    ensure!(p1.sandbox.id() != p2.sandbox.id());
     start(&p1, "c", &sh("hostname; sleep 0.2")).await?;
     start(&p2, "c", &sh("hostname; sleep 0.2")).await?;
     let (o1, o2) = tokio::try_join!(
@@ -182,7 +187,11 @@ pub async fn kata_lifecycle() -> anyhow::Result<()> {
     ensure!(details.storage_handlers.iter().any(|s| s == "overlayfs"));
     let mut p = sh("echo lifecycle");
     p.env = vec!["A=1".into()];
-    let mut req = pod.container_request("kata1", &crate::common::env().rootfs, &p);
+    let mut req = pod.container_request(
+        "kata1",
+        &RootfsSource::HostDir(crate::common::env().rootfs.clone()),
+        &p,
+    );
     // Limits as a kata shim sends them; they must be enforced, not dropped.
     let mut res = joey_protocols::oci::LinuxResources::new();
     let mut mem = joey_protocols::oci::LinuxMemory::new();
@@ -264,9 +273,9 @@ pub async fn tty_container_gets_a_terminal() -> anyhow::Result<()> {
 /// The hybrid vsock handshake, against a relay that speaks it in front of the agent.
 pub async fn hybrid_vsock_handshake() -> anyhow::Result<()> {
     let pod = pod().await?;
-    let relay_path = pod.sandbox.dir.join("hv.sock");
+    let relay_path = pod.sandbox.dir().join("hv.sock");
     let listener = tokio::net::UnixListener::bind(&relay_path)?;
-    let agent_sock = pod.sandbox.dir.join("agent.sock");
+    let agent_sock = pod.sandbox.dir().join("agent.sock");
     let relay = tokio::spawn(async move {
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
         while let Ok((s, _)) = listener.accept().await {

@@ -27,9 +27,13 @@ pub struct Test {
     pub machine_lacks: Option<String>,
 }
 
-/// Runs the tier's tests, or reports each as skipped with `skip` (or failed in strict mode).
-pub fn run_tier(tier: &str, tests: Vec<Test>, skip: Option<String>) -> ! {
-    let args = Arguments::from_args();
+/// Runs the tier's tests, or reports each as skipped with `skip` (or failed in strict
+/// mode). `serial` runs one test at a time (for tests that each load the machine).
+pub fn run_tier(tier: &str, tests: Vec<Test>, skip: Option<String>, serial: bool) -> ! {
+    let mut args = Arguments::from_args();
+    if serial {
+        args.test_threads = Some(1);
+    }
     let trials: Vec<Trial> = tests
         .into_iter()
         .map(|t| match &skip {

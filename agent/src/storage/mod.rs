@@ -4,6 +4,7 @@
 //! [`Undo`], so a failure halfway rolls back what was done and removal undoes the
 //! rest in reverse order: nothing is leaked either way.
 
+mod blk;
 mod ephemeral;
 mod local;
 mod overlayfs;
@@ -60,7 +61,7 @@ pub struct StorageContext<'a> {
     pub scratch: &'a Path,
 }
 
-pub const DRIVERS: &[&str] = &["local", "ephemeral", "overlayfs"];
+pub const DRIVERS: &[&str] = &["local", "ephemeral", "overlayfs", "blk", "mmioblk"];
 
 /// Mounts one storage. On error, every step already taken is undone.
 pub fn add(ctx: &StorageContext<'_>, req: &StorageRequest) -> Result<MountedStorage> {
@@ -70,6 +71,7 @@ pub fn add(ctx: &StorageContext<'_>, req: &StorageRequest) -> Result<MountedStor
         "local" => local::add(ctx, req, &mount_point, &mut undo),
         "ephemeral" => ephemeral::add(ctx, req, &mount_point, &mut undo),
         "overlayfs" | "overlay" => overlayfs::add(ctx, req, &mount_point, &mut undo),
+        "blk" | "mmioblk" => blk::add(ctx, req, &mount_point, &mut undo),
         other => Err(invalid(format!(
             "unsupported storage driver {other:?} (this agent supports {})",
             DRIVERS.join(", ")

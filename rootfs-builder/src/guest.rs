@@ -1,0 +1,226 @@
+//! `rootfs-builder build`: the shared guest image (`guest.img`, EROFS compressed with
+//! lz4hc) and an initrd with the same content, from `images/guest.manifest` and this
+//! workspace's own binaries linked statically. Same inputs give the same bytes: fixed
+//! timestamps, owners and UUID, sorted entries.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context};
+
+use crate::run::{ensure_packages, run};
+use crate::{cache, manifest};
+
+pub const TARGET: &str = "x86_64-unknown-linux-gnu";
+/// The cargo profile of the guest binaries (release, stripped, optimised for size).
+pub const PROFILE: &str = "guest";
+
+pub struct GuestOptions {
+    pub workspace: PathBuf,
+    pub manifest: PathBuf,
+    pub out: PathBuf,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Entry {
+    Dir {
+        path: String,
+        mode: u32,
+    },
+    Bin {
+        binary: String,
+        path: String,
+        mode: u32,
+    },
+    File {
+        path: String,
+        mode: u32,
+        text: String,
+    },
+    Link {
+        path: String,
+        target: String,
+    },
+}
+
+fn mode(s: &str, line: usize) -> anyhow::Result<u32> {
+    u32::from_str_radix(s, 8).with_context(|| format!("line {line}: bad mode {s:?}"))
+}
+
+pub fn parse_manifest(text: &str) -> anyhow::Result<Vec<Entry>> {
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let n = i + 1;
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut w = line.splitn(4, ' ');
+        let kind = w.next().unwrap_or_default();
+        let mut next = |what: &str| {
+            w.next()
+                .map(str::to_string)
+                .with_context(|| format!("line {n}: {kind} needs {what}"))
+        };
+        let entry = match kind {
+            "dir" => Entry::Dir {
+                path: next("a path")?,
+                mode: mode(&next("a mode")?, n)?,
+            },
+            "bin" => Entry::Bin {
+                binary: next("a binary")?,
+                path: next("a path")?,
+                mode: mode(&next("a mode")?, n)?,
+            },
+            "file" => Entry::File {
+                path: next("a path")?,
+                mode: mode(&next("a mode")?, n)?,
+                text: next("text")?.replace("\\n", "\n"),
+            },
+            "link" => Entry::Link {
+                path: next("a path")?,
+                target: next("a target")?,
+            },
+            other => bail!("line {n}: unknown entry kind {other:?}"),
+        };
+        out.push(entry);
+    }
+    Ok(out)
+}
+
+/// Builds joey-init and joey-agent as static executables (static-pie on the gnu target;
+/// there is no musl target here). Passing --target keeps build scripts and proc macros
+/// dynamic, as they must be.
+fn build_static(workspace: &Path) -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    eprintln!("build: compiling joey-init and joey-agent (static, profile {PROFILE})");
+    let status = Command::new(cargo)
+        .current_dir(workspace)
+        .args([
+            "build",
+            "--profile",
+            PROFILE,
+            "--target",
+            TARGET,
+            "-p",
+            "joey-init",
+            "-p",
+            "joey-agent",
+        ])
+        .env(
+            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+            "-C target-feature=+crt-static",
+        )
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .status()
+        .context("run cargo")?;
+    if !status.success() {
+        bail!("cargo build of the guest binaries failed");
+    }
+    Ok(workspace.join("target").join(TARGET).join(PROFILE))
+}
+
+fn stage(entries: &[Entry], bins: &Path, dir: &Path) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut inputs = BTreeMap::new();
+    let at = |p: &str| dir.join(p.trim_start_matches('/'));
+    for e in entries {
+        match e {
+            Entry::Dir { path, mode } => {
+                std::fs::create_dir_all(at(path))?;
+                std::fs::set_permissions(at(path), std::fs::Permissions::from_mode(*mode))?;
+            }
+            Entry::Bin { binary, path, mode } => {
+                let src = bins.join(binary);
+                std::fs::copy(&src, at(path)).with_context(|| format!("copy {}", src.display()))?;
+                std::fs::set_permissions(at(path), std::fs::Permissions::from_mode(*mode))?;
+                inputs.insert(binary.clone(), cache::sha256_file(&src)?);
+            }
+            Entry::File { path, mode, text } => {
+                std::fs::write(at(path), text)?;
+                std::fs::set_permissions(at(path), std::fs::Permissions::from_mode(*mode))?;
+            }
+            Entry::Link { path, target } => std::os::unix::fs::symlink(target, at(path))?,
+        }
+    }
+    // Fixed timestamps for reproducible images.
+    run(Command::new("find")
+        .arg(dir)
+        .args(["-exec", "touch", "-h", "-d", "@0", "{}", "+"]))?;
+    Ok(inputs)
+}
+
+pub fn build(opts: &GuestOptions) -> anyhow::Result<()> {
+    ensure_packages(&["erofs-utils", "cpio", "gzip"])?;
+    let text = std::fs::read_to_string(&opts.manifest)
+        .with_context(|| format!("read {}", opts.manifest.display()))?;
+    let entries =
+        parse_manifest(&text).with_context(|| format!("parse {}", opts.manifest.display()))?;
+    let bins = build_static(&opts.workspace)?;
+    std::fs::create_dir_all(&opts.out)?;
+    let out = opts.out.canonicalize()?;
+    let dir = out.join(".stage-guest");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut inputs = stage(&entries, &bins, &dir)?;
+    inputs.insert("manifest".into(), cache::sha256_file(&opts.manifest)?);
+
+    let img = out.join("guest.img");
+    let _ = std::fs::remove_file(&img);
+    run(Command::new("mkfs.erofs")
+        .args([
+            "-zlz4hc",
+            "-T0",
+            "--all-root",
+            "-U",
+            "6a6f6579-0000-4000-8000-000000000001",
+        ])
+        .arg(&img)
+        .arg(&dir))?;
+    let initrd = out.join("initrd.img");
+    let script = format!(
+        "cd '{}' && find . | LC_ALL=C sort | cpio -o -H newc --reproducible -R 0:0 --quiet | gzip -9n > '{}'",
+        dir.display(),
+        initrd.display()
+    );
+    run(Command::new("sh").args(["-c", &script]))?;
+    std::fs::remove_dir_all(&dir)?;
+    for name in ["guest.img", "initrd.img"] {
+        let size = manifest::record(&out, name, inputs.clone())?;
+        println!("{}: {} KiB", out.join(name).display(), size / 1024);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_manifest_format_parses_and_errors_name_the_line() {
+        let e = parse_manifest("# c\ndir /run 0755\nbin joey-init /sbin/init 0755\nfile /etc/x 0644 a b\\n\nlink /init /sbin/init\n").unwrap();
+        assert_eq!(e.len(), 4);
+        assert_eq!(
+            e[2],
+            Entry::File {
+                path: "/etc/x".into(),
+                mode: 0o644,
+                text: "a b\n".into()
+            }
+        );
+        let err = parse_manifest("dir /x\n").unwrap_err().to_string();
+        assert!(err.contains("line 1"), "{err}");
+        assert!(parse_manifest("blob /x\n").is_err());
+    }
+
+    #[test]
+    fn the_repositorys_guest_manifest_parses() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/guest.manifest");
+        let e = parse_manifest(&std::fs::read_to_string(p).unwrap()).unwrap();
+        assert!(e
+            .iter()
+            .any(|x| matches!(x, Entry::Bin { binary, .. } if binary == "joey-agent")));
+    }
+}

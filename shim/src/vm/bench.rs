@@ -1,0 +1,216 @@
+//! `joeyctl bench --vm`: boot time, agent readiness, guest memory and artifact sizes,
+//! with Debian's cloud kernel as the peer, booted by the same emulator with the same
+//! quiet command line and the same initrd.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use joey_protocols::agent;
+
+use super::qemu::{VmOptions, VmSandbox};
+use super::Artifacts;
+use crate::client::{ctx, RPC_TIMEOUT};
+use crate::pod::{Pod, RootfsSource};
+use crate::spec::ProcessSpec;
+
+const MARKER: &str = "joey-init: started ";
+
+/// Boots `opts` until joey-init prints its marker; returns the kernel's boot-to-init
+/// time in ms (the guest's own clock).
+async fn boot_to_init(opts: &VmOptions) -> anyhow::Result<f64> {
+    let vm = VmSandbox::start(opts)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let console = vm.console();
+        if let Some(rest) = console.lines().find_map(|l| l.split(MARKER).nth(1)) {
+            let secs: f64 = rest
+                .split('s')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("unreadable marker {rest:?}"))?;
+            return Ok(secs * 1000.0);
+        }
+        if Instant::now() >= deadline {
+            bail!("no init marker within 60s:\n{}", vm.console_tail(20));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Debian's cloud kernel, downloaded (not installed) into joey's cache.
+pub fn debian_cloud_kernel(cache: &Path) -> anyhow::Result<PathBuf> {
+    let dir = cache.join("debian-kernel");
+    if let Some(k) = find_vmlinuz(&dir) {
+        return Ok(k);
+    }
+    std::fs::create_dir_all(&dir)?;
+    let deps = Command::new("apt-cache")
+        .args(["depends", "linux-image-cloud-amd64"])
+        .output()?;
+    let pkg = String::from_utf8_lossy(&deps.stdout)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Depends: ").map(str::to_string))
+        .context(
+            "apt-cache depends linux-image-cloud-amd64 names no kernel package (apt-get update?)",
+        )?;
+    let ok = Command::new("apt-get")
+        .current_dir(&dir)
+        .args(["download", &pkg])
+        .status()?;
+    if !ok.success() {
+        bail!("apt-get download {pkg} failed");
+    }
+    let deb = std::fs::read_dir(&dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("no .deb downloaded")?;
+    let ok = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(dir.join("root"))
+        .status()?;
+    if !ok.success() {
+        bail!("dpkg-deb -x {} failed", deb.display());
+    }
+    find_vmlinuz(&dir).context("no vmlinuz in the Debian kernel package")
+}
+
+fn find_vmlinuz(dir: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(dir.join("root/boot"))
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn kib(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len() / 1024).unwrap_or(0)
+}
+
+pub struct VmBenchOptions {
+    pub base: VmOptions,
+    pub artifacts: Artifacts,
+    pub rootfs_image: PathBuf,
+    pub initrd: PathBuf,
+    pub cache: PathBuf,
+    pub iterations: usize,
+}
+
+pub async fn bench_vm(o: &VmBenchOptions) -> anyhow::Result<()> {
+    let n = o.iterations.max(1);
+    let debian = debian_cloud_kernel(&o.cache)?;
+    let initrd_boot = |kernel: &Path| VmOptions {
+        kernel: kernel.to_path_buf(),
+        initrd: Some(o.initrd.clone()),
+        rootfs_image: None,
+        quiet: true,
+        ..o.base.clone()
+    };
+    let (mut joey, mut deb, mut ready) = (vec![], vec![], vec![]);
+    for _ in 0..n {
+        joey.push(boot_to_init(&initrd_boot(&o.artifacts.kernel)).await?);
+        deb.push(boot_to_init(&initrd_boot(&debian)).await?);
+        let opts = VmOptions {
+            rootfs_image: None,
+            initrd: None,
+            quiet: true,
+            ..o.base.clone()
+        };
+        let t = Instant::now();
+        let pod = Pod::start_vm(&opts, Duration::from_secs(60)).await?;
+        ready.push(t.elapsed().as_secs_f64() * 1000.0);
+        pod.destroy().await?;
+    }
+    // Guest memory in use after boot, read by a container from the guest's meminfo.
+    let opts = VmOptions {
+        rootfs_image: Some(o.rootfs_image.clone()),
+        initrd: None,
+        quiet: true,
+        ..o.base.clone()
+    };
+    let pod = Pod::start_vm(&opts, Duration::from_secs(60)).await?;
+    let p = ProcessSpec {
+        args: vec!["/bin/cat".into(), "/proc/meminfo".into()],
+        ..Default::default()
+    };
+    pod.create_container_from(
+        "mem",
+        &RootfsSource::Disk {
+            serial: super::qemu::ROOTFS_SERIAL.into(),
+        },
+        &p,
+    )
+    .await?;
+    let mut req = agent::ReadStreamRequest::new();
+    req.container_id = "mem".into();
+    req.exec_id = "mem".into();
+    req.len = 65536;
+    pod.start_container("mem").await?;
+    let mut text = Vec::new();
+    loop {
+        let r = pod
+            .client
+            .agent
+            .read_stdout(ctx(Some(RPC_TIMEOUT)), &req)
+            .await?;
+        if r.data.is_empty() {
+            break;
+        }
+        text.extend_from_slice(&r.data);
+    }
+    pod.wait_process("mem", "").await?;
+    pod.destroy().await?;
+    let text = String::from_utf8_lossy(&text);
+    let field = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let used = field("MemTotal:").saturating_sub(field("MemAvailable:"));
+    let (joey, deb, ready) = (median(joey), median(deb), median(ready));
+    let dir = o.artifacts.guest_image.parent().unwrap_or(Path::new("."));
+    let (img, vmlinux, initrd) = (
+        kib(&o.artifacts.guest_image),
+        kib(&o.artifacts.kernel),
+        kib(&dir.join("initrd.img")),
+    );
+    println!(
+        "joey microVM benchmark ({}), medians over {n} boots",
+        o.base.backend.name()
+    );
+    println!("  kernel boot to init, joey's kernel      {joey:8.1} ms");
+    println!(
+        "  kernel boot to init, Debian cloud       {deb:8.1} ms  ({})",
+        debian.display()
+    );
+    println!(
+        "  ratio joey / Debian                     {:8.2}",
+        joey / deb
+    );
+    println!("  VM launch to agent answering Check      {ready:8.1} ms");
+    println!("  guest memory in use after boot          {used:8} KiB");
+    println!("  vmlinux {vmlinux} KiB, guest.img {img} KiB, initrd.img {initrd} KiB");
+    println!(
+        "bench-vm: backend={} kernel_init_ms={joey:.1} debian_init_ms={deb:.1} boot_ratio_vs_debian={:.2} agent_ready_ms={ready:.1} guest_used_kib={used} guest_img_kib={img} vmlinux_kib={vmlinux}",
+        o.base.backend.name(),
+        joey / deb
+    );
+    Ok(())
+}

@@ -1,0 +1,17 @@
+//! MicroVM sandboxes: joey's kernel and shared guest image booted with a vsock device
+//! whose host end is a Unix socket (hybrid vsock), the agent dialled on port 1024.
+//!
+//! KVM on the development hosts is a nested PVM KVM that runs only paravirtualised
+//! guests, so the runner recognises it and uses QEMU's software emulation (microvm
+//! machine) with a vhost-user vsock backend (`vhost-device-vsock`). joey-vmm takes
+//! over where KVM runs standard guests (its own issue).
+
+pub mod artifacts;
+pub mod backend;
+pub mod bench;
+pub mod image;
+pub mod qemu;
+
+pub use artifacts::Artifacts;
+pub use backend::Backend;
+pub use qemu::{VmOptions, VmSandbox};

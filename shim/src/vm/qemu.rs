@@ -1,0 +1,349 @@
+//! A microVM sandbox run by QEMU: the kernel, the shared guest image as a read-only
+//! virtio-blk root, an optional container image as a second read-only disk (found in
+//! the guest by its serial), and vsock through `vhost-device-vsock`, whose Unix socket
+//! is the hybrid-vsock host end the agent is dialled on.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::backend::Backend;
+use crate::addr::AgentAddr;
+use crate::nssandbox::random_id;
+
+/// Where VM sandboxes keep their sockets and console logs.
+pub const VM_ROOT: &str = "/run/joey/vm";
+/// The virtio-blk serial of a container's rootfs image.
+pub const ROOTFS_SERIAL: &str = "joey-rootfs";
+/// The guest CID (each VM has its own vsock backend, so they need not differ).
+const GUEST_CID: u32 = 3;
+/// The agent's vsock port.
+pub const AGENT_PORT: u32 = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("{0}")]
+    Setup(String),
+}
+
+fn setup(msg: impl Into<String>) -> VmError {
+    VmError::Setup(msg.into())
+}
+
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    pub kernel: PathBuf,
+    pub guest_image: PathBuf,
+    /// A container rootfs image (EROFS) attached as a second read-only disk.
+    pub rootfs_image: Option<PathBuf>,
+    /// Boot from this initrd instead of the guest image as root disk (benchmarks boot
+    /// every kernel from the same initrd).
+    pub initrd: Option<PathBuf>,
+    pub memory_mib: u32,
+    pub backend: Backend,
+    /// Extra kernel command-line arguments (appended).
+    pub kernel_args: Vec<String>,
+    /// Keep the kernel quiet (benchmarks; serial output is slow under emulation).
+    pub quiet: bool,
+}
+
+/// The kernel command line joey boots with.
+pub fn cmdline(opts: &VmOptions) -> String {
+    let mut args = vec!["console=ttyS0", "reboot=t", "panic=-1"];
+    if opts.initrd.is_none() {
+        args.extend(["root=/dev/vda", "rootfstype=erofs", "ro", "init=/sbin/init"]);
+    }
+    if opts.quiet {
+        args.push("quiet");
+    }
+    let mut s = args.join(" ");
+    for a in &opts.kernel_args {
+        s.push(' ');
+        s.push_str(a);
+    }
+    s
+}
+
+/// Finds `vhost-device-vsock`: `$JOEY_VHOST_VSOCK`, joey's tool cache, or PATH.
+pub fn vhost_vsock_binary() -> Result<PathBuf, VmError> {
+    if let Some(p) = std::env::var_os("JOEY_VHOST_VSOCK") {
+        return Ok(PathBuf::from(p));
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into());
+    let cache = std::env::var_os("JOEY_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home.join(".cache/joey"));
+    let cached = cache.join("tools/bin/vhost-device-vsock");
+    if cached.is_file() {
+        return Ok(cached);
+    }
+    which("vhost-device-vsock").ok_or_else(|| {
+        setup("vhost-device-vsock not found; install it with `bash scripts/install-deps` (cargo install --locked vhost-device-vsock --root ~/.cache/joey/tools)")
+    })
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+pub struct VmSandbox {
+    pub id: String,
+    pub dir: PathBuf,
+    pub backend: Backend,
+    qemu: Child,
+    vsock: Child,
+    exit: Option<i32>,
+    pub started: Instant,
+}
+
+fn wait_for_path(
+    p: &Path,
+    deadline: Duration,
+    child: &mut Child,
+    what: &str,
+) -> Result<(), VmError> {
+    let start = Instant::now();
+    while !p.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(setup(format!("{what} exited early ({status})")));
+        }
+        if start.elapsed() > deadline {
+            return Err(setup(format!(
+                "{what} did not create {} within {deadline:?}",
+                p.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+impl VmSandbox {
+    /// Starts the vsock backend and QEMU. Returns once QEMU runs; the guest boots and
+    /// its agent answers later (connect with a deadline).
+    pub fn start(opts: &VmOptions) -> Result<Self, VmError> {
+        let qemu_bin = which("qemu-system-x86_64").ok_or_else(|| {
+            setup("qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
+        })?;
+        let vhost = vhost_vsock_binary()?;
+        for (what, p) in [("kernel", &opts.kernel), ("guest image", &opts.guest_image)] {
+            if !p.is_file() {
+                return Err(setup(format!("{what} {} does not exist", p.display())));
+            }
+        }
+        let id = random_id();
+        let dir = Path::new(VM_ROOT).join(&id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| setup(format!("create {}: {e}", dir.display())))?;
+        let vhu = dir.join("vhu.sock");
+        let uds = dir.join("vm.vsock");
+        let log = |name: &str| {
+            File::create(dir.join(name)).map_err(|e| setup(format!("create {name}: {e}")))
+        };
+        let mut vsock = Command::new(&vhost)
+            .arg("--vm")
+            .arg(format!(
+                "guest-cid={GUEST_CID},socket={},uds-path={}",
+                vhu.display(),
+                uds.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(log("vsock.log")?)
+            .stderr(log("vsock.err")?)
+            .spawn()
+            .map_err(|e| setup(format!("start {}: {e}", vhost.display())))?;
+        // QEMU must find the backend's socket at start.
+        if let Err(e) = wait_for_path(
+            &vhu,
+            Duration::from_secs(10),
+            &mut vsock,
+            "vhost-device-vsock",
+        ) {
+            let _ = vsock.kill();
+            let _ = vsock.wait();
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        let mem = format!("{}M", opts.memory_mib);
+        let mut cmd = Command::new(qemu_bin);
+        cmd.args(["-M", "microvm,acpi=off,memory-backend=mem"])
+            .args(["-m", &mem])
+            .args([
+                "-object",
+                &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+            ])
+            .args([
+                "-smp",
+                "1",
+                "-nodefaults",
+                "-no-user-config",
+                "-no-reboot",
+                "-display",
+                "none",
+            ])
+            .args([
+                "-serial",
+                &format!("file:{}", dir.join("console.log").display()),
+            ])
+            .arg("-kernel")
+            .arg(&opts.kernel)
+            .args(["-append", &cmdline(opts)]);
+        match &opts.initrd {
+            Some(initrd) => {
+                cmd.arg("-initrd").arg(initrd);
+            }
+            None => {
+                cmd.args([
+                    "-drive",
+                    &format!(
+                        "id=guest,file={},format=raw,if=none,readonly=on",
+                        opts.guest_image.display()
+                    ),
+                ])
+                .args(["-device", "virtio-blk-device,drive=guest,serial=joey-guest"]);
+            }
+        }
+        if let Some(img) = &opts.rootfs_image {
+            cmd.args([
+                "-drive",
+                &format!(
+                    "id=rootfs,file={},format=raw,if=none,readonly=on",
+                    img.display()
+                ),
+            ])
+            .args([
+                "-device",
+                &format!("virtio-blk-device,drive=rootfs,serial={ROOTFS_SERIAL}"),
+            ]);
+        }
+        cmd.args([
+            "-chardev",
+            &format!("socket,id=vsock,path={}", vhu.display()),
+        ])
+        .args(["-device", "vhost-user-vsock-device,chardev=vsock"]);
+        match opts.backend {
+            Backend::QemuKvm => cmd.args(["-accel", "kvm", "-cpu", "host"]),
+            Backend::QemuTcg => cmd.args(["-accel", "tcg"]),
+        };
+        let started = Instant::now();
+        let qemu = match cmd
+            .stdin(Stdio::null())
+            .stdout(log("qemu.log")?)
+            .stderr(log("qemu.err")?)
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = vsock.kill();
+                let _ = vsock.wait();
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(setup(format!("start qemu: {e}")));
+            }
+        };
+        tracing::debug!(vm = %id, backend = opts.backend.name(), "VM started");
+        Ok(VmSandbox {
+            id,
+            dir,
+            backend: opts.backend,
+            qemu,
+            vsock,
+            exit: None,
+            started,
+        })
+    }
+
+    pub fn agent_addr(&self) -> AgentAddr {
+        AgentAddr::Hybrid(self.dir.join("vm.vsock"), AGENT_PORT)
+    }
+
+    /// QEMU's exit status once the VM has ended (the guest's reboot ends it).
+    pub fn try_wait(&mut self) -> Option<i32> {
+        if self.exit.is_none() {
+            if let Ok(Some(s)) = self.qemu.try_wait() {
+                self.exit = Some(s.code().unwrap_or(-1));
+            }
+        }
+        self.exit
+    }
+
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(c) = self.try_wait() {
+                return Some(c);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Stops QEMU and the vsock backend.
+    pub fn kill(&mut self) {
+        if self.try_wait().is_none() {
+            let _ = self.qemu.kill();
+            let _ = self.qemu.wait();
+            self.exit = Some(128 + 9);
+        }
+        let _ = self.vsock.kill();
+        let _ = self.vsock.wait();
+    }
+
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default()
+    }
+
+    pub fn console_tail(&self, lines: usize) -> String {
+        let mut text = self.console();
+        let err = std::fs::read_to_string(self.dir.join("qemu.err")).unwrap_or_default();
+        if !err.trim().is_empty() {
+            text.push_str("\n[qemu stderr]\n");
+            text.push_str(&err);
+        }
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for VmSandbox {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_boots_the_erofs_root_and_exits_on_reboot() {
+        let opts = VmOptions {
+            kernel: "k".into(),
+            guest_image: "g".into(),
+            rootfs_image: None,
+            initrd: None,
+            memory_mib: 256,
+            backend: Backend::QemuTcg,
+            kernel_args: vec!["joey.debug=1".into()],
+            quiet: true,
+        };
+        let c = cmdline(&opts);
+        for want in [
+            "root=/dev/vda",
+            "rootfstype=erofs",
+            "reboot=t",
+            "panic=-1",
+            "quiet",
+            "joey.debug=1",
+        ] {
+            assert!(c.contains(want), "{c}");
+        }
+    }
+}
