@@ -25,19 +25,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run CMD as a container in a new sandbox; exits with its exit code.
+    /// Run CMD as a container in a new sandbox (a microVM unless --ns); exits with its
+    /// exit code.
     Run {
-        /// Use a namespace sandbox on this host (needs root).
+        /// Use a namespace sandbox on this host instead of a microVM (needs root).
         #[arg(long, conflicts_with = "vm")]
         ns: bool,
-        /// Use a microVM sandbox.
+        /// Use a microVM sandbox (the default).
         #[arg(long)]
         vm: bool,
         /// The container's root filesystem (a directory; mounted read-only under a tmpfs overlay).
         #[arg(long, required_unless_present = "image", conflicts_with = "image")]
         rootfs: Option<PathBuf>,
-        /// With --vm: an EROFS image of the container's rootfs.
-        #[arg(long, requires = "vm")]
+        /// For a microVM: an EROFS image of the container's rootfs.
+        #[arg(long, conflicts_with = "ns")]
         image: Option<PathBuf>,
         /// With --vm: the guest kernel (default: vmlinux in images/out or $JOEY_ARTIFACTS).
         #[arg(long)]
@@ -152,8 +153,8 @@ fn main() {
 async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
     match cmd {
         Cmd::Run {
-            ns: _,
-            vm,
+            ns,
+            vm: _,
             rootfs,
             image,
             kernel,
@@ -176,7 +177,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                 cwd,
                 terminal: tty,
             };
-            if vm {
+            if !ns {
                 let artifacts = Artifacts::find(kernel.as_deref(), guest_image.as_deref())
                     .map_err(anyhow::Error::msg)?;
                 let (backend, why) = joey_shim::vm::backend::select(

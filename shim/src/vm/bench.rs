@@ -24,7 +24,13 @@ async fn boot_to_init(opts: &VmOptions) -> anyhow::Result<f64> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let console = vm.console();
-        if let Some(rest) = console.lines().find_map(|l| l.split(MARKER).nth(1)) {
+        // Serial output arrives byte by byte: only a complete marker line counts.
+        if let Some(rest) = console
+            .lines()
+            .map(str::trim_end)
+            .filter(|l| l.ends_with(" after boot"))
+            .find_map(|l| l.split(MARKER).nth(1))
+        {
             let secs: f64 = rest
                 .split('s')
                 .next()
