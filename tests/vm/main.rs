@@ -17,6 +17,8 @@ use joey_tests::{bin_dir, block_on, require_file, run_tier, Test};
 use tokio::io::AsyncWriteExt;
 
 struct Env {
+    /// VM directories that existed before this run (another joeyctl's, or stale).
+    existing: Vec<PathBuf>,
     joeyctl: PathBuf,
     artifacts: Artifacts,
     backend: Backend,
@@ -70,7 +72,12 @@ fn detect() -> Result<(), String> {
         backend.name(),
         artifacts.kernel.display()
     );
+    let existing = vm_dirs();
+    if !existing.is_empty() {
+        eprintln!("vm tier: ignoring VM directories that predate this run: {existing:?}");
+    }
     let _ = ENV.set(Env {
+        existing,
         joeyctl,
         artifacts,
         backend,
@@ -122,21 +129,29 @@ async fn joeyctl(args: &[&str], stdin: &[u8]) -> anyhow::Result<Output> {
     })
 }
 
-/// Nothing of any VM is left: no QEMU or vsock backend process, no VM directory.
+fn vm_dirs() -> Vec<PathBuf> {
+    std::fs::read_dir(joey_shim::vm::qemu::VM_ROOT)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// Nothing of this run's VMs is left: no VM directory, no QEMU or vsock backend process.
 fn no_vm_leftovers() -> anyhow::Result<()> {
+    let left: Vec<PathBuf> = vm_dirs()
+        .into_iter()
+        .filter(|d| !env().existing.contains(d))
+        .collect();
+    ensure!(left.is_empty(), "VM directories left: {left:?}");
     for e in std::fs::read_dir("/proc")?.flatten() {
         let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd);
-        ensure!(
-            !cmd.contains(joey_shim::vm::qemu::VM_ROOT),
-            "a VM process is left: {}",
-            cmd.replace('\0', " ")
-        );
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        let ours = cmd.contains(joey_shim::vm::qemu::VM_ROOT)
+            && !env()
+                .existing
+                .iter()
+                .any(|d| cmd.contains(&*d.to_string_lossy()));
+        ensure!(!ours, "a VM process is left: {cmd}");
     }
-    let left: Vec<_> = std::fs::read_dir(joey_shim::vm::qemu::VM_ROOT)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    ensure!(left.is_empty(), "VM directories left: {left:?}");
     Ok(())
 }
 
