@@ -262,12 +262,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
             let image = tmp.join("rootfs.erofs");
             joey_shim::vm::image::make_erofs(&rootfs, &image)?;
             let initrd = artifacts.guest_image.with_file_name("initrd.img");
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| "/root".into());
-            let cache = std::env::var_os("JOEY_CACHE")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| home.join(".cache/joey"));
+            let cache = joey_shim::vm::qemu::cache_dir();
             let o = joey_shim::vm::bench::VmBenchOptions {
                 base: VmOptions {
                     kernel: artifacts.kernel.clone(),

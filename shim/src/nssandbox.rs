@@ -9,7 +9,6 @@ use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use nix::sched::CloneFlags;
 use nix::sys::signal::Signal;
@@ -47,6 +46,12 @@ pub struct NsOptions {
     pub log: Option<String>,
     /// Containers share one sandbox PID namespace (kata's `sandbox_pidns`).
     pub sandbox_pidns: bool,
+}
+
+/// The last `n` lines of `text`.
+pub(crate) fn last_lines(text: &str, n: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(n)..].join("\n")
 }
 
 pub fn random_id() -> String {
@@ -163,20 +168,6 @@ impl NsSandbox {
         self.exit
     }
 
-    /// Waits for init to exit, up to `timeout`.
-    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(c) = self.try_wait() {
-                return Some(c);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
     /// Kills the whole sandbox (SIGKILL to its PID 1 ends its PID namespace).
     pub fn kill(&mut self) {
         if self.try_wait().is_none() {
@@ -188,9 +179,10 @@ impl NsSandbox {
 
     /// The last `lines` lines of the guest console, for error reports.
     pub fn console_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        last_lines(
+            &std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default(),
+            lines,
+        )
     }
 }
 

@@ -60,10 +60,26 @@ impl Sandbox {
         }
     }
 
-    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+    /// The sandbox's exit status once it has ended (init's for a namespace sandbox,
+    /// QEMU's for a VM).
+    pub fn try_wait(&mut self) -> Option<i32> {
         match self {
-            Sandbox::Ns(s) => s.wait_exit(timeout).await,
-            Sandbox::Vm(s) => s.wait_exit(timeout).await,
+            Sandbox::Ns(s) => s.try_wait(),
+            Sandbox::Vm(s) => s.try_wait(),
+        }
+    }
+
+    /// Waits for the sandbox to end, up to `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(c) = self.try_wait() {
+                return Some(c);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 

@@ -2,7 +2,6 @@
 //! that drive the agent through the shim exactly as joeyctl does.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -14,7 +13,6 @@ use joey_shim::nssandbox::NsOptions;
 use joey_shim::pod::Pod;
 use joey_shim::spec::ProcessSpec;
 use joey_tests::{bin_dir, require_file};
-use tokio::io::AsyncWriteExt;
 
 pub struct Env {
     pub bins: Binaries,
@@ -145,35 +143,11 @@ pub fn rpc_error<T: std::fmt::Debug>(r: ttrpc::Result<T>) -> anyhow::Result<(ttr
     }
 }
 
-pub struct Output {
-    pub code: i32,
-    pub stdout: String,
-    pub stderr: String,
-}
+pub use joey_tests::Output;
 
 /// Runs `joeyctl ARGS` with `stdin`, with a deadline.
 pub async fn joeyctl(args: &[&str], stdin: &[u8]) -> anyhow::Result<Output> {
-    let mut child = tokio::process::Command::new(&env().joeyctl)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("spawn joeyctl")?;
-    let mut input = child.stdin.take().context("stdin")?;
-    let data = stdin.to_vec();
-    tokio::spawn(async move {
-        let _ = input.write_all(&data).await;
-    });
-    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-        .await
-        .context("joeyctl did not finish within 60s")??;
-    Ok(Output {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    })
+    joey_tests::run_command(&env().joeyctl, args, stdin, Duration::from_secs(60)).await
 }
 
 /// `joeyctl run --ns --rootfs <busybox> -- ARGS`.

@@ -102,3 +102,42 @@ pub fn require_file(p: &Path, hint: &str) -> Result<(), String> {
         Err(format!("{} is missing ({hint})", p.display()))
     }
 }
+
+/// What a finished command printed and returned.
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `bin ARGS` with `stdin` fed to it, killed if it outlives `deadline`.
+pub async fn run_command(
+    bin: &Path,
+    args: &[&str],
+    stdin: &[u8],
+    deadline: Duration,
+) -> anyhow::Result<Output> {
+    use anyhow::Context;
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(bin)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("spawn {}", bin.display()))?;
+    let mut input = child.stdin.take().context("stdin")?;
+    let data = stdin.to_vec();
+    tokio::spawn(async move {
+        let _ = input.write_all(&data).await;
+    });
+    let out = tokio::time::timeout(deadline, child.wait_with_output())
+        .await
+        .with_context(|| format!("{} did not finish within {deadline:?}", bin.display()))??;
+    Ok(Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}

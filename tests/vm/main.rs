@@ -4,17 +4,15 @@
 //! QEMU, vhost-device-vsock and the artifacts in images/out (see README).
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context};
+use anyhow::ensure;
 use joey_protocols::agent;
 use joey_shim::client::{ctx, RPC_TIMEOUT};
 use joey_shim::pod::Pod;
 use joey_shim::vm::{Artifacts, Backend, VmOptions};
-use joey_tests::{bin_dir, block_on, require_file, run_tier, Test};
-use tokio::io::AsyncWriteExt;
+use joey_tests::{bin_dir, block_on, require_file, run_tier, Output, Test};
 
 struct Env {
     /// VM directories that existed before this run (another joeyctl's, or stale).
@@ -100,33 +98,8 @@ fn vm_options(rootfs_image: Option<PathBuf>, kernel_args: &[&str]) -> VmOptions 
     }
 }
 
-struct Output {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
 async fn joeyctl(args: &[&str], stdin: &[u8]) -> anyhow::Result<Output> {
-    let mut child = tokio::process::Command::new(&env().joeyctl)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut input = child.stdin.take().context("stdin")?;
-    let data = stdin.to_vec();
-    tokio::spawn(async move {
-        let _ = input.write_all(&data).await;
-    });
-    let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
-        .await
-        .context("joeyctl did not finish within 120s")??;
-    Ok(Output {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    })
+    joey_tests::run_command(&env().joeyctl, args, stdin, Duration::from_secs(120)).await
 }
 
 fn vm_dirs() -> Vec<PathBuf> {

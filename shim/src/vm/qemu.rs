@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::backend::Backend;
 use crate::addr::AgentAddr;
-use crate::nssandbox::random_id;
+use crate::nssandbox::{last_lines, random_id};
 
 /// Where VM sandboxes keep their sockets and console logs.
 pub const VM_ROOT: &str = "/run/joey/vm";
@@ -65,18 +65,23 @@ pub fn cmdline(opts: &VmOptions) -> String {
     s
 }
 
+/// joey's cache of expensive results: `$JOEY_CACHE`, else `~/.cache/joey`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("JOEY_CACHE") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into());
+    home.join(".cache/joey")
+}
+
 /// Finds `vhost-device-vsock`: `$JOEY_VHOST_VSOCK`, joey's tool cache, or PATH.
 pub fn vhost_vsock_binary() -> Result<PathBuf, VmError> {
     if let Some(p) = std::env::var_os("JOEY_VHOST_VSOCK") {
         return Ok(PathBuf::from(p));
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/root".into());
-    let cache = std::env::var_os("JOEY_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| home.join(".cache/joey"));
-    let cached = cache.join("tools/bin/vhost-device-vsock");
+    let cached = cache_dir().join("tools/bin/vhost-device-vsock");
     if cached.is_file() {
         return Ok(cached);
     }
@@ -271,19 +276,6 @@ impl VmSandbox {
         self.exit
     }
 
-    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(c) = self.try_wait() {
-                return Some(c);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
     /// Stops QEMU and the vsock backend.
     pub fn kill(&mut self) {
         if self.try_wait().is_none() {
@@ -306,8 +298,7 @@ impl VmSandbox {
             text.push_str("\n[qemu stderr]\n");
             text.push_str(&err);
         }
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        last_lines(&text, lines)
     }
 }
 
