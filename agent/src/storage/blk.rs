@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::{create_dir, StorageContext, StorageRequest, Undo};
+use super::{create_dir, mount, StorageContext, StorageRequest, Undo};
 use crate::error::{invalid, Result};
 use crate::mount::{parse_options, MountSpec};
 
@@ -65,16 +65,17 @@ pub(super) fn add(
     let dev = resolve(&req.source)?;
     create_dir(mount_point, undo)?;
     let (flags, data) = parse_options(&req.options);
-    ctx.mounter
-        .mount(&MountSpec {
+    mount(
+        ctx,
+        MountSpec {
             source: dev.display().to_string(),
             target: mount_point.to_path_buf(),
             fstype: req.fstype.clone(),
             flags,
             data,
-        })
-        .map_err(anyhow::Error::from)?;
-    undo.push(Undo::Umount(mount_point.to_path_buf()));
+        },
+        undo,
+    )?;
     Ok(())
 }
 

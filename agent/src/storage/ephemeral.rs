@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::{create_dir, StorageContext, StorageRequest, Undo};
+use super::{create_dir, mount, StorageContext, StorageRequest, Undo};
 use crate::error::{invalid, Result};
 use crate::mount::{parse_options, MountSpec};
 
@@ -20,16 +20,17 @@ pub(super) fn add(
     }
     create_dir(mount_point, undo)?;
     let (flags, data) = parse_options(&req.options);
-    ctx.mounter
-        .mount(&MountSpec {
+    mount(
+        ctx,
+        MountSpec {
             source: "tmpfs".into(),
             target: mount_point.to_path_buf(),
             fstype: "tmpfs".into(),
             flags,
             data,
-        })
-        .map_err(anyhow::Error::from)?;
-    undo.push(Undo::Umount(mount_point.to_path_buf()));
+        },
+        undo,
+    )?;
     Ok(())
 }
 

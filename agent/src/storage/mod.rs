@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use tracing::warn;
 
 use crate::error::{invalid, Result};
-use crate::mount::Mounter;
+use crate::mount::{MountSpec, Mounter};
 use crate::validate::check_abs_path;
 
 /// A storage request, decoupled from the protobuf type so drivers are plain code.
@@ -110,6 +110,13 @@ impl MountedStorage {
             }
         }
     }
+}
+
+/// Mounts `m` and records its unmount.
+pub(crate) fn mount(ctx: &StorageContext<'_>, m: MountSpec, undo: &mut Vec<Undo>) -> Result<()> {
+    ctx.mounter.mount(&m).map_err(anyhow::Error::from)?;
+    undo.push(Undo::Umount(m.target));
+    Ok(())
 }
 
 /// Creates `dir` and any missing parents, recording the directories it created.

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{create_dir, StorageContext, StorageRequest, Undo};
+use super::{create_dir, mount, StorageContext, StorageRequest, Undo};
 use crate::error::{invalid, Result};
 use crate::mount::{parse_options, MountSpec};
 use crate::validate::check_abs_path;
@@ -67,16 +67,17 @@ pub(super) fn add(
                 .scratch
                 .join(format!("overlay-{}-{n}", std::process::id()));
             create_dir(&scratch, undo)?;
-            ctx.mounter
-                .mount(&MountSpec {
+            mount(
+                ctx,
+                MountSpec {
                     source: "tmpfs".into(),
                     target: scratch.clone(),
                     fstype: "tmpfs".into(),
                     flags: nix::mount::MsFlags::empty(),
                     data: "mode=0755".into(),
-                })
-                .map_err(anyhow::Error::from)?;
-            undo.push(Undo::Umount(scratch.clone()));
+                },
+                undo,
+            )?;
             let (u, w) = (scratch.join("upper"), scratch.join("work"));
             for d in [&u, &w] {
                 std::fs::create_dir_all(d)
@@ -95,16 +96,17 @@ pub(super) fn add(
     if !data.is_empty() {
         data_opts.push(data);
     }
-    ctx.mounter
-        .mount(&MountSpec {
+    mount(
+        ctx,
+        MountSpec {
             source: "overlay".into(),
             target: mount_point.to_path_buf(),
             fstype: "overlay".into(),
             flags,
             data: data_opts.join(","),
-        })
-        .map_err(anyhow::Error::from)?;
-    undo.push(Undo::Umount(mount_point.to_path_buf()));
+        },
+        undo,
+    )?;
     Ok(())
 }
 
