@@ -37,6 +37,14 @@ pub enum ClientError {
 /// The longest handshake reply accepted (`OK <port>\n` is a few bytes).
 const MAX_HANDSHAKE_LINE: usize = 128;
 
+/// How long the hybrid-vsock backend may take to answer `CONNECT`. A guest that is not
+/// listening yet may leave the connection unanswered rather than closed (observed with
+/// vhost-device-vsock 0.3.0 while the guest boots), so the wait must be bounded.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long one connect-and-Check attempt of [`AgentClient::connect_ready`] may take.
+const READY_ATTEMPT: Duration = Duration::from_secs(1);
+
 /// Opens a byte stream to the agent.
 pub async fn dial(addr: &AgentAddr) -> Result<Socket, ClientError> {
     let err = |source| ClientError::Connect {
@@ -52,25 +60,14 @@ pub async fn dial(addr: &AgentAddr) -> Result<Socket, ClientError> {
             s.write_all(format!("CONNECT {port}\n").as_bytes())
                 .await
                 .map_err(err)?;
-            // Read the reply one byte at a time so no ttrpc byte after it is swallowed.
-            let mut line = Vec::new();
-            loop {
-                let b = s.read_u8().await.map_err(|e| ClientError::Handshake {
+            let line = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake_reply(&mut s))
+                .await
+                .map_err(|_| format!("no reply within {HANDSHAKE_TIMEOUT:?}"))
+                .and_then(|r| r)
+                .map_err(|msg| ClientError::Handshake {
                     addr: addr.to_string(),
-                    msg: format!("connection closed before the reply ({e})"),
+                    msg,
                 })?;
-                if b == b'\n' {
-                    break;
-                }
-                line.push(b);
-                if line.len() > MAX_HANDSHAKE_LINE {
-                    return Err(ClientError::Handshake {
-                        addr: addr.to_string(),
-                        msg: "reply line too long".into(),
-                    });
-                }
-            }
-            let line = String::from_utf8_lossy(&line);
             if !line.contains("OK") {
                 return Err(ClientError::Handshake {
                     addr: addr.to_string(),
@@ -84,6 +81,25 @@ pub async fn dial(addr: &AgentAddr) -> Result<Socket, ClientError> {
                 .await
                 .map_err(err)?;
             Ok(Socket::new(s))
+        }
+    }
+}
+
+/// Reads the hybrid-vsock reply line one byte at a time, so no ttrpc byte after it is
+/// swallowed.
+async fn handshake_reply(s: &mut tokio::net::UnixStream) -> Result<String, String> {
+    let mut line = Vec::new();
+    loop {
+        let b = s
+            .read_u8()
+            .await
+            .map_err(|e| format!("connection closed before the reply ({e})"))?;
+        if b == b'\n' {
+            return Ok(String::from_utf8_lossy(&line).into_owned());
+        }
+        line.push(b);
+        if line.len() > MAX_HANDSHAKE_LINE {
+            return Err("reply line too long".into());
         }
     }
 }
@@ -123,13 +139,17 @@ impl AgentClient {
     pub async fn connect_ready(addr: &AgentAddr, deadline: Duration) -> Result<Self, ClientError> {
         let start = Instant::now();
         loop {
-            let last = match Self::connect(addr).await {
-                Ok(c) => match c.check(Duration::from_secs(2)).await {
-                    Ok(()) => return Ok(c),
-                    Err(e) => e.to_string(),
-                },
-                Err(e) => e.to_string(),
+            let attempt = async {
+                let c = Self::connect(addr).await?;
+                c.check(READY_ATTEMPT).await?;
+                Ok::<_, ClientError>(c)
             };
+            let last = match tokio::time::timeout(READY_ATTEMPT, attempt).await {
+                Ok(Ok(c)) => return Ok(c),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {READY_ATTEMPT:?}"),
+            };
+            tracing::debug!(%addr, "agent not ready: {last}");
             if start.elapsed() >= deadline {
                 return Err(ClientError::Timeout {
                     addr: addr.to_string(),

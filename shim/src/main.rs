@@ -212,7 +212,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                     },
                     quiet: !debug,
                 };
-                let r = run_vm(&opts, &process).await;
+                let r = run_vm(&opts, &process, debug).await;
                 let _ = std::fs::remove_dir_all(&tmp);
                 return r;
             }

@@ -83,6 +83,15 @@ impl Sandbox {
         }
     }
 
+    /// Whether the host may dial the agent yet: a VM's only once its init has started
+    /// (see [`Pod::connect`]).
+    fn may_dial(&self) -> bool {
+        match self {
+            Sandbox::Ns(_) => true,
+            Sandbox::Vm(s) => s.init_started().is_some(),
+        }
+    }
+
     /// Where container storage is mounted inside the sandbox.
     fn guest_dir(&self) -> std::path::PathBuf {
         match self {
@@ -141,13 +150,32 @@ impl Pod {
         Self::connect(sandbox, deadline, false).await
     }
 
-    async fn connect(
+    /// Waits for a started sandbox's agent and runs CreateSandbox on it.
+    pub async fn connect(
         mut sandbox: Sandbox,
         deadline: Duration,
         sandbox_pidns: bool,
     ) -> anyhow::Result<Pod> {
         let start = std::time::Instant::now();
         let addr = sandbox.agent_addr();
+        {
+            // vhost-device-vsock 0.3.0 stops serving for good when a host connection
+            // arrives while the guest driver is still setting up its queues (its worker
+            // thread ends on the queue error). Drivers are up once init runs, so the
+            // first dial waits for joey-init's marker.
+            while !sandbox.may_dial() {
+                if let Some(code) = sandbox.wait_exit(Duration::ZERO).await {
+                    let e = anyhow::anyhow!("the VM ended (exit {code}) before init started");
+                    return Err(with_console(&sandbox, e));
+                }
+                if start.elapsed() >= deadline {
+                    sandbox.kill();
+                    let e = anyhow::anyhow!("init did not start within {}s", deadline.as_secs());
+                    return Err(with_console(&sandbox, e));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         let client = loop {
             // Short attempts, so a sandbox that died is noticed at once.
             let attempt = Duration::from_millis(500).min(deadline.saturating_sub(start.elapsed()));

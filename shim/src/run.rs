@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use joey_protocols::agent;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::binaries::Binaries;
 use crate::client::{ctx, AgentClient, RPC_TIMEOUT};
 use crate::nssandbox::NsOptions;
-use crate::pod::{with_console, Pod, RootfsSource};
+use crate::pod::{with_console, Pod, RootfsSource, Sandbox};
 use crate::spec::ProcessSpec;
 use crate::streams::{pump_input, pump_output, Which};
 use crate::vm::VmOptions;
@@ -30,26 +30,127 @@ pub async fn run_ns(
         .ok()
         .filter(|p| p.is_dir())
         .ok_or_else(|| anyhow::anyhow!("rootfs {} is not a directory", rootfs.display()))?;
-    let pod = Pod::start_ns(bins, ns).await?;
-    run_pod(pod, RootfsSource::HostDir(rootfs), process).await
+    let mut signals = Interrupts::new()?;
+    let pod = signals
+        .unless_interrupted("starting the sandbox", Pod::start_ns(bins, ns))
+        .await?;
+    run_pod(pod, RootfsSource::HostDir(rootfs), process, signals).await
 }
 
 /// Runs the container in a microVM whose `rootfs_image` is the container's rootfs.
-pub async fn run_vm(vm: &VmOptions, process: &ProcessSpec) -> anyhow::Result<i32> {
+/// With `show_console` the guest's console is copied to stderr as it is written.
+pub async fn run_vm(
+    vm: &VmOptions,
+    process: &ProcessSpec,
+    show_console: bool,
+) -> anyhow::Result<i32> {
     anyhow::ensure!(
         vm.rootfs_image.is_some(),
         "a VM run needs a container rootfs image"
     );
-    let pod = Pod::start_vm(vm, VM_READY_DEADLINE).await?;
-    let serial = crate::vm::qemu::ROOTFS_SERIAL.to_string();
-    run_pod(pod, RootfsSource::Disk { serial }, process).await
+    let mut signals = Interrupts::new()?;
+    let vm = crate::vm::VmSandbox::start(vm)?;
+    let console = show_console.then(|| tail_to_stderr(vm.console_path()));
+    let r = async {
+        let pod = signals
+            .unless_interrupted(
+                "booting the VM",
+                Pod::connect(Sandbox::Vm(vm), VM_READY_DEADLINE, false),
+            )
+            .await?;
+        let serial = crate::vm::qemu::ROOTFS_SERIAL.to_string();
+        run_pod(pod, RootfsSource::Disk { serial }, process, signals).await
+    }
+    .await;
+    if let Some(c) = console {
+        c.abort();
+    }
+    r
+}
+
+/// Copies what is appended to `path` to stderr until aborted.
+fn tail_to_stderr(path: std::path::PathBuf) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // QEMU creates the file as it starts.
+        let mut f = loop {
+            match tokio::fs::File::open(&path).await {
+                Ok(f) => break f,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let mut err = tokio::io::stderr();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match f.read(&mut buf).await {
+                Ok(0) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Ok(n) => {
+                    let _ = err.write_all(&buf[..n]).await;
+                }
+                Err(_) => return,
+            }
+        }
+    })
 }
 
 /// How long a VM's agent may take to answer (software emulation boots in seconds).
 pub const VM_READY_DEADLINE: Duration = Duration::from_secs(60);
 
-async fn run_pod(pod: Pod, rootfs: RootfsSource, process: &ProcessSpec) -> anyhow::Result<i32> {
-    match run_in(&pod, &rootfs, process).await {
+/// The signals that end a run: before the container starts they abort it (the sandbox
+/// is torn down), afterwards they are forwarded to the container.
+struct Interrupts {
+    int: Signal,
+    term: Signal,
+    hup: Signal,
+    quit: Signal,
+}
+
+impl Interrupts {
+    fn new() -> anyhow::Result<Self> {
+        let on = |k| signal(k).context("install signal handlers");
+        Ok(Interrupts {
+            int: on(SignalKind::interrupt())?,
+            term: on(SignalKind::terminate())?,
+            hup: on(SignalKind::hangup())?,
+            quit: on(SignalKind::quit())?,
+        })
+    }
+
+    async fn recv(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.int.recv() => libc::SIGINT,
+            _ = self.term.recv() => libc::SIGTERM,
+            _ = self.hup.recv() => libc::SIGHUP,
+            _ = self.quit.recv() => libc::SIGQUIT,
+        }
+    }
+
+    /// Runs `step` unless a signal comes first; then `step` is dropped, which tears
+    /// down whatever it had started, and the run fails naming the signal.
+    async fn unless_interrupted<T>(
+        &mut self,
+        what: &str,
+        step: impl std::future::Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
+        tokio::select! {
+            r = step => r,
+            sig = self.recv() => {
+                let name = nix::sys::signal::Signal::try_from(sig)
+                    .map(|s| s.as_str())
+                    .unwrap_or("a signal");
+                anyhow::bail!("interrupted by {name} while {what}")
+            }
+        }
+    }
+}
+
+async fn run_pod(
+    pod: Pod,
+    rootfs: RootfsSource,
+    process: &ProcessSpec,
+    signals: Interrupts,
+) -> anyhow::Result<i32> {
+    match run_in(&pod, &rootfs, process, signals).await {
         Ok(status) => {
             pod.destroy().await?;
             Ok(status)
@@ -121,19 +222,13 @@ fn forward_signals(
     client: AgentClient,
     cid: String,
     tty: bool,
+    mut signals: Interrupts,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut quit = signal(SignalKind::quit())?;
     let mut winch = signal(SignalKind::window_change())?;
     Ok(tokio::spawn(async move {
         loop {
             let sig = tokio::select! {
-                _ = int.recv() => libc::SIGINT,
-                _ = term.recv() => libc::SIGTERM,
-                _ = hup.recv() => libc::SIGHUP,
-                _ = quit.recv() => libc::SIGQUIT,
+                sig = signals.recv() => sig,
                 _ = winch.recv() => {
                     if tty {
                         resize(&client, &cid).await;
@@ -152,10 +247,20 @@ fn forward_signals(
     }))
 }
 
-async fn run_in(pod: &Pod, rootfs: &RootfsSource, process: &ProcessSpec) -> anyhow::Result<i32> {
+async fn run_in(
+    pod: &Pod,
+    rootfs: &RootfsSource,
+    process: &ProcessSpec,
+    mut signals: Interrupts,
+) -> anyhow::Result<i32> {
     let cid = format!("c-{}", &pod.sandbox.id()[..8]);
     let tty = process.terminal;
-    pod.create_container_from(&cid, rootfs, process).await?;
+    signals
+        .unless_interrupted(
+            "creating the container",
+            pod.create_container_from(&cid, rootfs, process),
+        )
+        .await?;
     let client = pod.client.clone();
     let out = pump_output(
         client.clone(),
@@ -179,8 +284,8 @@ async fn run_in(pod: &Pod, rootfs: &RootfsSource, process: &ProcessSpec) -> anyh
     if tty {
         resize(&client, &cid).await;
     }
-    let signals =
-        forward_signals(client.clone(), cid.clone(), tty).context("install signal forwarding")?;
+    let signals = forward_signals(client.clone(), cid.clone(), tty, signals)
+        .context("install signal forwarding")?;
     let status = pod.wait_process(&cid, &cid).await;
     signals.abort();
     // The output streams end once the process's pipes are drained.

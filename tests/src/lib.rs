@@ -110,7 +110,22 @@ pub struct Output {
     pub stderr: String,
 }
 
-/// Runs `bin ARGS` with `stdin` fed to it, killed if it outlives `deadline`.
+/// Reads a child's pipe to its end in the background.
+fn read_all<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
+    r: Option<R>,
+) -> tokio::task::JoinHandle<Vec<u8>> {
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = Vec::new();
+        if let Some(mut r) = r {
+            let _ = r.read_to_end(&mut buf).await;
+        }
+        buf
+    })
+}
+
+/// Runs `bin ARGS` with `stdin` fed to it; if it outlives `deadline` it gets SIGTERM,
+/// then SIGKILL, and the error carries its stderr.
 pub async fn run_command(
     bin: &Path,
     args: &[&str],
@@ -132,9 +147,38 @@ pub async fn run_command(
     tokio::spawn(async move {
         let _ = input.write_all(&data).await;
     });
-    let out = tokio::time::timeout(deadline, child.wait_with_output())
-        .await
-        .with_context(|| format!("{} did not finish within {deadline:?}", bin.display()))??;
+    let stdout = read_all(child.stdout.take());
+    let stderr = read_all(child.stderr.take());
+    let status = match tokio::time::timeout(deadline, child.wait()).await {
+        Ok(status) => status?,
+        Err(_) => {
+            // SIGTERM first, so the command can tear down what it started; what it
+            // printed explains where it was stuck.
+            if let Some(pid) = child.id() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            if tokio::time::timeout(Duration::from_secs(15), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
+            let err = stderr.await.unwrap_or_default();
+            anyhow::bail!(
+                "{} did not finish within {deadline:?}; its stderr:\n{}",
+                bin.display(),
+                String::from_utf8_lossy(&err)
+            );
+        }
+    };
+    let out = std::process::Output {
+        status,
+        stdout: stdout.await.unwrap_or_default(),
+        stderr: stderr.await.unwrap_or_default(),
+    };
     Ok(Output {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -108,14 +108,10 @@ fn vm_dirs() -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// Nothing of this run's VMs is left: no VM directory, no QEMU or vsock backend process.
-fn no_vm_leftovers() -> anyhow::Result<()> {
-    let left: Vec<PathBuf> = vm_dirs()
-        .into_iter()
-        .filter(|d| !env().existing.contains(d))
-        .collect();
-    ensure!(left.is_empty(), "VM directories left: {left:?}");
-    for e in std::fs::read_dir("/proc")?.flatten() {
+/// The command lines of this run's QEMU and vsock backend processes.
+fn vm_processes() -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         let ours = cmd.contains(joey_shim::vm::qemu::VM_ROOT)
@@ -123,8 +119,19 @@ fn no_vm_leftovers() -> anyhow::Result<()> {
                 .existing
                 .iter()
                 .any(|d| cmd.contains(&*d.to_string_lossy()));
-        ensure!(!ours, "a VM process is left: {cmd}");
+        if ours {
+            found.push(cmd);
+        }
     }
+    found
+}
+
+/// Nothing of this run's VMs is left: no VM directory, no QEMU or vsock backend process.
+fn no_vm_leftovers() -> anyhow::Result<()> {
+    let left = new_vm_dirs();
+    ensure!(left.is_empty(), "VM directories left: {left:?}");
+    let procs = vm_processes();
+    ensure!(procs.is_empty(), "VM processes left: {procs:?}");
     Ok(())
 }
 
@@ -242,6 +249,63 @@ async fn missing_agent_is_reported() -> anyhow::Result<()> {
     no_vm_leftovers()
 }
 
+/// The VM directories and VM processes of this run (not those that predate it).
+fn new_vm_dirs() -> Vec<PathBuf> {
+    vm_dirs()
+        .into_iter()
+        .filter(|d| !env().existing.contains(d))
+        .collect()
+}
+
+/// A joeyctl killed with SIGKILL leaves no QEMU or vsock backend running (they die with
+/// it), and the next VM start removes its directory; a SIGTERM while the VM boots tears
+/// the VM down and names the signal.
+async fn killed_joeyctl_leaves_nothing_running() -> anyhow::Result<()> {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let image = env().image.display().to_string();
+    for sig in [Signal::SIGKILL, Signal::SIGTERM] {
+        let before = vm_dirs();
+        let mut child = tokio::process::Command::new(&env().joeyctl)
+            .args(["run", "--vm", "--image", &image, "--", "/bin/sleep", "600"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        // SIGKILL once the container runs, SIGTERM while the VM boots.
+        let ready = |d: &PathBuf| match sig {
+            Signal::SIGKILL => std::fs::read_to_string(d.join("console.log"))
+                .is_ok_and(|c| c.contains("agent ready")),
+            _ => d.join("console.log").exists(),
+        };
+        joey_tests::wait_until("the VM to start", BOOT_DEADLINE, || {
+            vm_dirs().iter().any(|d| !before.contains(d) && ready(d))
+        })
+        .await?;
+        let pid = Pid::from_raw(child.id().expect("running") as i32);
+        kill(pid, sig)?;
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            tokio::io::AsyncReadExt::read_to_string(&mut e, &mut stderr).await?;
+        }
+        if sig == Signal::SIGTERM {
+            ensure!(
+                status.code() == Some(125) && stderr.contains("interrupted by SIGTERM"),
+                "SIGTERM while booting: {status}, stderr {stderr}"
+            );
+        }
+        joey_tests::wait_until("the VM processes to end", Duration::from_secs(10), || {
+            vm_processes().is_empty()
+        })
+        .await?;
+    }
+    // The SIGKILLed joeyctl's directory is gone once another VM starts.
+    joey_shim::vm::qemu::prune_stale(std::path::Path::new(joey_shim::vm::qemu::VM_ROOT));
+    no_vm_leftovers()
+}
+
 fn main() {
     let tests = vec![
         Test {
@@ -267,6 +331,11 @@ fn main() {
         Test {
             name: "vm::missing_agent_is_reported",
             run: || block_on(missing_agent_is_reported()),
+            machine_lacks: None,
+        },
+        Test {
+            name: "vm::killed_joeyctl_leaves_nothing_running",
+            run: || block_on(killed_joeyctl_leaves_nothing_running()),
             machine_lacks: None,
         },
     ];

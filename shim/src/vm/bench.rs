@@ -15,28 +15,14 @@ use crate::client::{ctx, RPC_TIMEOUT};
 use crate::pod::{Pod, RootfsSource};
 use crate::spec::ProcessSpec;
 
-const MARKER: &str = "joey-init: started ";
-
 /// Boots `opts` until joey-init prints its marker; returns the kernel's boot-to-init
 /// time in ms (the guest's own clock).
 async fn boot_to_init(opts: &VmOptions) -> anyhow::Result<f64> {
     let vm = VmSandbox::start(opts)?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let console = vm.console();
-        // Serial output arrives byte by byte: only a complete marker line counts.
-        if let Some(rest) = console
-            .lines()
-            .map(str::trim_end)
-            .filter(|l| l.ends_with(" after boot"))
-            .find_map(|l| l.split(MARKER).nth(1))
-        {
-            let secs: f64 = rest
-                .split('s')
-                .next()
-                .and_then(|v| v.parse().ok())
-                .with_context(|| format!("unreadable marker {rest:?}"))?;
-            return Ok(secs * 1000.0);
+        if let Some(secs) = vm.init_started() {
+            return Ok(secs.map_err(anyhow::Error::msg)? * 1000.0);
         }
         if Instant::now() >= deadline {
             bail!("no init marker within 60s:\n{}", vm.console_tail(20));

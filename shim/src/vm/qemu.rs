@@ -4,6 +4,7 @@
 //! is the hybrid-vsock host end the agent is dialled on.
 
 use std::fs::File;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -128,6 +129,58 @@ fn wait_for_path(
     Ok(())
 }
 
+/// The start of joey-init's first console line, `joey-init: started 1.234567s after
+/// boot`, printed even on a quiet console.
+pub const INIT_MARKER: &str = "joey-init: started ";
+
+/// The guest's serial console, in the VM directory.
+const CONSOLE_FILE: &str = "console.log";
+/// The file in a VM directory naming the host process that owns the VM.
+const OWNER_FILE: &str = "owner";
+
+/// Makes the kernel kill the child when the thread that started it ends, so a VM never
+/// outlives a killed joeyctl.
+fn die_with_parent(cmd: &mut Command) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other(
+                    "the VM's owner exited while starting it",
+                ));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Removes the directories of VMs whose owner died without cleaning up (killed with
+/// SIGKILL, say; its QEMU and vsock backend died with it). Returns what it removed.
+pub fn prune_stale(root: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let owner = std::fs::read_to_string(e.path().join(OWNER_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok());
+        let alive = |pid: i32| {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                != Err(nix::errno::Errno::ESRCH)
+        };
+        if let Some(pid) = owner {
+            if !alive(pid) && std::fs::remove_dir_all(e.path()).is_ok() {
+                tracing::info!(dir = %e.path().display(), pid, "removed a stale VM directory");
+                removed.push(e.path());
+            }
+        }
+    }
+    removed
+}
+
 impl VmSandbox {
     /// Starts the vsock backend and QEMU. Returns once QEMU runs; the guest boots and
     /// its agent answers later (connect with a deadline).
@@ -141,16 +194,28 @@ impl VmSandbox {
                 return Err(setup(format!("{what} {} does not exist", p.display())));
             }
         }
+        if let Some(img) = &opts.rootfs_image {
+            if !img.is_file() {
+                return Err(setup(format!(
+                    "container image {} does not exist",
+                    img.display()
+                )));
+            }
+        }
+        prune_stale(Path::new(VM_ROOT));
         let id = random_id();
         let dir = Path::new(VM_ROOT).join(&id);
         std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(dir.join(OWNER_FILE), std::process::id().to_string()))
             .map_err(|e| setup(format!("create {}: {e}", dir.display())))?;
         let vhu = dir.join("vhu.sock");
         let uds = dir.join("vm.vsock");
         let log = |name: &str| {
             File::create(dir.join(name)).map_err(|e| setup(format!("create {name}: {e}")))
         };
-        let mut vsock = Command::new(&vhost)
+        let mut vsock = Command::new(&vhost);
+        die_with_parent(&mut vsock);
+        let mut vsock = vsock
             .arg("--vm")
             .arg(format!(
                 "guest-cid={GUEST_CID},socket={},uds-path={}",
@@ -176,6 +241,7 @@ impl VmSandbox {
         }
         let mem = format!("{}M", opts.memory_mib);
         let mut cmd = Command::new(qemu_bin);
+        die_with_parent(&mut cmd);
         cmd.args(["-M", "microvm,acpi=off,memory-backend=mem"])
             .args(["-m", &mem])
             .args([
@@ -193,7 +259,7 @@ impl VmSandbox {
             ])
             .args([
                 "-serial",
-                &format!("file:{}", dir.join("console.log").display()),
+                &format!("file:{}", dir.join(CONSOLE_FILE).display()),
             ])
             .arg("-kernel")
             .arg(&opts.kernel)
@@ -287,8 +353,30 @@ impl VmSandbox {
         let _ = self.vsock.wait();
     }
 
+    pub fn console_path(&self) -> PathBuf {
+        self.dir.join(CONSOLE_FILE)
+    }
+
+    /// Once joey-init has printed its marker: the kernel's boot-to-init time in seconds
+    /// (the guest's own clock), or why the marker is unreadable.
+    pub fn init_started(&self) -> Option<Result<f64, String>> {
+        let console = self.console();
+        // Serial output arrives byte by byte: only a complete marker line counts.
+        let rest = console
+            .lines()
+            .map(str::trim_end)
+            .filter(|l| l.ends_with(" after boot"))
+            .find_map(|l| l.split(INIT_MARKER).nth(1))?;
+        Some(
+            rest.split('s')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| format!("unreadable init marker {rest:?}")),
+        )
+    }
+
     pub fn console(&self) -> String {
-        std::fs::read_to_string(self.dir.join("console.log")).unwrap_or_default()
+        std::fs::read_to_string(self.console_path()).unwrap_or_default()
     }
 
     pub fn console_tail(&self, lines: usize) -> String {
