@@ -88,14 +88,27 @@ fn main() {
     std::process::exit(0);
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("JOEY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// Logs to `writer` at the level `JOEY_LOG` names (`error`, `warn`, `info`, `debug`,
+/// `trace` or `off`; default `info`), without colours (the guest's console is a serial
+/// line).
+fn init_logging_to<W>(writer: W)
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
+    let level = std::env::var("JOEY_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_max_level(level)
+        .with_writer(writer)
         .with_target(false)
+        .with_ansi(false)
         .try_init();
+}
+
+fn init_logging() {
+    init_logging_to(std::io::stderr);
 }
 
 /// The launcher's container process logs until it execs, after its stderr became the
@@ -114,14 +127,7 @@ fn init_launcher_logging() {
     let Some(console) = console else {
         return init_logging();
     };
-    let file = std::sync::Mutex::new(std::fs::File::from(console));
-    let filter = tracing_subscriber::EnvFilter::try_from_env("JOEY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(file)
-        .with_target(false)
-        .try_init();
+    init_logging_to(std::sync::Mutex::new(std::fs::File::from(console)));
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {

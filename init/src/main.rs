@@ -4,37 +4,20 @@
 //! orphans, and ends the sandbox on SIGTERM or when the agent finishes after
 //! DestroySandbox: in a VM with reboot(2), in a namespace sandbox by exiting.
 
+mod args;
 mod mounts;
 mod shutdown;
 mod signals;
 mod supervisor;
 
-use std::path::PathBuf;
 use std::time::Instant;
 
-use clap::Parser;
 use nix::sys::signal::Signal;
 use tracing::{error, info, warn};
 
+use crate::args::{Args, Parsed};
 use crate::mounts::Mode;
 use crate::supervisor::{AgentConfig, AgentExit, Supervisor};
-
-#[derive(Parser, Debug)]
-#[command(name = "joey-init", version, about = "PID 1 of a joey sandbox")]
-struct Args {
-    /// Where init runs: `vm` (PID 1 of a microVM) or `ns` (PID 1 of host namespaces).
-    #[arg(long, default_value = "vm")]
-    sandbox: String,
-    /// The agent binary. In a VM, `JOEY_AGENT_PATH=...` on the kernel command line sets it.
-    #[arg(long, env = "JOEY_AGENT_PATH", default_value = "/usr/bin/joey-agent")]
-    agent: PathBuf,
-    /// The agent's address.
-    #[arg(long, default_value = "vsock://-1:1024")]
-    agent_addr: String,
-    /// A private tmpfs for the agent's state (mounted by init).
-    #[arg(long, default_value = "/run/joey")]
-    guest_dir: PathBuf,
-}
 
 /// Printed first thing, with the time since boot: benchmarks read the kernel's
 /// boot-to-init time from it, the same way for every kernel.
@@ -48,22 +31,39 @@ fn main() {
             t.tv_nsec() / 1000
         );
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_env("JOEY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // JOEY_LOG names the level (`error` … `trace`, `off`); no colours on a serial line.
+    let level = std::env::var("JOEY_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(level)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(false)
         .try_init();
-    // The kernel passes its own arguments to init; only parse ours when they look like ours.
-    let args = Args::try_parse().unwrap_or_else(|e| {
-        if std::process::id() == 1 {
-            warn!("ignoring arguments init does not know: {e}");
-            Args::parse_from(["joey-init"])
-        } else {
-            e.exit()
+    // The kernel passes the command-line words it does not know to init: as PID 1,
+    // ignore what is not ours rather than refuse to start the sandbox.
+    let agent_env = std::env::var("JOEY_AGENT_PATH").ok();
+    let args = match args::parse(std::env::args().skip(1), agent_env.clone()) {
+        Ok(Parsed::Run(a)) => a,
+        Ok(Parsed::Help) => {
+            print!("{}", args::USAGE);
+            std::process::exit(0);
         }
-    });
+        Ok(Parsed::Version) => {
+            println!("joey-init {}", env!("CARGO_PKG_VERSION"));
+            std::process::exit(0);
+        }
+        Err(e) if std::process::id() == 1 => {
+            warn!("ignoring arguments init does not know: {e}");
+            Args::defaults(agent_env)
+        }
+        Err(e) => {
+            eprintln!("joey-init: {e}\n\n{}", args::USAGE);
+            std::process::exit(2);
+        }
+    };
     let mode = match args.sandbox.as_str() {
         "vm" => Mode::Vm,
         "ns" => Mode::Namespace,

@@ -57,13 +57,17 @@ pub fn fragments(dir: &Path) -> anyhow::Result<Vec<(String, String)>> {
     Ok(out)
 }
 
-/// The `CONFIG_X=value` settings of the fragments.
+/// The settings of the fragments: `CONFIG_X=value` lines, and `# CONFIG_X is not set`
+/// lines (the kernel's own form for a symbol switched off).
 pub fn wanted_symbols(frags: &[(String, String)]) -> Vec<(String, String)> {
     frags
         .iter()
         .flat_map(|(file, text)| {
             text.lines().filter_map(move |l| {
                 let l = l.trim();
+                if let Some(sym) = off_symbol(l) {
+                    return Some((format!("{file}: {sym} (off)"), l.to_string()));
+                }
                 let (sym, val) = l.split_once('=')?;
                 sym.starts_with("CONFIG_")
                     .then(|| (format!("{file}: {sym}"), format!("{sym}={val}")))
@@ -72,12 +76,27 @@ pub fn wanted_symbols(frags: &[(String, String)]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Every fragment line missing from the final `.config`.
+/// `CONFIG_X` of a `# CONFIG_X is not set` line.
+fn off_symbol(line: &str) -> Option<&str> {
+    line.strip_prefix("# ")?
+        .strip_suffix(" is not set")
+        .filter(|s| s.starts_with("CONFIG_") && !s.contains(' '))
+}
+
+/// Every fragment setting the final `.config` does not have. A symbol wanted off is
+/// missing only if it is set; one the kernel no longer offers counts as off.
 pub fn missing_symbols(frags: &[(String, String)], config: &str) -> Vec<String> {
     let have: std::collections::HashSet<&str> = config.lines().map(str::trim).collect();
     wanted_symbols(frags)
         .into_iter()
-        .filter(|(_, line)| !have.contains(line.as_str()))
+        .filter(|(_, line)| match off_symbol(line) {
+            Some(sym) => config.lines().any(|l| {
+                l.trim()
+                    .strip_prefix(sym)
+                    .is_some_and(|v| v.starts_with('='))
+            }),
+            None => !have.contains(line.as_str()),
+        })
         .map(|(origin, _)| origin)
         .collect()
 }
@@ -267,7 +286,10 @@ mod tests {
                 "a.config".into(),
                 "# comment\nCONFIG_A=y\nCONFIG_B=y\n".into(),
             ),
-            ("b.config".into(), "CONFIG_C=m\n".into()),
+            (
+                "b.config".into(),
+                "CONFIG_C=m\n# CONFIG_D is not set\n".into(),
+            ),
         ]
     }
 
@@ -279,6 +301,18 @@ mod tests {
             vec!["a.config: CONFIG_B".to_string()]
         );
         assert!(missing_symbols(&frags(), "CONFIG_A=y\nCONFIG_B=y\nCONFIG_C=m\n").is_empty());
+    }
+
+    #[test]
+    fn a_symbol_wanted_off_is_missing_only_when_set() {
+        let base = "CONFIG_A=y\nCONFIG_B=y\nCONFIG_C=m\n";
+        assert!(missing_symbols(&frags(), &format!("{base}# CONFIG_D is not set\n")).is_empty());
+        assert_eq!(
+            missing_symbols(&frags(), &format!("{base}CONFIG_D=y\n")),
+            vec!["b.config: CONFIG_D (off)".to_string()]
+        );
+        // CONFIG_DX=y is another symbol.
+        assert!(missing_symbols(&frags(), &format!("{base}CONFIG_DX=y\n")).is_empty());
     }
 
     #[test]

@@ -198,6 +198,19 @@ pub async fn bench_vm(o: &VmBenchOptions) -> anyhow::Result<()> {
     );
     println!("  VM launch to agent answering Check      {ready:8.1} ms");
     println!("  guest memory in use after boot          {used:8} KiB");
+    let parts: Vec<String> = [
+        "AnonPages:",
+        "Shmem:",
+        "Cached:",
+        "Slab:",
+        "KernelStack:",
+        "PageTables:",
+        "Percpu:",
+    ]
+    .iter()
+    .map(|f| format!("{} {}", f.trim_end_matches(':'), field(f)))
+    .collect();
+    println!("    of which (KiB): {}", parts.join(", "));
     println!("  vmlinux {vmlinux} KiB, guest.img {img} KiB, initrd.img {initrd} KiB");
     println!(
         "bench-vm: backend={} kernel_init_ms={joey:.1} debian_init_ms={deb:.1} boot_ratio_vs_debian={:.2} agent_ready_ms={ready:.1} guest_used_kib={used} guest_img_kib={img} vmlinux_kib={vmlinux}",

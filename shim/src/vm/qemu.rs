@@ -58,6 +58,11 @@ pub fn cmdline(opts: &VmOptions) -> String {
     if opts.quiet {
         args.push("quiet");
     }
+    if opts.backend == Backend::QemuTcg {
+        // Under emulation, skip the two timer calibrations that only wait: the IO-APIC
+        // timer check and the local APIC timer's (one vCPU ticks from the PIT instead).
+        args.extend(["no_timer_check", "nolapic_timer"]);
+    }
     let mut s = args.join(" ");
     for a in &opts.kernel_args {
         s.push(' ');
@@ -421,6 +426,7 @@ mod tests {
             "panic=-1",
             "quiet",
             "joey.debug=1",
+            "no_timer_check",
         ] {
             assert!(c.contains(want), "{c}");
         }

@@ -1,0 +1,138 @@
+//! joey-init's command line. Parsed by hand: init is in every guest image, and a
+//! parser library would be most of its size.
+
+use std::path::PathBuf;
+
+pub const USAGE: &str = "\
+joey-init: PID 1 of a joey sandbox
+
+Usage: joey-init [--sandbox vm|ns] [--agent PATH] [--agent-addr ADDR] [--guest-dir DIR]
+
+  --sandbox vm|ns     where init runs: PID 1 of a microVM (default) or of host namespaces
+  --agent PATH        the agent binary (default /usr/bin/joey-agent; in a VM,
+                      JOEY_AGENT_PATH=... on the kernel command line sets it)
+  --agent-addr ADDR   the agent's address (default vsock://-1:1024)
+  --guest-dir DIR     a private tmpfs for the agent's state (default /run/joey)
+  --help, --version
+";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Args {
+    pub sandbox: String,
+    pub agent: PathBuf,
+    pub agent_addr: String,
+    pub guest_dir: PathBuf,
+}
+
+/// What the command line asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    Run(Args),
+    Help,
+    Version,
+}
+
+impl Args {
+    /// The defaults, with `agent_env` (JOEY_AGENT_PATH) as the agent if set.
+    pub fn defaults(agent_env: Option<String>) -> Self {
+        Args {
+            sandbox: "vm".into(),
+            agent: agent_env
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "/usr/bin/joey-agent".into())
+                .into(),
+            agent_addr: "vsock://-1:1024".into(),
+            guest_dir: "/run/joey".into(),
+        }
+    }
+}
+
+/// Parses the arguments after the program name; `--opt VALUE` and `--opt=VALUE` both work.
+pub fn parse<I: IntoIterator<Item = String>>(
+    argv: I,
+    agent_env: Option<String>,
+) -> Result<Parsed, String> {
+    let mut args = Args::defaults(agent_env);
+    let mut it = argv.into_iter();
+    while let Some(a) = it.next() {
+        let (name, inline) = match a.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
+            _ => (a.clone(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| it.next())
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        match name.as_str() {
+            "--sandbox" => args.sandbox = value()?,
+            "--agent" => args.agent = value()?.into(),
+            "--agent-addr" => args.agent_addr = value()?,
+            "--guest-dir" => args.guest_dir = value()?.into(),
+            "-h" | "--help" => return Ok(Parsed::Help),
+            "-V" | "--version" => return Ok(Parsed::Version),
+            _ => return Err(format!("unexpected argument {a:?}")),
+        }
+    }
+    Ok(Parsed::Run(args))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(a: &[&str], env: Option<&str>) -> Result<Parsed, String> {
+        parse(a.iter().map(|s| s.to_string()), env.map(str::to_string))
+    }
+
+    #[test]
+    fn defaults_and_the_agent_from_the_environment() {
+        let Ok(Parsed::Run(a)) = p(&[], None) else {
+            panic!()
+        };
+        assert_eq!(a, Args::defaults(None));
+        assert_eq!(a.agent, PathBuf::from("/usr/bin/joey-agent"));
+        let Ok(Parsed::Run(a)) = p(&[], Some("/x/agent")) else {
+            panic!()
+        };
+        assert_eq!(a.agent, PathBuf::from("/x/agent"));
+    }
+
+    #[test]
+    fn both_value_forms_and_the_flag_wins_over_the_environment() {
+        let Ok(Parsed::Run(a)) = p(
+            &[
+                "--sandbox",
+                "ns",
+                "--agent=/a",
+                "--agent-addr",
+                "unix:///s",
+                "--guest-dir=/g",
+            ],
+            Some("/env"),
+        ) else {
+            panic!()
+        };
+        assert_eq!(
+            a,
+            Args {
+                sandbox: "ns".into(),
+                agent: "/a".into(),
+                agent_addr: "unix:///s".into(),
+                guest_dir: "/g".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn bad_input_is_named() {
+        assert_eq!(p(&["--agent"], None), Err("--agent needs a value".into()));
+        assert_eq!(
+            p(&["quiet"], None),
+            Err("unexpected argument \"quiet\"".into())
+        );
+        assert_eq!(p(&["--help"], None), Ok(Parsed::Help));
+        assert_eq!(p(&["--version"], None), Ok(Parsed::Version));
+    }
+}
