@@ -96,6 +96,21 @@ pub fn parse_manifest(text: &str) -> anyhow::Result<Vec<Entry>> {
 fn build_static(workspace: &Path) -> anyhow::Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("build: compiling joey-init and joey-agent (static, profile {PROFILE})");
+    // Paths compiled into the binaries (panic locations, generated code) must not name
+    // the checkout or the cargo home, or two checkouts would build different bytes.
+    // With --target, these flags reach only the guest binaries, not build scripts; the
+    // encoded form (0x1f between flags) keeps paths with spaces whole.
+    let mut flags = vec!["-Ctarget-feature=+crt-static".to_string()];
+    let abs = workspace
+        .canonicalize()
+        .with_context(|| format!("resolve {}", workspace.display()))?;
+    flags.push(format!("--remap-path-prefix={}=/joey", abs.display()));
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    if let Some(home) = cargo_home {
+        flags.push(format!("--remap-path-prefix={}=/cargo", home.display()));
+    }
     let status = Command::new(cargo)
         .current_dir(workspace)
         .args([
@@ -109,10 +124,7 @@ fn build_static(workspace: &Path) -> anyhow::Result<PathBuf> {
             "-p",
             "joey-agent",
         ])
-        .env(
-            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
-            "-C target-feature=+crt-static",
-        )
+        .env("CARGO_ENCODED_RUSTFLAGS", flags.join("\u{1f}"))
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit())
         .status()
