@@ -158,45 +158,36 @@ impl Pod {
     ) -> anyhow::Result<Pod> {
         let start = std::time::Instant::now();
         let addr = sandbox.agent_addr();
-        {
+        let client = loop {
             // vhost-device-vsock 0.3.0 stops serving for good when a host connection
             // arrives while the guest driver is still setting up its queues (its worker
-            // thread ends on the queue error). Drivers are up once init runs, so the
-            // first dial waits for joey-init's marker.
-            while !sandbox.may_dial() {
-                if let Some(code) = sandbox.wait_exit(Duration::ZERO).await {
-                    let e = anyhow::anyhow!("the VM ended (exit {code}) before init started");
-                    return Err(with_console(&sandbox, e));
+            // thread ends on the queue error). Drivers are up once init runs, so a VM is
+            // dialled only after joey-init's marker.
+            let last = if sandbox.may_dial() {
+                // Short attempts, so a sandbox that died is noticed at once.
+                let attempt =
+                    Duration::from_millis(500).min(deadline.saturating_sub(start.elapsed()));
+                match AgentClient::connect_ready(&addr, attempt).await {
+                    Ok(c) => break c,
+                    Err(e) => e.to_string(),
                 }
-                if start.elapsed() >= deadline {
-                    sandbox.kill();
-                    let e = anyhow::anyhow!("init did not start within {}s", deadline.as_secs());
-                    return Err(with_console(&sandbox, e));
-                }
+            } else {
                 tokio::time::sleep(Duration::from_millis(10)).await;
+                "init has not started yet".to_string()
+            };
+            if let Some(code) = sandbox.wait_exit(Duration::ZERO).await {
+                let e = anyhow::anyhow!(
+                    "the sandbox ended (exit {code}) before its agent answered ({last})"
+                );
+                return Err(with_console(&sandbox, e));
             }
-        }
-        let client = loop {
-            // Short attempts, so a sandbox that died is noticed at once.
-            let attempt = Duration::from_millis(500).min(deadline.saturating_sub(start.elapsed()));
-            match AgentClient::connect_ready(&addr, attempt).await {
-                Ok(c) => break c,
-                Err(e) => {
-                    if let Some(code) = sandbox.wait_exit(Duration::ZERO).await {
-                        let e = anyhow::anyhow!(
-                            "the sandbox ended (exit {code}) before its agent answered ({e})"
-                        );
-                        return Err(with_console(&sandbox, e));
-                    }
-                    if start.elapsed() >= deadline {
-                        sandbox.kill();
-                        let e = anyhow::anyhow!(
-                            "the agent did not answer within {}s ({e})",
-                            deadline.as_secs()
-                        );
-                        return Err(with_console(&sandbox, e));
-                    }
-                }
+            if start.elapsed() >= deadline {
+                sandbox.kill();
+                let e = anyhow::anyhow!(
+                    "the agent did not answer within {}s ({last})",
+                    deadline.as_secs()
+                );
+                return Err(with_console(&sandbox, e));
             }
         };
         let mut req = agent::CreateSandboxRequest::new();
