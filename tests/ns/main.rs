@@ -9,18 +9,8 @@ mod rpc;
 
 use joey_tests::{block_on, run_tier, Test};
 
-macro_rules! tests {
-    ($($module:ident :: $name:ident),* $(,)?) => {
-        vec![$(Test {
-            name: concat!(stringify!($module), "::", stringify!($name)),
-            run: || block_on($module::$name()),
-            machine_lacks: None,
-        }),*]
-    };
-}
-
 fn main() {
-    let mut tests = tests![
+    let mut tests = joey_tests::tier_tests![
         cli::echo_hello,
         cli::stdout_and_stderr_are_separate,
         cli::exit_codes_0_and_7,

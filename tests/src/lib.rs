@@ -27,6 +27,19 @@ pub struct Test {
     pub machine_lacks: Option<String>,
 }
 
+/// The tests `module::name, ...` of a tier, each named `module::name` and run with
+/// [`block_on`].
+#[macro_export]
+macro_rules! tier_tests {
+    ($($module:ident :: $name:ident),* $(,)?) => {
+        vec![$($crate::Test {
+            name: concat!(stringify!($module), "::", stringify!($name)),
+            run: || $crate::block_on($module::$name()),
+            machine_lacks: None,
+        }),*]
+    };
+}
+
 /// Runs the tier's tests, or reports each as skipped with `skip` (or failed in strict
 /// mode). `serial` runs one test at a time (for tests that each load the machine).
 pub fn run_tier(tier: &str, tests: Vec<Test>, skip: Option<String>, serial: bool) -> ! {
