@@ -180,10 +180,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
             if !ns {
                 let artifacts = Artifacts::find(kernel.as_deref(), guest_image.as_deref())
                     .map_err(anyhow::Error::msg)?;
-                let (backend, why) = joey_shim::vm::backend::select(
-                    std::path::Path::new("/sys/module"),
-                    std::path::Path::new("/dev/kvm"),
-                );
+                let (backend, why) = joey_shim::vm::backend::choose(&artifacts);
                 tracing::info!("VM backend {} ({why})", backend.name());
                 if debug {
                     eprintln!("joeyctl: VM backend {} ({why})", backend.name());
@@ -253,10 +250,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
             iterations,
         } => {
             let artifacts = Artifacts::find(None, None).map_err(anyhow::Error::msg)?;
-            let (backend, why) = joey_shim::vm::backend::select(
-                std::path::Path::new("/sys/module"),
-                std::path::Path::new("/dev/kvm"),
-            );
+            let (backend, why) = joey_shim::vm::backend::choose(&artifacts);
             eprintln!("bench: VM backend {} ({why})", backend.name());
             let tmp = tempfile_dir()?;
             let image = tmp.join("rootfs.erofs");

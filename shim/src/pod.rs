@@ -311,6 +311,28 @@ impl Pod {
         Ok(())
     }
 
+    /// Reads a process's stdout (or stderr) until it ends.
+    pub async fn read_to_end(&self, cid: &str, eid: &str, stderr: bool) -> anyhow::Result<Vec<u8>> {
+        let mut req = agent::ReadStreamRequest::new();
+        req.container_id = cid.into();
+        req.exec_id = eid.into();
+        req.len = 65536;
+        let mut out = Vec::new();
+        loop {
+            let agent = &self.client.agent;
+            let r = if stderr {
+                agent.read_stderr(ctx(Some(RPC_TIMEOUT)), &req).await
+            } else {
+                agent.read_stdout(ctx(Some(RPC_TIMEOUT)), &req).await
+            }
+            .with_context(|| format!("read the output of {cid}/{eid}"))?;
+            if r.data.is_empty() {
+                return Ok(out);
+            }
+            out.extend_from_slice(&r.data);
+        }
+    }
+
     pub async fn wait_process(&self, cid: &str, eid: &str) -> anyhow::Result<i32> {
         let mut req = agent::WaitProcessRequest::new();
         req.container_id = cid.into();

@@ -83,29 +83,7 @@ pub async fn start(pod: &Pod, cid: &str, p: &ProcessSpec) -> anyhow::Result<()> 
 }
 
 pub async fn read_all(pod: &Pod, cid: &str, eid: &str, stderr: bool) -> anyhow::Result<Vec<u8>> {
-    let mut req = agent::ReadStreamRequest::new();
-    req.container_id = cid.into();
-    req.exec_id = eid.into();
-    req.len = 4096;
-    let mut out = Vec::new();
-    loop {
-        let r = if stderr {
-            pod.client
-                .agent
-                .read_stderr(ctx(Some(RPC_TIMEOUT)), &req)
-                .await
-        } else {
-            pod.client
-                .agent
-                .read_stdout(ctx(Some(RPC_TIMEOUT)), &req)
-                .await
-        }
-        .context("read stream")?;
-        if r.data.is_empty() {
-            return Ok(out);
-        }
-        out.extend_from_slice(&r.data);
-    }
+    pod.read_to_end(cid, eid, stderr).await
 }
 
 pub async fn exec(pod: &Pod, cid: &str, eid: &str, p: &ProcessSpec) -> anyhow::Result<()> {

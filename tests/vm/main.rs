@@ -49,10 +49,7 @@ fn detect() -> Result<(), String> {
     }
     joey_shim::vm::qemu::vhost_vsock_binary().map_err(|e| e.to_string())?;
     let artifacts = Artifacts::find(None, None)?;
-    let (backend, _) = joey_shim::vm::backend::select(
-        std::path::Path::new("/sys/module"),
-        std::path::Path::new("/dev/kvm"),
-    );
+    let (backend, _) = joey_shim::vm::backend::choose(&artifacts);
     let busybox = std::path::Path::new(joey_shim::rootfs::DEFAULT_BUSYBOX);
     if !joey_shim::rootfs::is_static_elf(busybox).unwrap_or(false) {
         return Err("no static /bin/busybox (apt-get install busybox-static)".into());
@@ -150,6 +147,9 @@ fn main() {
         vm::kernel_panic_is_reported,
         vm::missing_agent_is_reported,
         vm::killed_joeyctl_leaves_nothing_running,
+        vm::two_containers_in_one_vm,
+        vm::tty_container_in_a_vm,
+        vm::kvm_probe_answers_within_its_deadline,
     ];
     run_tier("vm", tests, detect().err(), true);
 }

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use anyhow::ensure;
 use joey_protocols::agent;
 use joey_shim::client::{ctx, RPC_TIMEOUT};
-use joey_shim::pod::Pod;
+use joey_shim::pod::{Pod, RootfsSource};
+use joey_shim::spec::ProcessSpec;
+use joey_shim::vm::backend::{probe_kvm, PROBE_DEADLINE};
 
 use crate::{env, joeyctl, no_vm_leftovers, vm_dirs, vm_options, vm_processes, BOOT_DEADLINE};
 
@@ -170,5 +172,114 @@ pub async fn killed_joeyctl_leaves_nothing_running() -> anyhow::Result<()> {
     }
     // The SIGKILLed joeyctl's directory is gone once another VM starts.
     joey_shim::vm::qemu::prune_stale(std::path::Path::new(joey_shim::vm::qemu::VM_ROOT));
+    no_vm_leftovers()
+}
+
+/// The container image attached at launch, as the agent finds it.
+fn disk() -> RootfsSource {
+    RootfsSource::Disk {
+        serial: joey_shim::vm::qemu::ROOTFS_SERIAL.into(),
+    }
+}
+
+fn sh(script: &str, terminal: bool) -> ProcessSpec {
+    ProcessSpec {
+        args: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        terminal,
+        ..Default::default()
+    }
+}
+
+/// Two containers from the one image run at once in one VM, each on its own writable
+/// layer, and a process exec'd into one runs in that container.
+pub async fn two_containers_in_one_vm() -> anyhow::Result<()> {
+    let pod = Pod::start_vm(&vm_options(Some(env().image.clone()), &[]), BOOT_DEADLINE).await?;
+    // `a` keeps running until a process exec'd into it creates /go.
+    let a = sh(
+        "echo a > /who; while [ ! -e /go ]; do sleep 0.05; done; cat /who",
+        false,
+    );
+    // `b` must not see a's /who.
+    let b = sh(
+        "cat /who 2>/dev/null || echo none; echo b > /who; cat /who",
+        false,
+    );
+    for (cid, p) in [("a", &a), ("b", &b)] {
+        pod.create_container_from(cid, &disk(), p).await?;
+        pod.start_container(cid).await?;
+    }
+    let out = pod.read_to_end("b", "b", false).await?;
+    ensure!(
+        out == b"none\nb\n",
+        "b: {:?}",
+        String::from_utf8_lossy(&out)
+    );
+    ensure!(pod.wait_process("b", "b").await? == 0, "b's exit");
+    let mut req = joey_protocols::agent::ExecProcessRequest::new();
+    req.container_id = "a".into();
+    req.exec_id = "go".into();
+    req.process = Some(joey_shim::spec::process(&sh("touch /go", false))).into();
+    pod.client
+        .agent
+        .exec_process(ctx(Some(RPC_TIMEOUT)), &req)
+        .await?;
+    ensure!(pod.wait_process("a", "go").await? == 0, "exec'd touch");
+    let out =
+        tokio::time::timeout(Duration::from_secs(20), pod.read_to_end("a", "a", false)).await??;
+    ensure!(out == b"a\n", "a: {:?}", String::from_utf8_lossy(&out));
+    ensure!(pod.wait_process("a", "a").await? == 0, "a's exit");
+    for cid in ["a", "b"] {
+        pod.remove_container(cid).await?;
+    }
+    ensure!(
+        pod.destroy().await? == 0,
+        "QEMU exit after the guest's reboot"
+    );
+    no_vm_leftovers()
+}
+
+/// A container with a terminal gets a pty in the guest, sized by TtyWinResize.
+pub async fn tty_container_in_a_vm() -> anyhow::Result<()> {
+    let pod = Pod::start_vm(&vm_options(Some(env().image.clone()), &[]), BOOT_DEADLINE).await?;
+    pod.create_container_from("t", &disk(), &sh("tty; stty size", true))
+        .await?;
+    let mut rz = agent::TtyWinResizeRequest::new();
+    rz.container_id = "t".into();
+    rz.exec_id = "t".into();
+    rz.row = 33;
+    rz.column = 101;
+    pod.client
+        .agent
+        .tty_win_resize(ctx(Some(RPC_TIMEOUT)), &rz)
+        .await?;
+    pod.start_container("t").await?;
+    let out = String::from_utf8_lossy(&pod.read_to_end("t", "t", false).await?).into_owned();
+    ensure!(out.contains("/dev/pts/"), "tty printed {out:?}");
+    ensure!(out.contains("33 101"), "stty size printed {out:?}");
+    ensure!(pod.wait_process("t", "t").await? == 0, "exit code");
+    pod.destroy().await?;
+    no_vm_leftovers()
+}
+
+/// The KVM boot probe answers within its deadline and leaves no VM behind; a PVM-only
+/// KVM, or none, fails it.
+pub async fn kvm_probe_answers_within_its_deadline() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let artifacts = env().artifacts.clone();
+    let r = tokio::task::spawn_blocking(move || probe_kvm(&artifacts, PROBE_DEADLINE)).await?;
+    let took = started.elapsed();
+    eprintln!("KVM probe after {took:?}: {r:?}");
+    ensure!(
+        took < PROBE_DEADLINE + Duration::from_secs(15),
+        "the probe took {took:?}"
+    );
+    let kvm_usable = std::path::Path::new("/dev/kvm").exists()
+        && !std::path::Path::new("/sys/module/kvm_pvm").exists();
+    if !kvm_usable {
+        ensure!(
+            r.is_err(),
+            "a PVM-only KVM (or none) passed the probe: {r:?}"
+        );
+    }
     no_vm_leftovers()
 }

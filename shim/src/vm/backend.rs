@@ -1,6 +1,18 @@
 //! Choosing how to run a VM on this host.
+//!
+//! A PVM KVM (module `kvm_pvm`) runs only paravirtualised PVM guest kernels: a standard
+//! kernel crawls there with every instruction emulated, while a tiny test payload would
+//! still run and prove nothing. It is recognised by its module, instantly. Any other
+//! KVM is trusted only once joey's own kernel has booted under it to joey-init's
+//! console marker within [`PROBE_DEADLINE`]; the answer is cached per host, keyed by
+//! what it depends on (host kernel, KVM modules, QEMU, joey's kernel).
 
-use std::path::Path;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::qemu::{VmOptions, VmSandbox};
+use super::Artifacts;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -17,32 +29,144 @@ impl Backend {
             Backend::QemuTcg => "qemu-tcg",
         }
     }
+
+    fn from_name(s: &str) -> Option<Self> {
+        [Backend::QemuKvm, Backend::QemuTcg]
+            .into_iter()
+            .find(|b| b.name() == s)
+    }
 }
 
-/// Picks the backend and says why. `JOEY_VM_BACKEND=tcg|kvm` overrides the choice.
-///
-/// A PVM KVM (module `kvm_pvm`) runs only paravirtualised PVM guest kernels: a standard
-/// kernel crawls there with every instruction emulated, while a tiny test payload
-/// would still run and prove nothing. It is recognised by its module, instantly.
-pub fn select(sys_module: &Path, dev_kvm: &Path) -> (Backend, String) {
+/// How long joey's kernel may take to reach init under KVM. Software emulation boots
+/// it in about a second; a KVM that runs the guest natively is far quicker, and one
+/// that emulates every instruction takes minutes.
+pub const PROBE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The decisions that need no boot: `JOEY_VM_BACKEND=tcg|kvm`, no KVM device, or a
+/// PVM-only KVM. `None`: a KVM is there and only a boot probe can tell if it runs
+/// standard guests.
+pub fn recognise(sys_module: &Path, dev_kvm: &Path) -> Option<(Backend, String)> {
     match std::env::var("JOEY_VM_BACKEND").as_deref() {
-        Ok("tcg") => return (Backend::QemuTcg, "JOEY_VM_BACKEND=tcg".into()),
-        Ok("kvm") => return (Backend::QemuKvm, "JOEY_VM_BACKEND=kvm".into()),
+        Ok("tcg") => return Some((Backend::QemuTcg, "JOEY_VM_BACKEND=tcg".into())),
+        Ok("kvm") => return Some((Backend::QemuKvm, "JOEY_VM_BACKEND=kvm".into())),
         _ => {}
     }
     if !dev_kvm.exists() {
-        return (Backend::QemuTcg, format!("no {}", dev_kvm.display()));
+        return Some((Backend::QemuTcg, format!("no {}", dev_kvm.display())));
     }
     if sys_module.join("kvm_pvm").exists() {
-        return (
+        return Some((
             Backend::QemuTcg,
             "this host's KVM is a nested PVM KVM, which runs only PVM guest kernels".into(),
-        );
+        ));
     }
-    (
-        Backend::QemuKvm,
-        format!("{} runs standard guests", dev_kvm.display()),
-    )
+    None
+}
+
+/// Picks the backend for booting `artifacts` and says why: [`recognise`], else the
+/// cached answer of an earlier probe, else a fresh [`probe_kvm`] (cached).
+pub fn choose(artifacts: &Artifacts) -> (Backend, String) {
+    if let Some(d) = recognise(Path::new("/sys/module"), Path::new("/dev/kvm")) {
+        return d;
+    }
+    let cache = super::qemu::cache_dir().join("backend");
+    let file = cache.join(probe_key(Path::new("/sys/module"), &artifacts.kernel));
+    if let Some((b, why)) = read_cached(&file) {
+        return (b, format!("{why} (cached in {})", file.display()));
+    }
+    let (b, why) = match probe_kvm(artifacts, PROBE_DEADLINE) {
+        Ok(took) => (
+            Backend::QemuKvm,
+            format!(
+                "joey's kernel reached init under KVM in {} ms",
+                took.as_millis()
+            ),
+        ),
+        Err(e) => (Backend::QemuTcg, format!("KVM failed the boot probe: {e}")),
+    };
+    if let Err(e) = write_cached(&file, b, &why) {
+        tracing::warn!(file = %file.display(), "cannot cache the KVM probe's answer: {e}");
+    }
+    (b, why)
+}
+
+/// Boots joey's kernel and guest image under KVM and waits for joey-init's marker.
+/// Returns the time to the marker, or why KVM cannot run the guest. The VM is gone
+/// when this returns.
+pub fn probe_kvm(artifacts: &Artifacts, deadline: Duration) -> Result<Duration, String> {
+    let opts = VmOptions {
+        kernel: artifacts.kernel.clone(),
+        guest_image: artifacts.guest_image.clone(),
+        rootfs_image: None,
+        initrd: None,
+        memory_mib: 256,
+        backend: Backend::QemuKvm,
+        kernel_args: vec![],
+        quiet: true,
+    };
+    let mut vm = VmSandbox::start(&opts).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    loop {
+        if let Some(marker) = vm.init_started() {
+            return marker.map(|_| started.elapsed());
+        }
+        if let Some(code) = vm.try_wait() {
+            return Err(format!(
+                "QEMU exited ({code}) before init started: {}",
+                vm.console_tail(3).trim()
+            ));
+        }
+        if started.elapsed() >= deadline {
+            return Err(format!(
+                "joey's kernel did not reach init within {deadline:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The cache file name for this host's probe answer: a hash of the host kernel release,
+/// the loaded KVM modules, the QEMU binary and joey's kernel (size and mtime).
+fn probe_key(sys_module: &Path, kernel: &Path) -> String {
+    let mut h = DefaultHasher::new();
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .hash(&mut h);
+    let mut kvm_modules: Vec<String> = std::fs::read_dir(sys_module)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("kvm"))
+        .collect();
+    kvm_modules.sort();
+    kvm_modules.hash(&mut h);
+    let qemu = super::qemu::which("qemu-system-x86_64").unwrap_or_default();
+    for p in [&qemu, &kernel.to_path_buf()] {
+        p.hash(&mut h);
+        file_stamp(p).hash(&mut h);
+    }
+    format!("kvm-probe-{:016x}", h.finish())
+}
+
+fn file_stamp(p: &Path) -> Option<(u64, SystemTime)> {
+    let m = std::fs::metadata(p).ok()?;
+    Some((m.len(), m.modified().ok()?))
+}
+
+fn read_cached(file: &Path) -> Option<(Backend, String)> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let (name, why) = text.split_once('\n')?;
+    Some((Backend::from_name(name)?, why.trim().to_string()))
+}
+
+fn write_cached(file: &Path, b: Backend, why: &str) -> std::io::Result<()> {
+    let dir = file.parent().map(PathBuf::from).unwrap_or_default();
+    std::fs::create_dir_all(&dir)?;
+    // Write then rename, so a concurrent reader never sees half an answer.
+    let tmp = dir.join(format!(".{}.tmp", std::process::id()));
+    std::fs::write(&tmp, format!("{}\n{why}\n", b.name()))?;
+    std::fs::rename(&tmp, file)
 }
 
 #[cfg(test)]
@@ -50,17 +174,46 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pvm_and_missing_kvm_mean_software_emulation() {
+    fn pvm_and_missing_kvm_mean_software_emulation_and_other_kvms_a_probe() {
         let tmp = tempfile::tempdir().unwrap();
         let modules = tmp.path().join("module");
         std::fs::create_dir_all(modules.join("kvm")).unwrap();
         let kvm = tmp.path().join("kvm");
-        assert_eq!(select(&modules, &kvm).0, Backend::QemuTcg);
+        assert_eq!(recognise(&modules, &kvm).unwrap().0, Backend::QemuTcg);
         std::fs::write(&kvm, b"").unwrap();
-        assert_eq!(select(&modules, &kvm).0, Backend::QemuKvm);
+        assert!(recognise(&modules, &kvm).is_none());
         std::fs::create_dir_all(modules.join("kvm_pvm")).unwrap();
-        let (b, why) = select(&modules, &kvm);
+        let (b, why) = recognise(&modules, &kvm).unwrap();
         assert_eq!(b, Backend::QemuTcg);
         assert!(why.contains("PVM"), "{why}");
+    }
+
+    #[test]
+    fn a_cached_answer_reads_back_and_its_key_follows_the_kernel_and_modules() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("backend/answer");
+        assert!(read_cached(&file).is_none());
+        write_cached(&file, Backend::QemuKvm, "booted in 80 ms").unwrap();
+        assert_eq!(
+            read_cached(&file),
+            Some((Backend::QemuKvm, "booted in 80 ms".to_string()))
+        );
+        std::fs::write(&file, "qemu-xyz\nwhat\n").unwrap();
+        assert!(
+            read_cached(&file).is_none(),
+            "an unknown backend is no answer"
+        );
+
+        let modules = tmp.path().join("module");
+        std::fs::create_dir_all(modules.join("kvm")).unwrap();
+        let kernel = tmp.path().join("vmlinux");
+        std::fs::write(&kernel, b"one").unwrap();
+        let k1 = probe_key(&modules, &kernel);
+        assert_eq!(k1, probe_key(&modules, &kernel), "stable");
+        std::fs::write(&kernel, b"a rebuilt kernel").unwrap();
+        let k2 = probe_key(&modules, &kernel);
+        assert_ne!(k1, k2, "a new kernel is probed again");
+        std::fs::create_dir_all(modules.join("kvm_intel")).unwrap();
+        assert_ne!(k2, probe_key(&modules, &kernel), "so is a new KVM module");
     }
 }

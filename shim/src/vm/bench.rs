@@ -7,11 +7,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use joey_protocols::agent;
 
 use super::qemu::{VmOptions, VmSandbox};
 use super::Artifacts;
-use crate::client::{ctx, RPC_TIMEOUT};
 use crate::pod::{Pod, RootfsSource};
 use crate::spec::ProcessSpec;
 
@@ -149,23 +147,8 @@ pub async fn bench_vm(o: &VmBenchOptions) -> anyhow::Result<()> {
         &p,
     )
     .await?;
-    let mut req = agent::ReadStreamRequest::new();
-    req.container_id = "mem".into();
-    req.exec_id = "mem".into();
-    req.len = 65536;
     pod.start_container("mem").await?;
-    let mut text = Vec::new();
-    loop {
-        let r = pod
-            .client
-            .agent
-            .read_stdout(ctx(Some(RPC_TIMEOUT)), &req)
-            .await?;
-        if r.data.is_empty() {
-            break;
-        }
-        text.extend_from_slice(&r.data);
-    }
+    let text = pod.read_to_end("mem", "", false).await?;
     pod.wait_process("mem", "").await?;
     pod.destroy().await?;
     let text = String::from_utf8_lossy(&text);

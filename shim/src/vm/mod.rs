@@ -11,6 +11,7 @@ pub mod backend;
 pub mod bench;
 pub mod image;
 pub mod qemu;
+pub mod tsc;
 
 pub use artifacts::Artifacts;
 pub use backend::Backend;

@@ -64,6 +64,13 @@ pub fn cmdline(opts: &VmOptions) -> String {
         args.extend(["no_timer_check", "nolapic_timer"]);
     }
     let mut s = args.join(" ");
+    if opts.backend == Backend::QemuTcg {
+        // The guest's TSC is the host's: name its rate rather than have the guest fail
+        // to calibrate it against the emulated PIT.
+        if let Some(khz) = super::tsc::host_tsc_khz() {
+            s.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+    }
     for a in &opts.kernel_args {
         s.push(' ');
         s.push_str(a);
@@ -96,7 +103,7 @@ pub fn vhost_vsock_binary() -> Result<PathBuf, VmError> {
     })
 }
 
-fn which(name: &str) -> Option<PathBuf> {
+pub(crate) fn which(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
         .map(|d| d.join(name))
         .find(|p| p.is_file())
@@ -429,6 +436,9 @@ mod tests {
             "no_timer_check",
         ] {
             assert!(c.contains(want), "{c}");
+        }
+        if super::super::tsc::host_tsc_khz().is_some() {
+            assert!(c.contains(" tsc_early_khz="), "{c}");
         }
     }
 }

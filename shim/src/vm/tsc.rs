@@ -1,0 +1,111 @@
+//! The host's TSC frequency. Under QEMU's software emulation the guest's TSC is the
+//! host's, so telling the guest kernel its frequency (`tsc_early_khz=`) spares it the
+//! PIT calibrations, which fail under emulation and leave it on a jiffies clock with a
+//! ~200 ms delay-loop calibration, and gives its timestamps a real clock.
+//!
+//! Measured once per host boot against CLOCK_MONOTONIC_RAW and cached, keyed by the
+//! host's boot id.
+
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// How long each measurement lasts: at 1-2 GHz this bounds the error from the clock
+/// reads around it to about 100 ppm.
+const WINDOW: Duration = Duration::from_millis(10);
+
+/// The host's TSC frequency in kHz, or `None` if this host has no usable TSC.
+pub fn host_tsc_khz() -> Option<u64> {
+    static KHZ: OnceLock<Option<u64>> = OnceLock::new();
+    *KHZ.get_or_init(|| {
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+        let file = super::qemu::cache_dir()
+            .join("backend")
+            .join(format!("tsc-khz-{}", boot_id.trim()));
+        if let Some(khz) = read_khz(&file) {
+            return Some(khz);
+        }
+        let khz = measure()?;
+        if let Some(dir) = file.parent() {
+            let tmp = dir.join(format!(".tsc.{}.tmp", std::process::id()));
+            let written = std::fs::create_dir_all(dir)
+                .and_then(|()| std::fs::write(&tmp, format!("{khz}\n")))
+                .and_then(|()| std::fs::rename(&tmp, &file));
+            if let Err(e) = written {
+                tracing::debug!(file = %file.display(), "cannot cache the TSC frequency: {e}");
+            }
+        }
+        Some(khz)
+    })
+}
+
+fn read_khz(file: &Path) -> Option<u64> {
+    std::fs::read_to_string(file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&k| k > 0)
+}
+
+/// The median of three measurements, rounded to 1 MHz when that is within 100 ppm
+/// (TSCs tick at a round rate; the rounding removes the measurement's noise).
+#[cfg(target_arch = "x86_64")]
+fn measure() -> Option<u64> {
+    if !std::fs::read_to_string("/proc/cpuinfo")
+        .ok()?
+        .lines()
+        .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "tsc"))
+    {
+        return None;
+    }
+    let once = || {
+        // SAFETY: rdtsc has no preconditions on a CPU with the tsc flag.
+        let (t0, c0) = (Instant::now(), unsafe { core::arch::x86_64::_rdtsc() });
+        std::thread::sleep(WINDOW);
+        let (t1, c1) = (Instant::now(), unsafe { core::arch::x86_64::_rdtsc() });
+        c1.wrapping_sub(c0) as f64 / (t1 - t0).as_secs_f64() / 1000.0
+    };
+    let mut v = [once(), once(), once()];
+    v.sort_by(f64::total_cmp);
+    Some(round_khz(v[1]))
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn measure() -> Option<u64> {
+    None
+}
+
+fn round_khz(khz: f64) -> u64 {
+    let mhz = (khz / 1000.0).round() * 1000.0;
+    if (khz - mhz).abs() <= khz * 1e-4 {
+        mhz as u64
+    } else {
+        khz.round() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_rates_are_rounded_and_odd_ones_kept() {
+        assert_eq!(round_khz(1_999_987.0), 2_000_000);
+        assert_eq!(round_khz(2_900_150.0), 2_900_000);
+        assert_eq!(round_khz(2_095_432.4), 2_095_432);
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn the_measured_rate_is_plausible_and_stable() {
+        let Some(a) = measure() else {
+            eprintln!("skipped: this CPU has no TSC");
+            return;
+        };
+        assert!((100_000..20_000_000).contains(&a), "{a} kHz");
+        let b = measure().unwrap();
+        let diff = (a as f64 - b as f64).abs() / a as f64;
+        assert!(diff < 0.01, "{a} vs {b} kHz");
+    }
+}
