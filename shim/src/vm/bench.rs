@@ -14,13 +14,15 @@ use crate::pod::{Pod, RootfsSource};
 use crate::spec::ProcessSpec;
 
 /// Boots `opts` until joey-init prints its marker; returns the kernel's boot-to-init
-/// time in ms (the guest's own clock).
-async fn boot_to_init(opts: &VmOptions) -> anyhow::Result<f64> {
+/// time in ms (the guest's own clock) and the host's time from QEMU's start to the
+/// marker on the console (polled every 10 ms).
+async fn boot_to_init(opts: &VmOptions) -> anyhow::Result<(f64, f64)> {
     let vm = VmSandbox::start(opts)?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(secs) = vm.init_started() {
-            return Ok(secs.map_err(anyhow::Error::msg)? * 1000.0);
+            let host = vm.started.elapsed().as_secs_f64() * 1000.0;
+            return Ok((secs.map_err(anyhow::Error::msg)? * 1000.0, host));
         }
         if Instant::now() >= deadline {
             bail!("no init marker within 60s:\n{}", vm.console_tail(20));
@@ -113,9 +115,14 @@ pub async fn bench_vm(o: &VmBenchOptions) -> anyhow::Result<()> {
         ..o.base.clone()
     };
     let (mut joey, mut deb, mut ready) = (vec![], vec![], vec![]);
+    let (mut joey_host, mut deb_host) = (vec![], vec![]);
     for _ in 0..n {
-        joey.push(boot_to_init(&initrd_boot(&o.artifacts.kernel)).await?);
-        deb.push(boot_to_init(&initrd_boot(&debian)).await?);
+        let (guest, host) = boot_to_init(&initrd_boot(&o.artifacts.kernel)).await?;
+        joey.push(guest);
+        joey_host.push(host);
+        let (guest, host) = boot_to_init(&initrd_boot(&debian)).await?;
+        deb.push(guest);
+        deb_host.push(host);
         let opts = VmOptions {
             rootfs_image: None,
             initrd: None,
@@ -160,6 +167,7 @@ pub async fn bench_vm(o: &VmBenchOptions) -> anyhow::Result<()> {
     };
     let used = field("MemTotal:").saturating_sub(field("MemAvailable:"));
     let (joey, deb, ready) = (median(joey), median(deb), median(ready));
+    let (joey_host, deb_host) = (median(joey_host), median(deb_host));
     let dir = o.artifacts.guest_image.parent().unwrap_or(Path::new("."));
     let (img, vmlinux, initrd) = (
         kib(&o.artifacts.guest_image),
@@ -178,6 +186,10 @@ pub async fn bench_vm(o: &VmBenchOptions) -> anyhow::Result<()> {
     println!(
         "  ratio joey / Debian                     {:8.2}",
         joey / deb
+    );
+    println!(
+        "  QEMU start to init, host clock: joey {joey_host:.1} ms, Debian {deb_host:.1} ms (ratio {:.2})",
+        joey_host / deb_host
     );
     println!("  VM launch to agent answering Check      {ready:8.1} ms");
     println!("  guest memory in use after boot          {used:8} KiB");
