@@ -173,4 +173,27 @@ impl AgentClient {
             })?;
         Ok(())
     }
+
+    /// TtyWinResize: sets the size of a process's terminal.
+    pub async fn resize_tty(
+        &self,
+        cid: &str,
+        eid: &str,
+        rows: u32,
+        cols: u32,
+    ) -> Result<(), ClientError> {
+        let mut req = joey_protocols::agent::TtyWinResizeRequest::new();
+        req.container_id = cid.into();
+        req.exec_id = eid.into();
+        req.row = rows;
+        req.column = cols;
+        self.agent
+            .tty_win_resize(ctx(Some(RPC_TIMEOUT)), &req)
+            .await
+            .map_err(|source| ClientError::Rpc {
+                method: "TtyWinResize",
+                source,
+            })?;
+        Ok(())
+    }
 }

@@ -203,15 +203,9 @@ fn host_window_size() -> Option<(u16, u16)> {
 
 async fn resize(client: &AgentClient, cid: &str) {
     if let Some((rows, cols)) = host_window_size() {
-        let mut req = agent::TtyWinResizeRequest::new();
-        req.container_id = cid.into();
-        req.exec_id = cid.into();
-        req.row = rows.into();
-        req.column = cols.into();
-        let _ = client
-            .agent
-            .tty_win_resize(ctx(Some(RPC_TIMEOUT)), &req)
-            .await;
+        if let Err(e) = client.resize_tty(cid, cid, rows.into(), cols.into()).await {
+            tracing::debug!("terminal resize: {e}");
+        }
     }
 }
 

@@ -252,15 +252,7 @@ pub async fn tty_container_gets_a_terminal() -> anyhow::Result<()> {
     p.terminal = true;
     pod.create_container("t", &crate::common::env().rootfs, &p)
         .await?;
-    let mut rz = agent::TtyWinResizeRequest::new();
-    rz.container_id = "t".into();
-    rz.exec_id = "t".into();
-    rz.row = 33;
-    rz.column = 101;
-    pod.client
-        .agent
-        .tty_win_resize(ctx(Some(RPC_TIMEOUT)), &rz)
-        .await?;
+    pod.client.resize_tty("t", "t", 33, 101).await?;
     pod.start_container("t").await?;
     let out = String::from_utf8_lossy(&read_all(&pod, "t", "t", false).await?).into_owned();
     ensure!(out.contains("/dev/pts/"), "tty printed {out:?}");

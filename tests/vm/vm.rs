@@ -243,15 +243,7 @@ pub async fn tty_container_in_a_vm() -> anyhow::Result<()> {
     let pod = Pod::start_vm(&vm_options(Some(env().image.clone()), &[]), BOOT_DEADLINE).await?;
     pod.create_container_from("t", &disk(), &sh("tty; stty size", true))
         .await?;
-    let mut rz = agent::TtyWinResizeRequest::new();
-    rz.container_id = "t".into();
-    rz.exec_id = "t".into();
-    rz.row = 33;
-    rz.column = 101;
-    pod.client
-        .agent
-        .tty_win_resize(ctx(Some(RPC_TIMEOUT)), &rz)
-        .await?;
+    pod.client.resize_tty("t", "t", 33, 101).await?;
     pod.start_container("t").await?;
     let out = String::from_utf8_lossy(&pod.read_to_end("t", "t", false).await?).into_owned();
     ensure!(out.contains("/dev/pts/"), "tty printed {out:?}");

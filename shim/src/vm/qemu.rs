@@ -51,34 +51,32 @@ pub struct VmOptions {
 
 /// The kernel command line joey boots with.
 pub fn cmdline(opts: &VmOptions) -> String {
-    let mut args = vec!["console=ttyS0", "reboot=t", "panic=-1"];
+    let mut args: Vec<String> = ["console=ttyS0", "reboot=t", "panic=-1"]
+        .map(String::from)
+        .into();
     if opts.initrd.is_none() {
-        args.extend(["root=/dev/vda", "rootfstype=erofs", "ro", "init=/sbin/init"]);
+        args.extend(
+            ["root=/dev/vda", "rootfstype=erofs", "ro", "init=/sbin/init"].map(String::from),
+        );
     }
     if opts.quiet {
-        args.push("quiet");
+        args.push("quiet".into());
     }
     if opts.backend == Backend::QemuTcg {
         // Under emulation, skip the two timer calibrations that only wait: the IO-APIC
         // timer check and the local APIC timer's (one vCPU ticks from the PIT instead).
-        // And keep the SMP lock prefixes of a one-vCPU guest: patching each of them out
-        // goes through text_poke's page-table switch, ~35 us apiece under emulation
-        // (~175 ms for joey's kernel), for a saving emulation does not notice.
-        args.extend(["no_timer_check", "nolapic_timer", "noreplace-smp"]);
-    }
-    let mut s = args.join(" ");
-    if opts.backend == Backend::QemuTcg {
+        // Keep the SMP lock prefixes of a one-vCPU guest: patching each out goes
+        // through text_poke's page-table switch, ~35 us apiece under emulation (~190 ms
+        // for joey's kernel), to save a cost emulation does not notice.
+        args.extend(["no_timer_check", "nolapic_timer", "noreplace-smp"].map(String::from));
         // The guest's TSC is the host's: name its rate rather than have the guest fail
         // to calibrate it against the emulated PIT.
         if let Some(khz) = super::tsc::host_tsc_khz() {
-            s.push_str(&format!(" tsc_early_khz={khz}"));
+            args.push(format!("tsc_early_khz={khz}"));
         }
     }
-    for a in &opts.kernel_args {
-        s.push(' ');
-        s.push_str(a);
-    }
-    s
+    args.extend(opts.kernel_args.iter().cloned());
+    args.join(" ")
 }
 
 /// joey's cache of expensive results: `$JOEY_CACHE`, else `~/.cache/joey`.
