@@ -10,9 +10,12 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// How long each measurement lasts: at 1-2 GHz this bounds the error from the clock
-/// reads around it to about 100 ppm.
-const WINDOW: Duration = Duration::from_millis(10);
+/// How long each measurement lasts.
+const WINDOW: Duration = Duration::from_millis(20);
+/// A TSC read counts only if the clock reads around it are at most this far apart, so
+/// a preemption between them cannot skew the rate: the error stays within
+/// 2 × 10 us / 20 ms = 0.1%.
+const BRACKET: Duration = Duration::from_micros(10);
 
 /// The host's TSC frequency in kHz, or `None` if this host has no usable TSC.
 pub fn host_tsc_khz() -> Option<u64> {
@@ -49,24 +52,40 @@ fn read_khz(file: &Path) -> Option<u64> {
 }
 
 /// The median of three measurements, rounded to 1 MHz when that is within 100 ppm
-/// (TSCs tick at a round rate; the rounding removes the measurement's noise).
+/// (TSCs tick at a round rate; the rounding removes the measurement's noise). `None`
+/// without a constant-rate TSC, or if the clock could not be read cleanly around it.
 #[cfg(target_arch = "x86_64")]
 fn measure() -> Option<u64> {
     if !std::fs::read_to_string("/proc/cpuinfo")
         .ok()?
         .lines()
-        .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "tsc"))
+        .find(|l| l.starts_with("flags"))
+        .is_some_and(|l| {
+            // A TSC whose rate changes with the CPU's clock has no one rate to name.
+            let flags: Vec<&str> = l.split_whitespace().collect();
+            flags.contains(&"tsc") && flags.contains(&"constant_tsc")
+        })
     {
         return None;
     }
-    let once = || {
-        // SAFETY: rdtsc has no preconditions on a CPU with the tsc flag.
-        let (t0, c0) = (Instant::now(), unsafe { core::arch::x86_64::_rdtsc() });
-        std::thread::sleep(WINDOW);
-        let (t1, c1) = (Instant::now(), unsafe { core::arch::x86_64::_rdtsc() });
-        c1.wrapping_sub(c0) as f64 / (t1 - t0).as_secs_f64() / 1000.0
+    // SAFETY: rdtsc has no preconditions on a CPU with the tsc flag.
+    let rdtsc = || unsafe { core::arch::x86_64::_rdtsc() };
+    // The TSC and the clock read at (nearly) the same moment.
+    let stamp = || {
+        (0..1000).find_map(|_| {
+            let before = Instant::now();
+            let tsc = rdtsc();
+            let after = Instant::now();
+            (after - before <= BRACKET).then(|| (before + (after - before) / 2, tsc))
+        })
     };
-    let mut v = [once(), once(), once()];
+    let once = || -> Option<f64> {
+        let (t0, c0) = stamp()?;
+        std::thread::sleep(WINDOW);
+        let (t1, c1) = stamp()?;
+        Some(c1.wrapping_sub(c0) as f64 / (t1 - t0).as_secs_f64() / 1000.0)
+    };
+    let mut v = [once()?, once()?, once()?];
     v.sort_by(f64::total_cmp);
     Some(round_khz(v[1]))
 }
@@ -100,7 +119,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     fn the_measured_rate_is_plausible_and_stable() {
         let Some(a) = measure() else {
-            eprintln!("skipped: this CPU has no TSC");
+            eprintln!("skipped: this CPU has no constant-rate TSC");
             return;
         };
         assert!((100_000..20_000_000).contains(&a), "{a} kHz");
