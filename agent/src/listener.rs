@@ -2,6 +2,7 @@
 //! replies they write. After DestroySandbox the agent exits as soon as that reply is
 //! on the socket, instead of sleeping for a guessed while.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -112,32 +113,45 @@ pub fn bind(addr: &ServeAddr, writes: WriteCounter) -> anyhow::Result<Listener> 
             let _ = std::fs::remove_file(path);
             let l = tokio::net::UnixListener::bind(path)
                 .with_context(|| format!("listen on {}", path.display()))?;
-            Ok(Listener::new(futures::stream::unfold(
-                (l, writes),
-                |(l, w)| async move {
-                    let r = l.accept().await.map(|(s, _)| Counted {
-                        inner: s,
-                        writes: w.clone(),
-                    });
-                    Some((r, (l, w)))
-                },
-            )))
+            Ok(counted(l, writes))
         }
         ServeAddr::Vsock(cid, port) => {
             let l = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(*cid, *port))
                 .with_context(|| format!("listen on vsock port {port}"))?;
-            Ok(Listener::new(futures::stream::unfold(
-                (l, writes),
-                |(l, w)| async move {
-                    let r = l.accept().await.map(|(s, _)| Counted {
-                        inner: s,
-                        writes: w.clone(),
-                    });
-                    Some((r, (l, w)))
-                },
-            )))
+            Ok(counted(l, writes))
         }
     }
+}
+
+/// A bound listener of either kind.
+trait Accept: Send + 'static {
+    type Conn: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static;
+    fn next_conn(&self) -> impl Future<Output = std::io::Result<Self::Conn>> + Send;
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Conn = tokio::net::UnixStream;
+    async fn next_conn(&self) -> std::io::Result<Self::Conn> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+impl Accept for tokio_vsock::VsockListener {
+    type Conn = tokio_vsock::VsockStream;
+    async fn next_conn(&self) -> std::io::Result<Self::Conn> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+/// The ttrpc listener over `l`, whose connections count their writes in `writes`.
+fn counted<L: Accept>(l: L, writes: WriteCounter) -> Listener {
+    Listener::new(futures::stream::unfold((l, writes), |(l, w)| async move {
+        let r = l.next_conn().await.map(|s| Counted {
+            inner: s,
+            writes: w.clone(),
+        });
+        Some((r, (l, w)))
+    }))
 }
 
 #[cfg(test)]
