@@ -2,9 +2,10 @@
 //! whose host end is a Unix socket (hybrid vsock), the agent dialled on port 1024.
 //!
 //! KVM on the development hosts is a nested PVM KVM that runs only paravirtualised
-//! guests, so the runner recognises it and uses QEMU's software emulation (microvm
-//! machine) with a vhost-user vsock backend (`vhost-device-vsock`). joey-vmm takes
-//! over where KVM runs standard guests (its own issue).
+//! guests, so the runner recognises it (any other KVM must first boot joey's kernel
+//! in a probe) and uses QEMU's software emulation (microvm machine) with a vhost-user
+//! vsock backend (`vhost-device-vsock`). joey-vmm takes over where KVM runs standard
+//! guests (its own issue).
 
 pub mod artifacts;
 pub mod backend;
