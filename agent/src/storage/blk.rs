@@ -5,9 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::{create_dir, mount, StorageContext, StorageRequest, Undo};
+use super::{mount_with_options, StorageContext, StorageRequest, Undo};
 use crate::error::{invalid, Result};
-use crate::mount::{parse_options, MountSpec};
 
 /// How long a disk may take to appear after boot.
 const DEVICE_DEADLINE: Duration = Duration::from_secs(5);
@@ -63,20 +62,14 @@ pub(super) fn add(
         )));
     }
     let dev = resolve(&req.source)?;
-    create_dir(mount_point, undo)?;
-    let (flags, data) = parse_options(&req.options);
-    mount(
+    mount_with_options(
         ctx,
-        MountSpec {
-            source: dev.display().to_string(),
-            target: mount_point.to_path_buf(),
-            fstype: req.fstype.clone(),
-            flags,
-            data,
-        },
+        dev.display().to_string(),
+        req.fstype.clone(),
+        req,
+        mount_point,
         undo,
-    )?;
-    Ok(())
+    )
 }
 
 #[cfg(test)]

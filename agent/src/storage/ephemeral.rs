@@ -2,9 +2,8 @@
 
 use std::path::Path;
 
-use super::{create_dir, mount, StorageContext, StorageRequest, Undo};
+use super::{mount_with_options, StorageContext, StorageRequest, Undo};
 use crate::error::{invalid, Result};
-use crate::mount::{parse_options, MountSpec};
 
 pub(super) fn add(
     ctx: &StorageContext<'_>,
@@ -18,20 +17,7 @@ pub(super) fn add(
             req.fstype
         )));
     }
-    create_dir(mount_point, undo)?;
-    let (flags, data) = parse_options(&req.options);
-    mount(
-        ctx,
-        MountSpec {
-            source: "tmpfs".into(),
-            target: mount_point.to_path_buf(),
-            fstype: "tmpfs".into(),
-            flags,
-            data,
-        },
-        undo,
-    )?;
-    Ok(())
+    mount_with_options(ctx, "tmpfs".into(), "tmpfs".into(), req, mount_point, undo)
 }
 
 #[cfg(test)]

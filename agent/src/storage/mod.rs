@@ -119,6 +119,31 @@ pub(crate) fn mount(ctx: &StorageContext<'_>, m: MountSpec, undo: &mut Vec<Undo>
     Ok(())
 }
 
+/// Creates `mount_point` and mounts `source` (a filesystem of `fstype`) there with the
+/// request's mount options, recording both for undo.
+pub(crate) fn mount_with_options(
+    ctx: &StorageContext<'_>,
+    source: String,
+    fstype: String,
+    req: &StorageRequest,
+    mount_point: &Path,
+    undo: &mut Vec<Undo>,
+) -> Result<()> {
+    create_dir(mount_point, undo)?;
+    let (flags, data) = crate::mount::parse_options(&req.options);
+    mount(
+        ctx,
+        MountSpec {
+            source,
+            target: mount_point.to_path_buf(),
+            fstype,
+            flags,
+            data,
+        },
+        undo,
+    )
+}
+
 /// Creates `dir` and any missing parents, recording the directories it created.
 pub(crate) fn create_dir(dir: &Path, undo: &mut Vec<Undo>) -> Result<()> {
     let mut missing = Vec::new();
