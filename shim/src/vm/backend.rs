@@ -8,7 +8,7 @@
 //! what it depends on (host kernel, KVM modules, QEMU, joey's kernel).
 
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::qemu::{VmOptions, VmSandbox};
@@ -161,12 +161,7 @@ fn read_cached(file: &Path) -> Option<(Backend, String)> {
 }
 
 fn write_cached(file: &Path, b: Backend, why: &str) -> std::io::Result<()> {
-    let dir = file.parent().map(PathBuf::from).unwrap_or_default();
-    std::fs::create_dir_all(&dir)?;
-    // Write then rename, so a concurrent reader never sees half an answer.
-    let tmp = dir.join(format!(".{}.tmp", std::process::id()));
-    std::fs::write(&tmp, format!("{}\n{why}\n", b.name()))?;
-    std::fs::rename(&tmp, file)
+    super::qemu::write_cache_file(file, &format!("{}\n{why}\n", b.name()))
 }
 
 #[cfg(test)]

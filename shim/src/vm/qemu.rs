@@ -90,6 +90,17 @@ pub fn cache_dir() -> PathBuf {
     home.join(".cache/joey")
 }
 
+/// Writes a cache file whole: to a temporary name beside it, then renamed over it, so a
+/// concurrent reader sees the old contents or the new, never half of them.
+pub(crate) fn write_cache_file(file: &Path, text: &str) -> std::io::Result<()> {
+    let dir = file.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = file.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, file)
+}
+
 /// Finds `vhost-device-vsock`: `$JOEY_VHOST_VSOCK`, joey's tool cache, or PATH.
 pub fn vhost_vsock_binary() -> Result<PathBuf, VmError> {
     if let Some(p) = std::env::var_os("JOEY_VHOST_VSOCK") {

@@ -29,14 +29,8 @@ pub fn host_tsc_khz() -> Option<u64> {
             return Some(khz);
         }
         let khz = measure()?;
-        if let Some(dir) = file.parent() {
-            let tmp = dir.join(format!(".tsc.{}.tmp", std::process::id()));
-            let written = std::fs::create_dir_all(dir)
-                .and_then(|()| std::fs::write(&tmp, format!("{khz}\n")))
-                .and_then(|()| std::fs::rename(&tmp, &file));
-            if let Err(e) = written {
-                tracing::debug!(file = %file.display(), "cannot cache the TSC frequency: {e}");
-            }
+        if let Err(e) = super::qemu::write_cache_file(&file, &format!("{khz}\n")) {
+            tracing::debug!(file = %file.display(), "cannot cache the TSC frequency: {e}");
         }
         Some(khz)
     })
