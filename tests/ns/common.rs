@@ -138,17 +138,11 @@ pub async fn run(args: &[&str], stdin: &[u8]) -> anyhow::Result<Output> {
 
 /// Host pids whose command line mentions `needle`.
 pub fn pids_mentioning(needle: &str) -> Vec<i32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmd).contains(needle) {
-            out.push(pid);
-        }
-    }
-    out
+    joey_tests::process_cmdlines()
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains(needle))
+        .map(|(pid, _)| pid)
+        .collect()
 }
 
 /// The comm (process name) of `pid`.

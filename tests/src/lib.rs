@@ -116,6 +116,19 @@ pub fn require_file(p: &Path, hint: &str) -> Result<(), String> {
     }
 }
 
+/// Every process's pid and command line (arguments joined by spaces).
+pub fn process_cmdlines() -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        out.push((pid, String::from_utf8_lossy(&cmd).replace('\0', " ")));
+    }
+    out
+}
+
 /// What a finished command printed and returned.
 pub struct Output {
     pub code: i32,

@@ -98,6 +98,14 @@ async fn joeyctl(args: &[&str], stdin: &[u8]) -> anyhow::Result<Output> {
     joey_tests::run_command(&env().joeyctl, args, stdin, Duration::from_secs(120)).await
 }
 
+/// `joeyctl run --vm --rootfs <busybox> -- ARGS`.
+async fn run_vm(args: &[&str]) -> anyhow::Result<Output> {
+    let rootfs = env().rootfs.display().to_string();
+    let mut all = vec!["run", "--vm", "--rootfs", rootfs.as_str(), "--"];
+    all.extend_from_slice(args);
+    joeyctl(&all, b"").await
+}
+
 fn vm_dirs() -> Vec<PathBuf> {
     std::fs::read_dir(joey_shim::vm::qemu::VM_ROOT)
         .map(|d| d.flatten().map(|e| e.path()).collect())
@@ -106,20 +114,17 @@ fn vm_dirs() -> Vec<PathBuf> {
 
 /// The command lines of this run's QEMU and vsock backend processes.
 fn vm_processes() -> Vec<String> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        let ours = cmd.contains(joey_shim::vm::qemu::VM_ROOT)
-            && !env()
-                .existing
-                .iter()
-                .any(|d| cmd.contains(&*d.to_string_lossy()));
-        if ours {
-            found.push(cmd);
-        }
-    }
-    found
+    joey_tests::process_cmdlines()
+        .into_iter()
+        .map(|(_, cmd)| cmd)
+        .filter(|cmd| {
+            cmd.contains(joey_shim::vm::qemu::VM_ROOT)
+                && !env()
+                    .existing
+                    .iter()
+                    .any(|d| cmd.contains(&*d.to_string_lossy()))
+        })
+        .collect()
 }
 
 /// Nothing of this run's VMs is left: no VM directory, no QEMU or vsock backend process.

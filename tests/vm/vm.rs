@@ -10,7 +10,9 @@ use joey_shim::pod::{Pod, RootfsSource};
 use joey_shim::spec::ProcessSpec;
 use joey_shim::vm::backend::{probe_kvm, PROBE_DEADLINE};
 
-use crate::{env, joeyctl, no_vm_leftovers, vm_dirs, vm_options, vm_processes, BOOT_DEADLINE};
+use crate::{
+    env, joeyctl, no_vm_leftovers, run_vm, vm_dirs, vm_options, vm_processes, BOOT_DEADLINE,
+};
 
 pub async fn boot_check_and_clean_end() -> anyhow::Result<()> {
     let started = Instant::now();
@@ -32,37 +34,11 @@ pub async fn boot_check_and_clean_end() -> anyhow::Result<()> {
 }
 
 pub async fn run_output_and_exit_code() -> anyhow::Result<()> {
-    let rootfs = env().rootfs.display().to_string();
-    let o = joeyctl(
-        &[
-            "run",
-            "--vm",
-            "--rootfs",
-            &rootfs,
-            "--",
-            "/bin/sh",
-            "-c",
-            "echo to-out; echo to-err >&2; exit 7",
-        ],
-        b"",
-    )
-    .await?;
+    let o = run_vm(&["/bin/sh", "-c", "echo to-out; echo to-err >&2; exit 7"]).await?;
     ensure!(o.code == 7, "exit {} (stderr {})", o.code, o.stderr);
     ensure!(o.stdout == "to-out\n", "stdout {:?}", o.stdout);
     ensure!(o.stderr == "to-err\n", "stderr {:?}", o.stderr);
-    let o = joeyctl(
-        &[
-            "run",
-            "--vm",
-            "--rootfs",
-            &rootfs,
-            "--",
-            "/bin/echo",
-            "hello",
-        ],
-        b"",
-    )
-    .await?;
+    let o = run_vm(&["/bin/echo", "hello"]).await?;
     ensure!(
         o.code == 0 && o.stdout == "hello\n",
         "echo: {} {:?} {}",
