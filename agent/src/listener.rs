@@ -4,34 +4,41 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
 use ttrpc::r#async::transport::Listener;
 
 /// Counts successful writes over every connection.
-#[derive(Clone, Default)]
-pub struct WriteCounter(Arc<AtomicU64>);
+#[derive(Clone)]
+pub struct WriteCounter(Arc<watch::Sender<u64>>);
+
+impl Default for WriteCounter {
+    fn default() -> Self {
+        WriteCounter(Arc::new(watch::Sender::new(0)))
+    }
+}
 
 impl WriteCounter {
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
+        *self.0.borrow()
+    }
+
+    fn add(&self) {
+        self.0.send_modify(|n| *n += 1);
     }
 
     /// Waits until a write happens after `since` was read, or `timeout` passes.
     pub async fn wait_past(&self, since: u64, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        while self.get() <= since {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        true
+        let mut rx = self.0.subscribe();
+        let passed = tokio::time::timeout(timeout, rx.wait_for(|n| *n > since))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        passed
     }
 }
 
@@ -60,7 +67,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &r {
             if *n > 0 {
-                self.writes.0.fetch_add(1, Ordering::SeqCst);
+                self.writes.add();
             }
         }
         r

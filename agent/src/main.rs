@@ -4,38 +4,37 @@
 //! `launch` (container creation, see `launcher`) and `pidns` (the holder of a
 //! sandbox's shared PID namespace).
 
-mod container;
+mod agent;
+mod containers;
+mod dirs;
 mod error;
-mod exec;
+#[cfg(test)]
+mod fake;
 mod launcher;
 mod listener;
 mod mount;
+mod os;
 mod process;
 mod reaper;
 mod runtime;
 mod sandbox;
 mod server;
 mod spec;
-mod state;
-mod stats;
 mod stdio;
 mod storage;
-mod streams;
 mod validate;
 
-use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use joey_protocols::contract::{AGENT_DEFAULT_ADDR, RUNTIME_DIR};
 use tracing::{info, warn};
 
-use crate::state::{Agent, Dirs};
-
-/// The agent's default address: vsock port 1024 on any CID, as kata's agent.
-pub const DEFAULT_ADDR: &str = "vsock://-1:1024";
+use crate::agent::Agent;
+use crate::dirs::Dirs;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -45,11 +44,12 @@ pub const DEFAULT_ADDR: &str = "vsock://-1:1024";
 )]
 struct Args {
     /// Address to serve on: vsock://CID:PORT or unix:///path.
-    #[arg(long, env = "KATA_AGENT_SERVER_ADDR", default_value = DEFAULT_ADDR)]
+    #[arg(long, env = "KATA_AGENT_SERVER_ADDR", default_value = AGENT_DEFAULT_ADDR)]
     server_addr: String,
-    /// Directory for the agent's state (container state, bundles, scratch mounts).
-    #[arg(long, env = "JOEY_AGENT_STATE_DIR", default_value = "/run/joey/agent")]
-    state_dir: PathBuf,
+    /// Directory for the agent's state (container state, bundles, scratch mounts);
+    /// default `agent` under the runtime directory (`/run/joey`).
+    #[arg(long, env = "JOEY_AGENT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 fn main() {
@@ -65,7 +65,7 @@ fn main() {
             init_launcher_logging();
             launcher::launcher_main()
         }
-        Some("pidns") => sandbox::pidns_main(),
+        Some("pidns") => os::pidns_main(),
         _ => {}
     }
     init_logging();
@@ -132,30 +132,28 @@ fn init_launcher_logging() {
 
 async fn serve(args: Args) -> anyhow::Result<()> {
     let reaper = reaper::Reaper::start().context("start the child reaper")?;
-    let dirs = Dirs::under(&args.state_dir);
-    dirs.create().with_context(|| {
-        format!(
-            "create state directories under {}",
-            args.state_dir.display()
-        )
-    })?;
-    let agent = Arc::new(Agent {
-        dirs,
-        reaper,
+    // The guest's own runtime directory: the host's JOEY_RUNTIME_DIR does not reach it.
+    let state_dir = args
+        .state_dir
+        .unwrap_or_else(|| PathBuf::from(RUNTIME_DIR).join("agent"));
+    let dirs = Dirs::under(&state_dir);
+    dirs.create()
+        .with_context(|| format!("create state directories under {}", state_dir.display()))?;
+    let os = os::Os {
+        runtime: Arc::new(runtime::Libcontainer::new(
+            dirs.containers.clone(),
+            reaper.clone(),
+        )),
+        sys: Arc::new(os::Linux),
         mounter: Arc::new(mount::LinuxMounter),
-        init_daemon: std::process::id() == 1 || std::env::var_os("JOEY_UNDER_INIT").is_some(),
-        sandbox: Mutex::new(Default::default()),
-        containers: Mutex::new(HashMap::new()),
-        creating: Mutex::new(HashSet::new()),
-        lost: Mutex::new(HashMap::new()),
-        shutdown: tokio::sync::Notify::new(),
-        writes: listener::WriteCounter::default(),
-        shutdown_mark: std::sync::atomic::AtomicU64::new(0),
-    });
+        reaper,
+    };
+    let init_daemon = std::process::id() == 1 || std::env::var_os("JOEY_UNDER_INIT").is_some();
+    let agent = Arc::new(Agent::new(os, dirs, init_daemon));
     agent.recover().await;
 
     let addr = listener::parse(&args.server_addr)?;
-    let writes = agent.writes.clone();
+    let writes = agent.writes();
     let agent_service =
         joey_protocols::agent_ttrpc::create_agent_service(Arc::new(server::AgentRpc {
             agent: agent.clone(),
@@ -170,9 +168,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = agent.shutdown.notified() => {
+        mark = agent.destroyed() => {
             // DestroySandbox noted the write count before its reply: wait for that write.
-            let mark = agent.shutdown_mark.load(std::sync::atomic::Ordering::SeqCst);
             if !writes.wait_past(mark, Duration::from_secs(1)).await {
                 warn!("the DestroySandbox reply was not written within 1s");
             }

@@ -1,13 +1,14 @@
 //! One process of a container (its init or an exec): pid, stdio and exit.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use tokio::sync::{watch, Mutex};
 
 use crate::error::{invalid, Result};
-use crate::launcher::{self, LaunchRequest};
+use crate::os::{Os, Syscalls};
 use crate::reaper::Reaper;
 use crate::stdio::{self, ConsoleSocket, Input, Output, PipeSet, Pty};
 
@@ -30,15 +31,24 @@ pub enum AgentStdio {
     Pty(Arc<Pty>),
 }
 
-/// Launches a container's init or an exec: with pipes, or with a terminal when
-/// `terminal` (libcontainer then sends the terminal's master to a console socket at
-/// `console`). Returns the new process's pid and the agent's side of its stdio. A
-/// process whose terminal never arrives is killed.
+/// What a launch creates: a container (its init) or a process in a running one.
+pub enum Launch<'a> {
+    /// From the OCI bundle at this path.
+    Create { bundle: &'a Path },
+    /// From an OCI `process.json` at this path.
+    Exec { process: &'a Path },
+}
+
+/// Launches container `id`'s init or an exec through the runtime: with pipes, or
+/// with a terminal when `terminal` (the runtime then sends the terminal's master to a
+/// console socket at `console`). Returns the new process's pid and the agent's side of
+/// its stdio. A process whose terminal never arrives is killed.
 pub async fn launch(
-    request: impl FnOnce(Option<PathBuf>) -> LaunchRequest,
+    os: &Os,
+    id: &str,
+    what: Launch<'_>,
     terminal: bool,
     console: &Path,
-    reaper: Arc<Reaper>,
 ) -> Result<(i32, AgentStdio)> {
     let (pipes, fds, socket) = if terminal {
         (None, None, Some(ConsoleSocket::bind(console)?))
@@ -46,19 +56,18 @@ pub async fn launch(
         let (p, fds) = stdio::pipes()?;
         (Some(p), Some(fds), None)
     };
-    let req = request(socket.as_ref().map(|s| s.path().to_path_buf()));
-    let pid = launcher::launch(req, fds, reaper)
-        .await
-        .map_err(|e| invalid(format!("{e:#}")))?;
+    let console_socket = socket.as_ref().map(|s| s.path().to_path_buf());
+    let pid = match what {
+        Launch::Create { bundle } => os.runtime.create(id, bundle, console_socket, fds).await,
+        Launch::Exec { process } => os.runtime.exec(id, process, console_socket, fds).await,
+    }
+    .map_err(|e| invalid(format!("{e:#}")))?;
     let stdio = match (pipes, socket) {
         (Some(p), _) => AgentStdio::Pipes(p),
         (None, Some(s)) => match s.receive(CONSOLE_DEADLINE).await {
             Ok(fd) => AgentStdio::Pty(Arc::new(Pty::new(fd)?)),
             Err(e) => {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                let _ = os.sys.kill(pid, Signal::SIGKILL);
                 return Err(e.into());
             }
         },
@@ -118,25 +127,16 @@ impl Process {
     }
 
     /// Sends a signal; a process that already ended is not an error.
-    pub fn signal(&self, sig: nix::sys::signal::Signal) -> nix::Result<()> {
+    pub fn signal(&self, sys: &dyn Syscalls, sig: Signal) -> nix::Result<()> {
         if self.exit_status().is_some() {
             return Ok(());
         }
-        match nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), sig) {
-            Err(nix::errno::Errno::ESRCH) => Ok(()),
-            other => other,
-        }
+        sys.kill(self.pid, sig)
     }
 
-    /// Whether the process installed a handler for `sig` (from /proc/PID/status SigCgt).
-    pub fn handles_signal(&self, sig: i32) -> bool {
-        let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", self.pid)) else {
-            return false;
-        };
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("SigCgt:"))
-            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+    /// Whether the process installed a handler for `sig`.
+    pub fn handles_signal(&self, sys: &dyn Syscalls, sig: i32) -> bool {
+        sys.caught_signals(self.pid)
             .is_some_and(|mask| mask & (1u64 << (sig - 1)) != 0)
     }
 }
@@ -157,7 +157,7 @@ mod tests {
         );
         // The test harness installs no SIGTERM handler; tokio's signal driver is not
         // listening for SIGTERM here either.
-        assert!(!p.handles_signal(libc::SIGTERM));
+        assert!(!p.handles_signal(&crate::os::Linux, libc::SIGTERM));
         assert_eq!(p.exit_status(), None);
     }
 }

@@ -102,7 +102,8 @@ impl Reaper {
         }
     }
 
-    fn record(&self, pid: i32, exit: Exit) {
+    /// Hands `pid`'s exit to its waiters, or keeps it until one asks.
+    pub(crate) fn record(&self, pid: i32, exit: Exit) {
         debug!(pid, ?exit, "reaped");
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         match inner.waiters.remove(&pid) {
@@ -118,11 +119,6 @@ impl Reaper {
                 inner.unclaimed.insert(pid, exit);
             }
         }
-    }
-
-    #[cfg(test)]
-    fn record_for_test(&self, pid: i32, exit: Exit) {
-        self.record(pid, exit)
     }
 }
 
@@ -140,7 +136,7 @@ mod tests {
     #[tokio::test]
     async fn an_exit_before_the_wait_is_kept() {
         let r = Reaper::default();
-        r.record_for_test(42, Exit::Code(3));
+        r.record(42, Exit::Code(3));
         assert_eq!(r.wait_for(42).await.unwrap(), Exit::Code(3));
     }
 
@@ -149,7 +145,7 @@ mod tests {
         let r = Reaper::default();
         let a = r.wait_for(7);
         let b = r.wait_for(7);
-        r.record_for_test(7, Exit::Signal(9));
+        r.record(7, Exit::Signal(9));
         assert_eq!(a.await.unwrap(), Exit::Signal(9));
         assert_eq!(b.await.unwrap(), Exit::Signal(9));
     }

@@ -1,61 +1,217 @@
-//! The libcontainer calls that do not clone (start, kill, delete), run on tokio's
-//! blocking pool. Creation and exec, which clone, go through the launcher.
+//! The container runtime behind a trait: creating a container or a process in it
+//! (through the single-threaded launcher), starting, signalling and deleting it.
+//!
+//! [`Libcontainer`] is the real one (youki's libcontainer, state under the agent's
+//! state root). Container logic only sees [`Runtime`], so it is unit-tested against
+//! the fake in `crate::fake` without root.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
+use async_trait::async_trait;
 use libcontainer::container::Container as LcContainer;
 use libcontainer::signal::Signal as LcSignal;
 
-async fn with_container<T: Send + 'static>(
-    root: &Path,
-    id: &str,
-    action: &'static str,
-    f: impl FnOnce(&mut LcContainer) -> Result<T, libcontainer::error::LibcontainerError>
-        + Send
-        + 'static,
-) -> anyhow::Result<T> {
-    let dir: PathBuf = root.join(id);
-    let id = id.to_string();
-    tokio::task::spawn_blocking(move || {
-        let mut c = LcContainer::load(dir)
-            .with_context(|| format!("{action} container {id}: load state"))?;
-        f(&mut c).with_context(|| format!("{action} container {id}"))
-    })
-    .await
-    .context("libcontainer task panicked")?
+use crate::launcher::{self, LaunchRequest, StdioFds};
+use crate::reaper::Reaper;
+
+#[async_trait]
+pub trait Runtime: Send + Sync {
+    /// Creates (but does not start) container `id` from the OCI bundle at `bundle`.
+    /// Its stdio is `stdio`, or a terminal whose master goes to `console_socket`.
+    /// Returns the container's init pid.
+    async fn create(
+        &self,
+        id: &str,
+        bundle: &Path,
+        console_socket: Option<PathBuf>,
+        stdio: StdioFds,
+    ) -> anyhow::Result<i32>;
+
+    /// Starts a new process in running container `id` from an OCI `process.json`.
+    /// Returns its pid.
+    async fn exec(
+        &self,
+        id: &str,
+        process: &Path,
+        console_socket: Option<PathBuf>,
+        stdio: StdioFds,
+    ) -> anyhow::Result<i32>;
+
+    /// Runs the created container's process.
+    async fn start(&self, id: &str) -> anyhow::Result<()>;
+
+    /// Sends `sig` to every process of the container (through its cgroup).
+    async fn kill_all(&self, id: &str, sig: i32) -> anyhow::Result<()>;
+
+    /// Deletes the container's state and its cgroup `cgroups_path` (with the parents
+    /// the runtime created for it), killing what is left. A container without state
+    /// is not an error.
+    async fn delete(&self, id: &str, cgroups_path: Option<&str>) -> anyhow::Result<()>;
+
+    /// The container's init pid from its saved state.
+    async fn init_pid(&self, id: &str) -> anyhow::Result<Option<i32>>;
+
+    /// The ids of every container with saved state.
+    fn ids(&self) -> Vec<String>;
 }
 
-pub async fn start(root: &Path, id: &str) -> anyhow::Result<()> {
-    with_container(root, id, "start", |c| c.start()).await
+/// youki's libcontainer: creation and exec (which clone) through `joey-agent launch`,
+/// the rest on tokio's blocking pool.
+pub struct Libcontainer {
+    root: PathBuf,
+    reaper: Arc<Reaper>,
 }
 
-/// Sends `sig` to every process of the container (through its cgroup).
-pub async fn kill_all(root: &Path, id: &str, sig: i32) -> anyhow::Result<()> {
-    let sig = LcSignal::try_from(sig).map_err(|e| anyhow::anyhow!("signal {sig}: {e}"))?;
-    with_container(root, id, "kill", move |c| c.kill(sig, true)).await
-}
-
-/// Deletes the container's state and cgroup, killing what is left.
-pub async fn delete(root: &Path, id: &str) -> anyhow::Result<()> {
-    if !root.join(id).exists() {
-        return Ok(());
+impl Libcontainer {
+    /// A runtime keeping container state under `root`; `reaper` collects launchers.
+    pub fn new(root: PathBuf, reaper: Arc<Reaper>) -> Self {
+        Libcontainer { root, reaper }
     }
-    with_container(root, id, "delete", |c| c.delete(true)).await
+
+    async fn with_container<T: Send + 'static>(
+        &self,
+        id: &str,
+        action: &'static str,
+        f: impl FnOnce(&mut LcContainer) -> Result<T, libcontainer::error::LibcontainerError>
+            + Send
+            + 'static,
+    ) -> anyhow::Result<T> {
+        let dir = self.root.join(id);
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut c = LcContainer::load(dir)
+                .with_context(|| format!("{action} container {id}: load state"))?;
+            f(&mut c).with_context(|| format!("{action} container {id}"))
+        })
+        .await
+        .context("libcontainer task panicked")?
+    }
 }
 
-/// The container's init pid from its saved state.
-pub async fn init_pid(root: &Path, id: &str) -> anyhow::Result<Option<i32>> {
-    with_container(root, id, "inspect", |c| Ok(c.pid().map(|p| p.as_raw()))).await
+#[async_trait]
+impl Runtime for Libcontainer {
+    async fn create(
+        &self,
+        id: &str,
+        bundle: &Path,
+        console_socket: Option<PathBuf>,
+        stdio: StdioFds,
+    ) -> anyhow::Result<i32> {
+        let req = LaunchRequest::Create {
+            id: id.to_string(),
+            root: self.root.clone(),
+            bundle: bundle.to_path_buf(),
+            console_socket,
+        };
+        launcher::launch(req, stdio, self.reaper.clone()).await
+    }
+
+    async fn exec(
+        &self,
+        id: &str,
+        process: &Path,
+        console_socket: Option<PathBuf>,
+        stdio: StdioFds,
+    ) -> anyhow::Result<i32> {
+        let req = LaunchRequest::Exec {
+            id: id.to_string(),
+            root: self.root.clone(),
+            process: process.to_path_buf(),
+            console_socket,
+        };
+        launcher::launch(req, stdio, self.reaper.clone()).await
+    }
+
+    async fn start(&self, id: &str) -> anyhow::Result<()> {
+        self.with_container(id, "start", |c| c.start()).await
+    }
+
+    async fn kill_all(&self, id: &str, sig: i32) -> anyhow::Result<()> {
+        let sig = LcSignal::try_from(sig).map_err(|e| anyhow::anyhow!("signal {sig}: {e}"))?;
+        self.with_container(id, "kill", move |c| c.kill(sig, true))
+            .await
+    }
+
+    async fn delete(&self, id: &str, cgroups_path: Option<&str>) -> anyhow::Result<()> {
+        let dir = self.root.join(id);
+        if dir.exists() {
+            if let Err(e) = self.with_container(id, "delete", |c| c.delete(true)).await {
+                // Half-written state (a launcher that died) cannot be loaded: remove it.
+                std::fs::remove_dir_all(&dir)
+                    .with_context(|| format!("{e:#}; then remove {}", dir.display()))?;
+                tracing::warn!("{e:#}; removed its state directory instead");
+            }
+        }
+        if let Some(cg) = cgroups_path {
+            prune_cgroup_parents(Path::new(CGROUP_ROOT), cg);
+        }
+        Ok(())
+    }
+
+    async fn init_pid(&self, id: &str) -> anyhow::Result<Option<i32>> {
+        self.with_container(id, "inspect", |c| Ok(c.pid().map(|p| p.as_raw())))
+            .await
+    }
+
+    fn ids(&self) -> Vec<String> {
+        dir_names(&self.root)
+    }
 }
 
-/// True while `pid` runs (a zombie has left its cgroup and counts as ended).
-pub fn is_running(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// libcontainer removes a container's own cgroup but not the parents it created
+/// (`/joey/<sandbox>` for `/joey/<sandbox>/<container>`). Removes those that are empty,
+/// in the cgroup2 root and in every v1 hierarchy under `root`, but never the first
+/// component, which other sandboxes share (removing it could race their creation).
+pub fn prune_cgroup_parents(root: &Path, cgroups_path: &str) {
+    let rel = Path::new(cgroups_path.trim_start_matches('/'));
+    let parents: Vec<&Path> = rel
+        .ancestors()
+        .skip(1)
+        .filter(|p| p.components().count() >= 2)
+        .collect();
+    if parents.is_empty() {
+        return;
+    }
+    let mut bases = vec![root.to_path_buf()];
+    if let Ok(entries) = std::fs::read_dir(root) {
+        bases.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+    }
+    for base in &bases {
+        for p in &parents {
+            // Fails (and is meant to) while the cgroup has children or processes.
+            let _ = std::fs::remove_dir(base.join(p));
+        }
+    }
+}
+
+/// The names of the entries of `dir` (none if it cannot be read).
+pub fn dir_names(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_cgroup_parents_are_pruned_but_not_the_shared_top() {
+        let tmp = tempfile::tempdir().unwrap();
+        for h in ["memory", "pids"] {
+            std::fs::create_dir_all(tmp.path().join(h).join("joey/sb")).unwrap();
+        }
+        std::fs::create_dir_all(tmp.path().join("pids/joey/sb/other")).unwrap();
+        prune_cgroup_parents(tmp.path(), "/joey/sb/c1");
+        assert!(!tmp.path().join("memory/joey/sb").exists());
+        assert!(tmp.path().join("memory/joey").exists());
+        assert!(tmp.path().join("pids/joey/sb/other").exists());
     }
 }

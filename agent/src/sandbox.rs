@@ -1,306 +1,244 @@
-//! The sandbox family: CreateSandbox, DestroySandbox, GetGuestDetails; the process
-//! that holds the sandbox's shared PID namespace; recovery after an agent restart.
+//! The sandbox as the agent knows it: hostname, DNS, sandbox-wide storages and the
+//! process holding the shared PID namespace. Saved to `sandbox.json`, so an agent
+//! restarted in the same sandbox keeps it; an agent that finds the state of a sandbox
+//! that has ended discards it.
 
-use std::io::Read;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::sync::Mutex;
 
-use anyhow::Context;
-use joey_protocols::agent::{AgentDetails, CreateSandboxRequest, GuestDetailsResponse};
+use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::error::{AgentError, Result};
-use crate::runtime;
-use crate::state::{lock, Agent};
-use crate::storage::{self, MountedStorage, DRIVERS};
+use crate::containers::lock;
+use crate::dirs::Dirs;
+use crate::error::{invalid, AgentError, Result};
+use crate::os::{Namespaces, Os, ProcessId};
+use crate::storage::{self, MountedStorage, StorageContext, StorageRequest};
 use crate::validate::check_id;
 
-const DESTROY_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long recovery waits for a killed container of a previous agent to die.
-const RECOVER_KILL_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest hostname the kernel takes.
+const MAX_HOSTNAME: usize = 64;
 
-/// The sandbox as the agent knows it; saved to `sandbox.json` so a restarted agent
-/// keeps the sandbox's mounts and PID namespace.
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct SandboxState {
+/// What CreateSandbox asks for.
+#[derive(Debug, Default)]
+pub struct SandboxSpec {
     pub id: String,
-    pub created: bool,
     pub hostname: String,
-    pub storages: Vec<MountedStorage>,
-    pub pause_pid: Option<i32>,
+    pub dns: Vec<String>,
+    pub storages: Vec<StorageRequest>,
+    /// Start a process whose PID namespace containers may share.
+    pub pidns: bool,
+}
+
+/// A created sandbox, as saved in `sandbox.json`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SandboxState {
+    id: String,
+    hostname: String,
+    storages: Vec<MountedStorage>,
+    pidns: Option<ProcessId>,
+    resolv_conf: Option<PathBuf>,
+    /// The namespaces of the agent that created it.
+    namespaces: Namespaces,
+}
+
+/// What containers take from the sandbox.
+#[derive(Debug, Default, Clone)]
+pub struct SandboxInfo {
+    /// Empty when no sandbox was created.
+    pub id: String,
+    /// The pid of the process holding the shared PID namespace.
+    pub pidns_pid: Option<i32>,
     pub resolv_conf: Option<PathBuf>,
 }
 
-impl SandboxState {
-    pub fn pidns_pid(&self) -> Option<i32> {
-        self.pause_pid
-    }
+pub struct Sandbox {
+    os: Os,
+    dirs: Dirs,
+    state: Mutex<Option<SandboxState>>,
 }
 
-impl Agent {
-    fn sandbox_file(&self) -> PathBuf {
+impl Sandbox {
+    pub fn new(os: Os, dirs: Dirs) -> Self {
+        Sandbox {
+            os,
+            dirs,
+            state: Mutex::new(None),
+        }
+    }
+
+    fn file(&self) -> PathBuf {
         self.dirs.sandbox.join("sandbox.json")
     }
 
-    fn save_sandbox(&self, sb: &SandboxState) -> Result<()> {
+    fn save(&self, sb: &SandboxState) -> Result<()> {
         let json = serde_json::to_vec(sb).map_err(anyhow::Error::from)?;
-        std::fs::write(self.sandbox_file(), json)
-            .map_err(|e| anyhow::anyhow!("write {}: {e}", self.sandbox_file().display()))?;
+        std::fs::write(self.file(), json)
+            .map_err(|e| anyhow::anyhow!("write {}: {e}", self.file().display()))?;
         Ok(())
     }
 
-    pub async fn create_sandbox(&self, req: CreateSandboxRequest) -> Result<()> {
-        if !req.sandbox_id.is_empty() {
-            check_id("sandbox", &req.sandbox_id)?;
+    pub fn info(&self) -> SandboxInfo {
+        match lock(&self.state).as_ref() {
+            Some(sb) => SandboxInfo {
+                id: sb.id.clone(),
+                pidns_pid: sb.pidns.map(|p| p.pid),
+                resolv_conf: sb.resolv_conf.clone(),
+            },
+            None => SandboxInfo::default(),
         }
-        if lock(&self.sandbox).created {
+    }
+
+    /// Sets the sandbox up; on error, undoes what was done.
+    pub fn create(&self, spec: &SandboxSpec) -> Result<()> {
+        if !spec.id.is_empty() {
+            check_id("sandbox", &spec.id)?;
+        }
+        let mut state = lock(&self.state);
+        if state.is_some() {
             return Err(AgentError::AlreadyExists(
                 "the sandbox was already created".into(),
             ));
         }
         let mut sb = SandboxState {
-            id: req.sandbox_id.clone(),
-            created: true,
-            hostname: req.hostname.clone(),
+            id: spec.id.clone(),
+            hostname: spec.hostname.clone(),
+            namespaces: self.os.sys.namespaces(),
             ..Default::default()
         };
-        let result = self.setup_sandbox(&req, &mut sb);
-        if let Err(e) = result {
-            teardown_sandbox(self, &sb);
+        if let Err(e) = self.set_up(spec, &mut sb).and_then(|()| self.save(&sb)) {
+            self.tear_down(&sb);
             return Err(e);
         }
-        self.save_sandbox(&sb)?;
-        info!(sandbox = %sb.id, hostname = %sb.hostname, pidns = ?sb.pause_pid, "sandbox created");
-        *lock(&self.sandbox) = sb;
+        info!(sandbox = %sb.id, hostname = %sb.hostname, pidns = ?sb.pidns, "sandbox created");
+        *state = Some(sb);
         Ok(())
     }
 
-    fn setup_sandbox(&self, req: &CreateSandboxRequest, sb: &mut SandboxState) -> Result<()> {
-        if !req.hostname.is_empty() {
-            if req.hostname.len() > 64 || req.hostname.contains('\0') {
-                return Err(crate::error::invalid(format!(
+    fn set_up(&self, spec: &SandboxSpec, sb: &mut SandboxState) -> Result<()> {
+        if !spec.hostname.is_empty() {
+            if spec.hostname.len() > MAX_HOSTNAME || spec.hostname.contains('\0') {
+                return Err(invalid(format!(
                     "hostname {:?} is not valid",
-                    req.hostname
+                    spec.hostname
                 )));
             }
-            nix::unistd::sethostname(&req.hostname)
-                .map_err(|e| anyhow::anyhow!("set hostname {:?}: {e}", req.hostname))?;
+            self.os
+                .sys
+                .set_hostname(&spec.hostname)
+                .map_err(|e| anyhow::anyhow!("set hostname {:?}: {e}", spec.hostname))?;
         }
-        if !req.dns.is_empty() {
+        if !spec.dns.is_empty() {
             let path = self.dirs.sandbox.join("resolv.conf");
-            let mut text = req.dns.join("\n");
+            let mut text = spec.dns.join("\n");
             text.push('\n');
             std::fs::write(&path, text)
                 .map_err(|e| anyhow::anyhow!("write {}: {e}", path.display()))?;
             sb.resolv_conf = Some(path);
         }
-        for s in &req.storages {
-            sb.storages
-                .push(storage::add(&self.storage_ctx(), &s.into())?);
+        let ctx = StorageContext {
+            mounter: self.os.mounter.as_ref(),
+            scratch: &self.dirs.scratch,
+        };
+        for s in &spec.storages {
+            sb.storages.push(storage::add(&ctx, s)?);
         }
-        if req.sandbox_pidns {
-            sb.pause_pid = Some(spawn_pidns_holder()?);
+        if spec.pidns {
+            sb.pidns = Some(self.os.sys.spawn_pidns_holder()?);
         }
         Ok(())
     }
 
-    /// Removes every container, undoes the sandbox's mounts and ends its PID namespace.
-    /// The agent then shuts down (its supervisor ends the sandbox).
-    pub async fn destroy_sandbox(&self) -> Result<()> {
-        let containers: Vec<_> = lock(&self.containers).drain().map(|(_, c)| c).collect();
-        for c in containers {
-            if let Err(e) = self.stop_container(&c, DESTROY_TIMEOUT).await {
-                warn!("destroy sandbox: {e}");
-            }
-            self.dispose(&c).await;
-        }
-        let sb = std::mem::take(&mut *lock(&self.sandbox));
-        teardown_sandbox(self, &sb);
-        let _ = std::fs::remove_file(self.sandbox_file());
-        info!(sandbox = %sb.id, "sandbox destroyed");
-        self.shutdown_mark
-            .store(self.writes.get(), std::sync::atomic::Ordering::SeqCst);
-        self.shutdown.notify_one();
-        Ok(())
+    /// Ends the sandbox's PID namespace and undoes its mounts and files. Returns its id.
+    pub fn destroy(&self) -> String {
+        let Some(sb) = lock(&self.state).take() else {
+            return String::new();
+        };
+        self.tear_down(&sb);
+        let _ = std::fs::remove_file(self.file());
+        sb.id
     }
 
-    pub fn guest_details(&self, mem_block_size: bool) -> GuestDetailsResponse {
-        let mut r = GuestDetailsResponse::new();
-        if mem_block_size {
-            r.mem_block_size_bytes =
-                std::fs::read_to_string("/sys/devices/system/memory/block_size_bytes")
-                    .ok()
-                    .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
-                    .unwrap_or(0);
+    fn tear_down(&self, sb: &SandboxState) {
+        if let Some(p) = sb.pidns {
+            let _ = self.os.sys.kill(p.pid, Signal::SIGKILL);
         }
-        let mut d = AgentDetails::new();
-        d.version = env!("CARGO_PKG_VERSION").to_string();
-        d.init_daemon = self.init_daemon;
-        d.storage_handlers = DRIVERS.iter().map(|s| s.to_string()).collect();
-        d.supports_seccomp = false;
-        r.agent_details = Some(d).into();
-        r
+        for s in sb.storages.iter().rev() {
+            s.remove(self.os.mounter.as_ref());
+        }
+        if let Some(r) = &sb.resolv_conf {
+            let _ = std::fs::remove_file(r);
+        }
     }
 
-    /// Called once at start: a previous agent in this sandbox may have died. Its
-    /// sandbox is kept; its containers cannot be re-attached (their stdio pipes died
-    /// with it), so they are killed, their state and mounts removed, and their ids
-    /// remembered so the host is told they were lost.
-    pub async fn recover(&self) {
-        if let Ok(json) = std::fs::read(self.sandbox_file()) {
-            match serde_json::from_slice::<SandboxState>(&json) {
-                Ok(mut sb) => {
-                    if let Some(pid) = sb.pause_pid {
-                        if !PathBuf::from(format!("/proc/{pid}")).exists() {
-                            sb.pause_pid = None;
-                        }
-                    }
-                    info!(sandbox = %sb.id, "recovered the sandbox of a previous agent");
-                    *lock(&self.sandbox) = sb;
-                }
-                Err(e) => warn!("ignoring unreadable {}: {e}", self.sandbox_file().display()),
+    /// Called once at start: adopts the sandbox a previous agent saved if it is still
+    /// alive, and discards its state (with a log line saying why) if it has ended.
+    /// Returns whether a sandbox that had ended was discarded.
+    pub fn recover(&self) -> bool {
+        let Ok(json) = std::fs::read(self.file()) else {
+            return false;
+        };
+        let sb = match serde_json::from_slice::<SandboxState>(&json) {
+            Ok(sb) => sb,
+            Err(e) => {
+                warn!("discarding unreadable {}: {e}", self.file().display());
+                let _ = std::fs::remove_file(self.file());
+                return true;
             }
-        }
-        let ids: Vec<String> = std::fs::read_dir(&self.dirs.containers)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .chain(
-                std::fs::read_dir(&self.dirs.bundles)
-                    .into_iter()
-                    .flatten()
-                    .flatten(),
-            )
-            .filter_map(|e| e.file_name().into_string().ok())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        for id in ids {
-            warn!(container = %id, "container of a previous agent: killing it and removing it");
-            if self.dirs.containers.join(&id).exists() {
-                let pid = runtime::init_pid(&self.dirs.containers, &id)
-                    .await
-                    .ok()
-                    .flatten();
-                if let Err(e) = runtime::kill_all(&self.dirs.containers, &id, libc::SIGKILL).await {
-                    warn!("{e:#}");
-                }
-                if let Some(pid) = pid {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                    // Its cgroup can only go once it died (init reaps it, not us).
-                    let deadline = std::time::Instant::now() + RECOVER_KILL_TIMEOUT;
-                    while runtime::is_running(pid) && std::time::Instant::now() < deadline {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        match self.why_ended(&sb) {
+            None => {
+                info!(sandbox = %sb.id, "recovered the sandbox of a previous agent");
+                *lock(&self.state) = Some(sb);
+                false
+            }
+            Some(why) => {
+                warn!(sandbox = %sb.id, "discarding the saved state of a sandbox that has ended: {why}");
+                // Only what is still there, and provably the old sandbox's, is undone.
+                let here = sb.namespaces == self.os.sys.namespaces();
+                if let Some(p) = sb.pidns {
+                    if self.os.sys.process_id(p.pid) == Some(p) {
+                        let _ = self.os.sys.kill(p.pid, Signal::SIGKILL);
                     }
                 }
-                let cgroups_path =
-                    std::fs::read_to_string(self.dirs.bundles.join(&id).join("cgroup"))
-                        .unwrap_or_default();
-                if let Err(e) = runtime::delete(&self.dirs.containers, &id).await {
-                    warn!("{e:#}");
-                    let _ = std::fs::remove_dir_all(self.dirs.containers.join(&id));
-                }
-                if !cgroups_path.is_empty() {
-                    crate::container::prune_cgroup_parents(
-                        std::path::Path::new(crate::container::CGROUP_ROOT),
-                        &cgroups_path,
-                    );
-                }
-            }
-            let bundle = self.dirs.bundles.join(&id);
-            if let Ok(json) = std::fs::read(bundle.join("storages.json")) {
-                if let Ok(storages) = serde_json::from_slice::<Vec<MountedStorage>>(&json) {
-                    for s in storages.iter().rev() {
-                        s.remove(self.mounter.as_ref());
+                for s in sb.storages.iter().rev() {
+                    if here && self.os.mounter.is_mounted(&s.mount_point) {
+                        s.remove(self.os.mounter.as_ref());
                     }
                 }
-            }
-            let _ = std::fs::remove_dir_all(&bundle);
-            lock(&self.lost).insert(
-                id,
-                "the agent restarted and cannot re-attach to a running container's stdio, \
-                 so the container was killed and removed"
-                    .into(),
-            );
-        }
-    }
-}
-
-fn teardown_sandbox(agent: &Agent, sb: &SandboxState) {
-    if let Some(pid) = sb.pause_pid {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    for s in sb.storages.iter().rev() {
-        s.remove(agent.mounter.as_ref());
-    }
-    if let Some(r) = &sb.resolv_conf {
-        let _ = std::fs::remove_file(r);
-    }
-}
-
-/// Starts the process that holds the sandbox's PID namespace (kata's "sandbox pidns"):
-/// `joey-agent pidns`, run with CLONE_NEWPID unshared so its child is PID 1 of a new
-/// namespace. Returns that child's pid, as the agent sees it.
-fn spawn_pidns_holder() -> Result<i32> {
-    let exe = std::env::current_exe().context("find the agent's own executable")?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("pidns")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    // SAFETY: unshare is async-signal-safe and the closure touches no shared state.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID).map_err(std::io::Error::from)
-        });
-    }
-    let mut child = cmd
-        .spawn()
-        .context("spawn the sandbox PID namespace holder")?;
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .context("pidns holder stdout")?
-        .read_to_string(&mut out)
-        .context("read the pidns holder's pid")?;
-    let pid: i32 = out
-        .trim()
-        .parse()
-        .map_err(|_| anyhow::anyhow!("the pidns holder printed {out:?}, not a pid"))?;
-    Ok(pid)
-}
-
-/// `joey-agent pidns`: fork the namespace's PID 1, print its pid and exit. The child
-/// sleeps until it is killed. Never returns.
-pub fn pidns_main() -> ! {
-    // SAFETY: this process is single-threaded (the subcommand runs before any runtime
-    // or thread starts), so fork is sound.
-    match unsafe { nix::unistd::fork() } {
-        Ok(nix::unistd::ForkResult::Child) => {
-            // SAFETY: closing our copy of stdout so the parent's reader sees EOF once
-            // the parent exits; fd 1 is not used afterwards.
-            unsafe { libc::close(1) };
-            loop {
-                nix::unistd::pause();
+                if let Some(r) = &sb.resolv_conf {
+                    let _ = std::fs::remove_file(r);
+                }
+                let _ = std::fs::remove_file(self.file());
+                true
             }
         }
-        Ok(nix::unistd::ForkResult::Parent { child }) => {
-            println!("{child}");
-            std::process::exit(0);
+    }
+
+    /// Why the saved sandbox is no longer alive, if it is not: it was made in other
+    /// namespaces, its PID namespace holder died, or one of its mounts is gone.
+    fn why_ended(&self, sb: &SandboxState) -> Option<String> {
+        let here = self.os.sys.namespaces();
+        if sb.namespaces != here {
+            return Some(format!(
+                "it was created in other namespaces (mnt {} pid {}; this agent runs in mnt {} pid {})",
+                sb.namespaces.mnt, sb.namespaces.pid, here.mnt, here.pid
+            ));
         }
-        Err(e) => {
-            eprintln!("joey-agent pidns: fork: {e}");
-            std::process::exit(1);
+        if let Some(p) = sb.pidns {
+            if self.os.sys.process_id(p.pid) != Some(p) {
+                return Some(format!("its PID namespace holder (pid {}) is gone", p.pid));
+            }
         }
+        sb.storages
+            .iter()
+            .find(|s| !self.os.mounter.is_mounted(&s.mount_point))
+            .map(|s| {
+                format!(
+                    "its storage {} is no longer mounted",
+                    s.mount_point.display()
+                )
+            })
     }
 }

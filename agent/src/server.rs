@@ -12,9 +12,8 @@ use protobuf::well_known_types::empty::Empty;
 use tracing::{debug, warn};
 use ttrpc::r#async::TtrpcContext;
 
+use crate::agent::{Agent, Stream};
 use crate::error::AgentError;
-use crate::state::Agent;
-use crate::streams::Stream;
 
 pub struct AgentRpc {
     pub agent: Arc<Agent>,
@@ -151,6 +150,8 @@ agent_service! {
         copy_file, "CopyFile", agent::CopyFileRequest => Empty;
         get_oom_event, "GetOOMEvent", agent::GetOOMEventRequest => agent::OOMEvent;
         add_swap, "AddSwap", agent::AddSwapRequest => Empty;
+        add_swap_path, "AddSwapPath", agent::AddSwapPathRequest => Empty;
+        get_diagnostic_data, "GetDiagnosticData", agent::GetDiagnosticDataRequest => agent::GetDiagnosticDataResponse;
         get_volume_stats, "GetVolumeStats", agent::VolumeStatsRequest => csi::VolumeStatsResponse;
         resize_volume, "ResizeVolume", agent::ResizeVolumeRequest => Empty;
         set_policy, "SetPolicy", agent::SetPolicyRequest => Empty;

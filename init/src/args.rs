@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use joey_protocols::contract::{AGENT_DEFAULT_ADDR, RUNTIME_DIR};
+
 pub const USAGE: &str = "\
 joey-init: PID 1 of a joey sandbox
 
@@ -41,8 +43,8 @@ impl Args {
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| "/usr/bin/joey-agent".into())
                 .into(),
-            agent_addr: "vsock://-1:1024".into(),
-            guest_dir: "/run/joey".into(),
+            agent_addr: AGENT_DEFAULT_ADDR.into(),
+            guest_dir: RUNTIME_DIR.into(),
         }
     }
 }

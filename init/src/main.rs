@@ -12,6 +12,7 @@ mod supervisor;
 
 use std::time::Instant;
 
+use joey_protocols::contract::INIT_START_MARKER;
 use nix::sys::signal::Signal;
 use tracing::{error, info, warn};
 
@@ -19,14 +20,10 @@ use crate::args::{Args, Parsed};
 use crate::mounts::Mode;
 use crate::supervisor::{AgentConfig, AgentExit, Supervisor};
 
-/// Printed first thing, with the time since boot: benchmarks read the kernel's
-/// boot-to-init time from it, the same way for every kernel.
-pub const BOOT_MARKER: &str = "joey-init: started";
-
 fn main() {
     if let Ok(t) = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME) {
         eprintln!(
-            "{BOOT_MARKER} {}.{:06}s after boot",
+            "{INIT_START_MARKER}{}.{:06}s after boot",
             t.tv_sec(),
             t.tv_nsec() / 1000
         );

@@ -6,6 +6,8 @@
 //! kata's `protocols` crate so generated cross references (`super::oci::...`)
 //! resolve.
 
+pub mod contract;
+
 macro_rules! generated {
     ($(#[$meta:meta])* $name:ident, $file:literal) => {
         $(#[$meta])*

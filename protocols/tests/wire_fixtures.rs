@@ -326,6 +326,67 @@ fn stats_container_request() {
 }
 
 #[test]
+fn storage_shared_flag() {
+    // kata 4.1: field 8 `bool shared` of Storage.
+    let mut s = agent::Storage::new();
+    s.driver = "blk".into();
+    s.shared = true;
+    let d = check(
+        &s,
+        "
+        0a 03 62 6c 6b      // 1: driver = \"blk\"
+        40 01               // 8: shared = true (varint)
+        ",
+    );
+    assert!(d.shared);
+}
+
+#[test]
+fn route_mtu() {
+    // kata 4.1: field 8 `uint32 mtu` of types.Route.
+    let mut r = joey_protocols::types::Route::new();
+    r.dest = "d".into();
+    r.flags = 1;
+    r.mtu = 1500;
+    let d = check(
+        &r,
+        "
+        0a 01 64            // 1: dest = \"d\"
+        38 01               // 7: flags = 1
+        40 dc 0b            // 8: mtu = 1500 (varint 0x5dc)
+        ",
+    );
+    assert_eq!((d.flags, d.mtu), (1, 1500));
+}
+
+#[test]
+fn add_swap_path_request() {
+    let mut req = agent::AddSwapPathRequest::new();
+    req.path = "/s".into();
+    let d = check(&req, "0a 02 2f 73  // 1: path = \"/s\"");
+    assert_eq!(d.path, "/s");
+}
+
+#[test]
+fn get_diagnostic_data() {
+    let mut req = agent::GetDiagnosticDataRequest::new();
+    req.log_type = "t".into();
+    req.container_id = "c1".into();
+    let d = check(
+        &req,
+        "
+        0a 01 74            // 1: log_type = \"t\"
+        12 02 63 31         // 2: container_id = \"c1\"
+        ",
+    );
+    assert_eq!((d.log_type.as_str(), d.container_id.as_str()), ("t", "c1"));
+    let mut resp = agent::GetDiagnosticDataResponse::new();
+    resp.data = "x".into();
+    let d = check(&resp, "0a 01 78  // 1: data = \"x\"");
+    assert_eq!(d.data, "x");
+}
+
+#[test]
 fn empty_requests() {
     // Field-less messages encode to zero bytes.
     check(&agent::DestroySandboxRequest::new(), "");
@@ -396,6 +457,7 @@ fn service_method_names() {
         "PauseContainer",
         "ResumeContainer",
         "RemoveStaleVirtiofsShareMounts",
+        "GetDiagnosticData",
         "WriteStdin",
         "ReadStdout",
         "ReadStderr",
@@ -421,6 +483,7 @@ fn service_method_names() {
         "CopyFile",
         "GetOOMEvent",
         "AddSwap",
+        "AddSwapPath",
         "GetVolumeStats",
         "ResizeVolume",
         "SetPolicy",

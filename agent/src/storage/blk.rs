@@ -29,23 +29,64 @@ fn resolve(source: &str) -> Result<PathBuf> {
             "block storage needs a source: a /dev path or a virtio-blk serial",
         ));
     }
-    let deadline = Instant::now() + DEVICE_DEADLINE;
-    loop {
-        let found = if source.starts_with("/dev/") {
+    let find = || {
+        if source.starts_with("/dev/") {
             Some(PathBuf::from(source)).filter(|p| p.exists())
         } else {
             find_by_serial(Path::new("/sys/block"), source)
-        };
-        if let Some(dev) = found {
-            return Ok(dev);
         }
-        if Instant::now() >= deadline {
-            return Err(invalid(format!(
-                "block device {source:?} not found within {}s (no such /dev path or virtio-blk serial)",
-                DEVICE_DEADLINE.as_secs()
-            )));
+    };
+    wait_for_entry(Path::new("/dev"), DEVICE_DEADLINE, find).ok_or_else(|| {
+        invalid(format!(
+            "block device {source:?} not found within {}s (no such /dev path or virtio-blk serial)",
+            DEVICE_DEADLINE.as_secs()
+        ))
+    })
+}
+
+/// Calls `find` until it finds something, again each time an entry appears in `dir`
+/// (devtmpfs creates a disk's node once its sysfs attributes exist), for at most
+/// `timeout`. Blocking: call it off the async runtime.
+pub fn wait_for_entry<T>(
+    dir: &Path,
+    timeout: Duration,
+    mut find: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    use std::os::fd::AsFd;
+
+    // Watch first, then look, so an entry made in between is not missed.
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
+        .and_then(|i| {
+            i.add_watch(dir, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)?;
+            Ok(i)
+        })
+        .map_err(|e| tracing::warn!("watch {}: {e}; looking only once", dir.display()))
+        .ok();
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(found) = find() {
+            return Some(found);
         }
-        std::thread::sleep(Duration::from_millis(10));
+        let left = deadline.saturating_duration_since(Instant::now());
+        let inotify = inotify.as_ref().filter(|_| !left.is_zero())?;
+        let ms = PollTimeout::try_from(left.as_millis().max(1)).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, ms) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {
+                // Drain the events; which entry appeared does not matter.
+                while let Ok(events) = inotify.read_events() {
+                    if events.is_empty() {
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!("wait for {}: poll: {e}", dir.display());
+                return find();
+            }
+        }
     }
 }
 
@@ -88,6 +129,30 @@ mod tests {
             Some(PathBuf::from("/dev/vdb"))
         );
         assert_eq!(find_by_serial(tmp.path(), "nope"), None);
+    }
+
+    #[test]
+    fn waiting_for_an_entry_wakes_when_it_appears_and_gives_up_at_the_deadline() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dev = tmp.path().join("vdb");
+        let maker = {
+            let dev = dev.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                std::fs::write(dev, b"").unwrap();
+            })
+        };
+        let started = Instant::now();
+        let found = wait_for_entry(tmp.path(), Duration::from_secs(10), || {
+            Some(dev.clone()).filter(|d| d.exists())
+        });
+        maker.join().unwrap();
+        assert_eq!(found, Some(dev));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let started = Instant::now();
+        let none: Option<()> = wait_for_entry(tmp.path(), Duration::from_millis(100), || None);
+        assert!(none.is_none());
+        assert!(started.elapsed() >= Duration::from_millis(100));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The stdio family: ReadStdout, ReadStderr, WriteStdin, CloseStdin, TtyWinResize.
 
+use super::Agent;
 use crate::error::{invalid, Result};
-use crate::state::Agent;
 use crate::stdio::{Input, TTY_EOF};
 
 #[derive(Clone, Copy, Debug)]
@@ -19,7 +19,7 @@ impl Agent {
         which: Stream,
         len: u32,
     ) -> Result<Vec<u8>> {
-        let (_c, p) = self.process(cid, eid)?;
+        let (_c, p) = self.containers.process(cid, eid)?;
         let slot = match which {
             Stream::Stdout => &p.stdout,
             Stream::Stderr => &p.stderr,
@@ -40,7 +40,7 @@ impl Agent {
     }
 
     pub async fn write_stdin(&self, cid: &str, eid: &str, data: &[u8]) -> Result<u32> {
-        let (_c, p) = self.process(cid, eid)?;
+        let (_c, p) = self.containers.process(cid, eid)?;
         let mut guard = p.stdin.lock().await;
         let input = guard
             .as_mut()
@@ -53,7 +53,7 @@ impl Agent {
     }
 
     pub async fn close_stdin(&self, cid: &str, eid: &str) -> Result<()> {
-        let (_c, p) = self.process(cid, eid)?;
+        let (_c, p) = self.containers.process(cid, eid)?;
         let mut guard = p.stdin.lock().await;
         if let Some(Input::Pty(pty)) = guard.as_ref() {
             // A terminal has no separate stdin to close: send end-of-transmission.
@@ -66,7 +66,7 @@ impl Agent {
     }
 
     pub async fn tty_win_resize(&self, cid: &str, eid: &str, rows: u32, cols: u32) -> Result<()> {
-        let (_c, p) = self.process(cid, eid)?;
+        let (_c, p) = self.containers.process(cid, eid)?;
         let tty = p
             .tty
             .as_ref()

@@ -8,14 +8,14 @@ use joey_protocols::agent::{
 };
 use libcgroups::common::{create_cgroup_manager, CgroupConfig, CgroupManager};
 
+use super::Agent;
 use crate::error::Result;
-use crate::state::Agent;
 
 impl Agent {
     pub async fn stats_container(&self, cid: &str) -> Result<StatsContainerResponse> {
-        let c = self.container(cid)?;
+        let c = self.containers.get(cid)?;
         let config = CgroupConfig {
-            cgroup_path: PathBuf::from(&c.cgroups_path),
+            cgroup_path: PathBuf::from(c.cgroups_path()),
             systemd_cgroup: false,
             container_name: cid.to_string(),
         };

@@ -1,0 +1,40 @@
+//! What the host and the guest agree on besides the RPCs: the agent's vsock port,
+//! joey's runtime directory and the line joey-init prints when it starts. Defined
+//! here once; the agent, init and the host tools all take them from this module.
+
+use std::path::PathBuf;
+
+/// The vsock port the agent listens on (kata's default).
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// The agent's default server address: [`AGENT_VSOCK_PORT`] on any CID.
+pub const AGENT_DEFAULT_ADDR: &str = "vsock://-1:1024";
+
+/// joey's runtime directory, on the host and in the guest.
+pub const RUNTIME_DIR: &str = "/run/joey";
+
+/// The environment variable that moves [`RUNTIME_DIR`].
+pub const RUNTIME_DIR_ENV: &str = "JOEY_RUNTIME_DIR";
+
+/// What joey-init prints on the console as it starts, followed by the time since boot
+/// (`<seconds>.<micros>s after boot`). The host waits for it before dialling a VM.
+pub const INIT_START_MARKER: &str = "joey-init: started ";
+
+/// [`RUNTIME_DIR`], or `$JOEY_RUNTIME_DIR` when set to an absolute path.
+pub fn runtime_dir() -> PathBuf {
+    std::env::var_os(RUNTIME_DIR_ENV)
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .unwrap_or_else(|| PathBuf::from(RUNTIME_DIR))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_address_names_the_port() {
+        assert_eq!(AGENT_DEFAULT_ADDR, format!("vsock://-1:{AGENT_VSOCK_PORT}"));
+        assert!(INIT_START_MARKER.ends_with(' '));
+    }
+}
