@@ -1,18 +1,24 @@
-//! The host side of the agent API: connect over any transport, then typed clients.
+//! The host side of the agent API: connect over any transport, then one typed method
+//! per RPC joey's agent serves. Each method builds its request from typed arguments,
+//! applies the RPC's deadline and names the method and its object in its error; nothing
+//! outside this module builds a request for those RPCs.
 
 use std::time::{Duration, Instant};
 
 use joey_protocols::agent_ttrpc::AgentServiceClient;
-use joey_protocols::health;
 use joey_protocols::health_ttrpc::HealthClient;
+use joey_protocols::{agent, health, oci};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ttrpc::r#async::transport::Socket;
 
 use crate::addr::AgentAddr;
 
+/// Why talking to the agent failed. Each variant names what it was doing; its cause, if
+/// any, is its [`source`](std::error::Error::source), so `{:#}` of an `anyhow::Error`
+/// prints the whole chain on one line.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("connect to {addr}: {source}")]
+    #[error("connect to {addr}")]
     Connect {
         addr: String,
         #[source]
@@ -26,12 +32,65 @@ pub enum ClientError {
         secs: u64,
         last: String,
     },
-    #[error("rpc {method}: {source}")]
+    /// An RPC failed: `method` is its name (`CreateContainer`), `target` what it was
+    /// about (`c1`, `c1/e1`; empty for sandbox-wide RPCs).
+    #[error("{method}{}: {}", with_space(target), describe(error))]
     Rpc {
         method: &'static str,
-        #[source]
-        source: ttrpc::Error,
+        target: String,
+        error: ttrpc::Error,
     },
+}
+
+/// What the agent answered, as a user reads it: `CODE: message` for a status (never
+/// the status's debug dump), else the transport's error.
+fn describe(error: &ttrpc::Error) -> String {
+    match error {
+        ttrpc::Error::RpcStatus(s) => format!("{:?}: {}", s.code(), s.message()),
+        other => other.to_string(),
+    }
+}
+
+fn with_space(target: &str) -> String {
+    if target.is_empty() {
+        String::new()
+    } else {
+        format!(" {target}")
+    }
+}
+
+impl ClientError {
+    /// The ttrpc status code and message the agent answered a failed RPC with; `None`
+    /// when no status came back (a transport error, the client's own deadline) and for
+    /// the other variants.
+    pub fn status(&self) -> Option<(ttrpc::Code, &str)> {
+        match self {
+            ClientError::Rpc {
+                error: ttrpc::Error::RpcStatus(s),
+                ..
+            } => Some((s.code(), s.message())),
+            _ => None,
+        }
+    }
+}
+
+/// `error` and its causes on one line, joined by `": "` (what anyhow's `{:#}` prints).
+pub(crate) fn one_line(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+/// Which output stream of a process ReadStdout/ReadStderr reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
 }
 
 /// The longest handshake reply accepted (`OK <port>\n` is a few bytes).
@@ -104,7 +163,9 @@ async fn handshake_reply(s: &mut tokio::net::UnixStream) -> Result<String, Strin
     }
 }
 
-/// Typed clients for both services over one connection.
+/// Typed clients for both services over one connection. `raw`, `agent` and `health` are
+/// the generated clients underneath, for tests that send what the typed methods cannot
+/// (malformed input, RPCs joey does not implement) and for `joeyctl agent`.
 #[derive(Clone)]
 pub struct AgentClient {
     pub raw: ttrpc::r#async::Client,
@@ -116,11 +177,27 @@ pub struct AgentClient {
 /// The default deadline of one RPC; long waits (WaitProcess, reads) pass none.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// A ttrpc context with `timeout` as its deadline (none: wait as long as it takes).
 pub fn ctx(timeout: Option<Duration>) -> ttrpc::context::Context {
     match timeout {
         Some(t) => ttrpc::context::with_timeout(t.as_nanos() as i64),
         None => ttrpc::context::Context::default(),
     }
+}
+
+/// Maps a failed RPC to [`ClientError::Rpc`].
+fn rpc_error(method: &'static str, target: String) -> impl FnOnce(ttrpc::Error) -> ClientError {
+    move |error| ClientError::Rpc {
+        method,
+        target,
+        error,
+    }
+}
+
+/// The target of a process RPC: `container/exec` (an empty exec id is the container's
+/// init).
+fn process_target(cid: &str, eid: &str) -> String {
+    format!("{cid}/{eid}")
 }
 
 impl AgentClient {
@@ -146,7 +223,7 @@ impl AgentClient {
             };
             let last = match tokio::time::timeout(READY_ATTEMPT, attempt).await {
                 Ok(Ok(c)) => return Ok(c),
-                Ok(Err(e)) => e.to_string(),
+                Ok(Err(e)) => one_line(&e),
                 Err(_) => format!("no answer within {READY_ATTEMPT:?}"),
             };
             tracing::debug!(%addr, "agent not ready: {last}");
@@ -161,16 +238,239 @@ impl AgentClient {
         }
     }
 
-    pub async fn check(&self, timeout: Duration) -> Result<(), ClientError> {
+    /// Health.Check of the agent service, with `timeout` as its deadline.
+    pub async fn check(
+        &self,
+        timeout: Duration,
+    ) -> Result<health::HealthCheckResponse, ClientError> {
         let mut req = health::CheckRequest::new();
         req.service = "agent".into();
         self.health
             .check(ctx(Some(timeout)), &req)
             .await
-            .map_err(|source| ClientError::Rpc {
-                method: "Check",
-                source,
-            })?;
+            .map_err(rpc_error("Check", String::new()))
+    }
+
+    /// Health.Version: the agent's version.
+    pub async fn version(&self) -> Result<health::VersionCheckResponse, ClientError> {
+        let mut req = health::CheckRequest::new();
+        req.service = "agent".into();
+        self.health
+            .version(ctx(Some(RPC_TIMEOUT)), &req)
+            .await
+            .map_err(rpc_error("Version", String::new()))
+    }
+
+    /// CreateSandbox: names the sandbox, sets its hostname (empty: left as it is) and
+    /// mounts the sandbox-wide `storages`; with `sandbox_pidns` its containers share one
+    /// PID namespace.
+    pub async fn create_sandbox(
+        &self,
+        sandbox_id: &str,
+        hostname: &str,
+        sandbox_pidns: bool,
+        storages: Vec<agent::Storage>,
+    ) -> Result<(), ClientError> {
+        let mut req = agent::CreateSandboxRequest::new();
+        req.sandbox_id = sandbox_id.into();
+        req.hostname = hostname.into();
+        req.sandbox_pidns = sandbox_pidns;
+        req.storages = storages;
+        self.agent
+            .create_sandbox(ctx(Some(RPC_TIMEOUT)), &req)
+            .await
+            .map_err(rpc_error("CreateSandbox", sandbox_id.into()))?;
+        Ok(())
+    }
+
+    /// DestroySandbox: ends the sandbox (the agent exits once it has answered).
+    pub async fn destroy_sandbox(&self) -> Result<(), ClientError> {
+        self.agent
+            .destroy_sandbox(ctx(Some(RPC_TIMEOUT)), &agent::DestroySandboxRequest::new())
+            .await
+            .map_err(rpc_error("DestroySandbox", String::new()))?;
+        Ok(())
+    }
+
+    /// GetGuestDetails; with `mem_block_size` the reply includes the guest's memory
+    /// block size.
+    pub async fn get_guest_details(
+        &self,
+        mem_block_size: bool,
+    ) -> Result<agent::GuestDetailsResponse, ClientError> {
+        let mut req = agent::GuestDetailsRequest::new();
+        req.mem_block_size = mem_block_size;
+        self.agent
+            .get_guest_details(ctx(Some(RPC_TIMEOUT)), &req)
+            .await
+            .map_err(rpc_error("GetGuestDetails", String::new()))
+    }
+
+    /// CreateContainer `cid` (its init's exec id is `cid` too): the agent mounts
+    /// `storages` in order, then creates the container from `spec`; with
+    /// `sandbox_pidns` it joins the sandbox's PID namespace.
+    pub async fn create_container(
+        &self,
+        cid: &str,
+        storages: Vec<agent::Storage>,
+        spec: oci::Spec,
+        sandbox_pidns: bool,
+    ) -> Result<(), ClientError> {
+        let mut req = agent::CreateContainerRequest::new();
+        req.container_id = cid.into();
+        req.exec_id = cid.into();
+        req.storages = storages;
+        req.sandbox_pidns = sandbox_pidns;
+        req.OCI = Some(spec).into();
+        self.agent
+            .create_container(ctx(Some(RPC_TIMEOUT)), &req)
+            .await
+            .map_err(rpc_error("CreateContainer", cid.into()))?;
+        Ok(())
+    }
+
+    /// StartContainer: runs the container's init.
+    pub async fn start_container(&self, cid: &str) -> Result<(), ClientError> {
+        let mut req = agent::StartContainerRequest::new();
+        req.container_id = cid.into();
+        self.agent
+            .start_container(ctx(Some(RPC_TIMEOUT)), &req)
+            .await
+            .map_err(rpc_error("StartContainer", cid.into()))?;
+        Ok(())
+    }
+
+    /// RemoveContainer, giving its processes `timeout` (whole seconds; zero waits
+    /// forever) to die. The RPC's own deadline is [`RPC_TIMEOUT`].
+    pub async fn remove_container(&self, cid: &str, timeout: Duration) -> Result<(), ClientError> {
+        let mut req = agent::RemoveContainerRequest::new();
+        req.container_id = cid.into();
+        req.timeout = u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX);
+        self.agent
+            .remove_container(ctx(Some(RPC_TIMEOUT)), &req)
+            .await
+            .map_err(rpc_error("RemoveContainer", cid.into()))?;
+        Ok(())
+    }
+
+    /// ExecProcess: starts `process` in container `cid` as exec id `eid`.
+    pub async fn exec_process(
+        &self,
+        cid: &str,
+        eid: &str,
+        process: oci::Process,
+    ) -> Result<(), ClientError> {
+        let mut req = agent::ExecProcessRequest::new();
+        req.container_id = cid.into();
+        req.exec_id = eid.into();
+        req.process = Some(process).into();
+        self.agent
+            .exec_process(ctx(Some(RPC_TIMEOUT)), &req)
+            .await
+            .map_err(rpc_error("ExecProcess", process_target(cid, eid)))?;
+        Ok(())
+    }
+
+    /// WaitProcess: waits, without a deadline, for the process to exit; returns its
+    /// status (128 + signal if it was killed).
+    pub async fn wait_process(&self, cid: &str, eid: &str) -> Result<i32, ClientError> {
+        let mut req = agent::WaitProcessRequest::new();
+        req.container_id = cid.into();
+        req.exec_id = eid.into();
+        let r = self
+            .agent
+            .wait_process(ctx(None), &req)
+            .await
+            .map_err(rpc_error("WaitProcess", process_target(cid, eid)))?;
+        Ok(r.status)
+    }
+
+    /// SignalProcess: sends `signal` to the process (kata semantics: an empty exec id
+    /// with SIGKILL kills every process of the container).
+    pub async fn signal_process(
+        &self,
+        cid: &str,
+        eid: &str,
+        signal: u32,
+    ) -> Result<(), ClientError> {
+        let mut req = agent::SignalProcessRequest::new();
+        req.container_id = cid.into();
+        req.exec_id = eid.into();
+        req.signal = signal;
+        self.agent
+            .signal_process(ctx(Some(RPC_TIMEOUT)), &req)
+            .await
+            .map_err(rpc_error(
+                "SignalProcess",
+                format!("{} {signal}", process_target(cid, eid)),
+            ))?;
+        Ok(())
+    }
+
+    /// StatsContainer: the container's cgroup statistics.
+    pub async fn stats_container(
+        &self,
+        cid: &str,
+    ) -> Result<agent::StatsContainerResponse, ClientError> {
+        let mut req = agent::StatsContainerRequest::new();
+        req.container_id = cid.into();
+        self.agent
+            .stats_container(ctx(Some(RPC_TIMEOUT)), &req)
+            .await
+            .map_err(rpc_error("StatsContainer", cid.into()))
+    }
+
+    /// ReadStdout or ReadStderr: one read of up to `len` bytes, waiting without a
+    /// deadline for data. An empty reply is the end of the stream.
+    pub async fn read_stream(
+        &self,
+        cid: &str,
+        eid: &str,
+        stream: Stream,
+        len: u32,
+    ) -> Result<Vec<u8>, ClientError> {
+        let mut req = agent::ReadStreamRequest::new();
+        req.container_id = cid.into();
+        req.exec_id = eid.into();
+        req.len = len;
+        let r = match stream {
+            Stream::Stdout => self
+                .agent
+                .read_stdout(ctx(None), &req)
+                .await
+                .map_err(rpc_error("ReadStdout", process_target(cid, eid))),
+            Stream::Stderr => self
+                .agent
+                .read_stderr(ctx(None), &req)
+                .await
+                .map_err(rpc_error("ReadStderr", process_target(cid, eid))),
+        }?;
+        Ok(r.data)
+    }
+
+    /// WriteStdin: writes `data` to the process's stdin; returns how much was written.
+    pub async fn write_stdin(&self, cid: &str, eid: &str, data: &[u8]) -> Result<u32, ClientError> {
+        let mut req = agent::WriteStreamRequest::new();
+        req.container_id = cid.into();
+        req.exec_id = eid.into();
+        req.data = data.to_vec();
+        let r = self
+            .agent
+            .write_stdin(ctx(Some(RPC_TIMEOUT)), &req)
+            .await
+            .map_err(rpc_error("WriteStdin", process_target(cid, eid)))?;
+        Ok(r.len)
+    }
+
+    /// CloseStdin: the process reads end of file once what was written is consumed.
+    pub async fn close_stdin(&self, cid: &str, eid: &str) -> Result<(), ClientError> {
+        let mut req = agent::CloseStdinRequest::new();
+        req.container_id = cid.into();
+        req.exec_id = eid.into();
+        self.agent
+            .close_stdin(ctx(Some(RPC_TIMEOUT)), &req)
+            .await
+            .map_err(rpc_error("CloseStdin", process_target(cid, eid)))?;
         Ok(())
     }
 
@@ -182,7 +482,7 @@ impl AgentClient {
         rows: u32,
         cols: u32,
     ) -> Result<(), ClientError> {
-        let mut req = joey_protocols::agent::TtyWinResizeRequest::new();
+        let mut req = agent::TtyWinResizeRequest::new();
         req.container_id = cid.into();
         req.exec_id = eid.into();
         req.row = rows;
@@ -190,10 +490,52 @@ impl AgentClient {
         self.agent
             .tty_win_resize(ctx(Some(RPC_TIMEOUT)), &req)
             .await
-            .map_err(|source| ClientError::Rpc {
-                method: "TtyWinResize",
-                source,
-            })?;
+            .map_err(rpc_error("TtyWinResize", process_target(cid, eid)))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_error(code: ttrpc::Code, msg: &str) -> ClientError {
+        ClientError::Rpc {
+            method: "CreateContainer",
+            target: "c1".into(),
+            error: ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg)),
+        }
+    }
+
+    #[test]
+    fn rpc_errors_name_the_method_and_object_and_keep_the_status() {
+        let e = status_error(ttrpc::Code::ALREADY_EXISTS, "container c1 exists");
+        assert_eq!(
+            e.to_string(),
+            "CreateContainer c1: ALREADY_EXISTS: container c1 exists"
+        );
+        assert_eq!(
+            e.status(),
+            Some((ttrpc::Code::ALREADY_EXISTS, "container c1 exists"))
+        );
+        assert!(!one_line(&e).contains("Status {"), "{}", one_line(&e));
+        let e = ClientError::Rpc {
+            method: "DestroySandbox",
+            target: String::new(),
+            error: ttrpc::Error::Others("deadline".into()),
+        };
+        assert_eq!(e.to_string(), "DestroySandbox: ttrpc err: deadline");
+        assert_eq!(e.status(), None);
+    }
+
+    #[test]
+    fn connect_errors_name_the_address_once() {
+        let e = ClientError::Connect {
+            addr: "unix:///x".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        let line = one_line(&e);
+        assert!(line.starts_with("connect to unix:///x: "), "{line}");
+        assert_eq!(line.matches("unix:///x").count(), 1, "{line}");
     }
 }

@@ -15,11 +15,34 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use joey_protocols::contract::{runtime_dir, RUNTIME_DIR_ENV};
+
 use crate::addr::AgentAddr;
 use crate::binaries::Binaries;
 
-/// Where namespace sandboxes keep their sockets and console logs.
-pub const NS_ROOT: &str = "/run/joey/ns";
+/// Where namespace sandboxes keep their sockets and console logs: `ns/` in joey's
+/// runtime directory (`$JOEY_RUNTIME_DIR` moves it).
+pub fn ns_root() -> PathBuf {
+    runtime_dir().join("ns")
+}
+
+/// The longest path a Unix socket can have (`sun_path` holds 108 bytes, the NUL
+/// included).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Checks that a Unix socket at `path` fits in `sun_path`: a long `$JOEY_RUNTIME_DIR`
+/// can push a sandbox's sockets past it.
+pub(crate) fn check_socket_path(path: &Path) -> Result<(), String> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(format!(
+            "socket path {} is {len} bytes, longer than a Unix socket path may be \
+             ({MAX_SOCKET_PATH}); set {RUNTIME_DIR_ENV} to a shorter directory",
+            path.display()
+        ));
+    }
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -83,7 +106,9 @@ impl NsSandbox {
             }
         }
         let id = random_id();
-        let dir = Path::new(NS_ROOT).join(&id);
+        let dir = ns_root().join(&id);
+        let sock = dir.join("agent.sock");
+        check_socket_path(&sock).map_err(SandboxError::Setup)?;
         std::fs::create_dir_all(dir.join("guest"))
             .map_err(|e| SandboxError::Setup(format!("create {}: {e}", dir.display())))?;
         let console = if opts.console_to_stderr {
@@ -96,7 +121,6 @@ impl NsSandbox {
         };
         let devnull = File::open("/dev/null")
             .map_err(|e| SandboxError::Setup(format!("open /dev/null: {e}")))?;
-        let sock = dir.join("agent.sock");
         let argv = [
             cstr(&bins.init)?,
             cstr("--sandbox")?,
@@ -191,5 +215,26 @@ impl Drop for NsSandbox {
         self.kill();
         // Only once init is gone: its mounts (on guest/) vanished with its namespace.
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_paths_longer_than_sun_path_are_refused() {
+        let default = Path::new(joey_protocols::contract::RUNTIME_DIR)
+            .join("ns")
+            .join(random_id())
+            .join("agent.sock");
+        assert!(check_socket_path(&default).is_ok());
+        let long = Path::new("/").join("x".repeat(96)).join("agent.sock");
+        assert_eq!(long.as_os_str().len(), 108);
+        let err = check_socket_path(&long).unwrap_err();
+        assert!(
+            err.contains("108 bytes") && err.contains(RUNTIME_DIR_ENV),
+            "{err}"
+        );
     }
 }

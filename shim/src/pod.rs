@@ -1,21 +1,60 @@
 //! Sandbox orchestration: start a sandbox, wait for its agent, create containers from
 //! a host directory, and destroy it all, through the agent API only.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Context;
-use joey_protocols::agent;
+use joey_protocols::contract::RUNTIME_DIR;
+use joey_protocols::{agent, oci};
 
 use crate::addr::AgentAddr;
 use crate::binaries::Binaries;
-use crate::client::{ctx, AgentClient, RPC_TIMEOUT};
-use crate::nssandbox::{NsOptions, NsSandbox};
+use crate::client::{one_line, AgentClient, ClientError, Stream, RPC_TIMEOUT};
+use crate::nssandbox::{NsOptions, NsSandbox, SandboxError};
 use crate::spec::{self, ProcessSpec};
-use crate::vm::{VmOptions, VmSandbox};
+use crate::streams::READ_CHUNK;
+use crate::vm::{VmError, VmOptions, VmSandbox};
 
-/// The guest directory under which a VM's agent mounts container storage.
-const VM_GUEST_DIR: &str = "/run/joey";
+/// Why starting, using or ending a sandbox failed. Each variant names the object and
+/// the action; its cause, if any, is its [`source`](std::error::Error::source).
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error(transparent)]
+    Ns(#[from] SandboxError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Rpc(#[from] ClientError),
+    #[error("the sandbox ended (exit {code}) before its agent answered ({last})")]
+    EndedEarly { code: i32, last: String },
+    #[error("the agent did not answer within {secs}s ({last})")]
+    AgentTimeout { secs: u64, last: String },
+    #[error("rootfs {}", path.display())]
+    Rootfs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("read the output of {cid}/{eid}")]
+    ReadOutput {
+        cid: String,
+        eid: String,
+        #[source]
+        source: ClientError,
+    },
+    #[error("read the output of {cid}/{eid}: no reply within {secs}s")]
+    ReadTimeout { cid: String, eid: String, secs: u64 },
+    #[error("the sandbox did not end within {secs}s of DestroySandbox; killed it")]
+    NotEnded { secs: u64 },
+    /// `source` with the guest console's last lines ([`console_context`]), which
+    /// explain most failures.
+    #[error("{console}")]
+    WithConsole {
+        console: String,
+        #[source]
+        source: Box<PodError>,
+    },
+}
 
 /// A running sandbox of either kind.
 pub enum Sandbox {
@@ -93,10 +132,11 @@ impl Sandbox {
     }
 
     /// Where container storage is mounted inside the sandbox.
-    fn guest_dir(&self) -> std::path::PathBuf {
+    fn guest_dir(&self) -> PathBuf {
         match self {
             Sandbox::Ns(s) => s.dir.join("guest"),
-            Sandbox::Vm(_) => Path::new(VM_GUEST_DIR).to_path_buf(),
+            // The guest's own runtime directory, never moved by the host's environment.
+            Sandbox::Vm(_) => Path::new(RUNTIME_DIR).to_path_buf(),
         }
     }
 
@@ -112,13 +152,27 @@ impl Sandbox {
 #[derive(Debug, Clone)]
 pub enum RootfsSource {
     /// A host directory (namespace sandboxes see the host's filesystem).
-    HostDir(std::path::PathBuf),
+    HostDir(PathBuf),
     /// An EROFS image attached to the VM as a virtio-blk disk with this serial.
     Disk { serial: String },
 }
 
+/// What CreateContainer carries for one container besides its id: the storages the
+/// agent mounts first and the OCI spec. Tests adjust it before sending it.
+#[derive(Debug, Clone)]
+pub struct ContainerConfig {
+    pub storages: Vec<agent::Storage>,
+    pub spec: oci::Spec,
+}
+
 /// How long a new sandbox's agent may take to answer.
 pub const AGENT_READY_DEADLINE: Duration = Duration::from_secs(20);
+
+/// How long a sandbox may take to end after DestroySandbox.
+const DESTROY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// How long RemoveContainer gives the container's processes to die.
+const REMOVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Pod {
     pub sandbox: Sandbox,
@@ -127,25 +181,33 @@ pub struct Pod {
     pub sandbox_pidns: bool,
 }
 
-/// Adds the guest's console tail to an error, which is what explains most failures.
-pub fn with_console(sandbox: &Sandbox, e: anyhow::Error) -> anyhow::Error {
+/// The guest console's last lines as the context of an error (`guest console (last
+/// lines):` and the lines), or `None` while the console is empty.
+pub fn console_context(sandbox: &Sandbox) -> Option<String> {
     let tail = sandbox.console_tail(20);
-    if tail.is_empty() {
-        e
-    } else {
-        e.context(format!("guest console (last lines):\n{tail}"))
+    (!tail.is_empty()).then(|| format!("guest console (last lines):\n{tail}"))
+}
+
+/// Adds the guest's console tail to an error, which is what explains most failures.
+pub fn with_console(sandbox: &Sandbox, e: PodError) -> PodError {
+    match console_context(sandbox) {
+        Some(console) => PodError::WithConsole {
+            console,
+            source: Box::new(e),
+        },
+        None => e,
     }
 }
 
 impl Pod {
     /// Starts a namespace sandbox and runs CreateSandbox on it.
-    pub async fn start_ns(bins: &Binaries, opts: &NsOptions) -> anyhow::Result<Pod> {
+    pub async fn start_ns(bins: &Binaries, opts: &NsOptions) -> Result<Pod, PodError> {
         let sandbox = Sandbox::Ns(NsSandbox::start(bins, opts)?);
         Self::connect(sandbox, AGENT_READY_DEADLINE, opts.sandbox_pidns).await
     }
 
     /// Boots a microVM sandbox and runs CreateSandbox on it.
-    pub async fn start_vm(opts: &VmOptions, deadline: Duration) -> anyhow::Result<Pod> {
+    pub async fn start_vm(opts: &VmOptions, deadline: Duration) -> Result<Pod, PodError> {
         let sandbox = Sandbox::Vm(VmSandbox::start(opts)?);
         Self::connect(sandbox, deadline, false).await
     }
@@ -155,7 +217,7 @@ impl Pod {
         mut sandbox: Sandbox,
         deadline: Duration,
         sandbox_pidns: bool,
-    ) -> anyhow::Result<Pod> {
+    ) -> Result<Pod, PodError> {
         let start = std::time::Instant::now();
         let addr = sandbox.agent_addr();
         let client = loop {
@@ -169,42 +231,38 @@ impl Pod {
                     Duration::from_millis(500).min(deadline.saturating_sub(start.elapsed()));
                 match AgentClient::connect_ready(&addr, attempt).await {
                     Ok(c) => break c,
-                    Err(e) => e.to_string(),
+                    Err(e) => one_line(&e),
                 }
             } else {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 "init has not started yet".to_string()
             };
             if let Some(code) = sandbox.wait_exit(Duration::ZERO).await {
-                let e = anyhow::anyhow!(
-                    "the sandbox ended (exit {code}) before its agent answered ({last})"
-                );
+                let e = PodError::EndedEarly { code, last };
                 return Err(with_console(&sandbox, e));
             }
             if start.elapsed() >= deadline {
                 sandbox.kill();
-                let e = anyhow::anyhow!(
-                    "the agent did not answer within {}s ({last})",
-                    deadline.as_secs()
-                );
+                let e = PodError::AgentTimeout {
+                    secs: deadline.as_secs(),
+                    last,
+                };
                 return Err(with_console(&sandbox, e));
             }
         };
-        let mut req = agent::CreateSandboxRequest::new();
-        req.sandbox_id = sandbox.id().to_string();
-        req.hostname = format!("joey-{}", &sandbox.id()[..8]);
-        req.sandbox_pidns = sandbox_pidns;
-        let pod = Pod {
+        let id = sandbox.id().to_string();
+        let hostname = format!("joey-{}", &id[..8]);
+        if let Err(e) = client
+            .create_sandbox(&id, &hostname, sandbox_pidns, vec![])
+            .await
+        {
+            return Err(with_console(&sandbox, e.into()));
+        }
+        Ok(Pod {
             sandbox,
             client,
             sandbox_pidns,
-        };
-        pod.client
-            .agent
-            .create_sandbox(ctx(Some(RPC_TIMEOUT)), &req)
-            .await
-            .map_err(|e| with_console(&pod.sandbox, anyhow::anyhow!("CreateSandbox: {e}")))?;
-        Ok(pod)
+        })
     }
 
     /// Where a container's rootfs is mounted inside the sandbox.
@@ -218,15 +276,15 @@ impl Pod {
             .to_string()
     }
 
-    /// The CreateContainer request for a container whose rootfs is read-only under a
-    /// tmpfs overlay (writes stay in sandbox memory): a host directory as the lower
-    /// layer, or an EROFS disk mounted through the `mmioblk` driver first.
-    pub fn container_request(
+    /// The storages and spec of a container whose rootfs is read-only under a tmpfs
+    /// overlay (writes stay in sandbox memory): a host directory as the lower layer, or
+    /// an EROFS disk mounted through the `mmioblk` driver first.
+    pub fn container_config(
         &self,
         cid: &str,
         rootfs: &RootfsSource,
         p: &ProcessSpec,
-    ) -> agent::CreateContainerRequest {
+    ) -> ContainerConfig {
         let mount_point = self.rootfs_mount_point(cid);
         let mut storages = Vec::new();
         let lower = match rootfs {
@@ -256,19 +314,13 @@ impl Pod {
         overlay.fstype = "overlay".into();
         overlay.mount_point = mount_point.clone();
         storages.push(overlay);
-        let mut req = agent::CreateContainerRequest::new();
-        req.container_id = cid.into();
-        req.exec_id = cid.into();
-        req.storages = storages;
-        req.sandbox_pidns = self.sandbox_pidns;
-        req.OCI = Some(spec::container(
+        let spec = spec::container(
             p,
             &mount_point,
             cid,
             &format!("/joey/{}/{cid}", self.sandbox.id()),
-        ))
-        .into();
-        req
+        );
+        ContainerConfig { storages, spec }
     }
 
     /// Creates a container from a host directory (namespace sandboxes).
@@ -277,104 +329,85 @@ impl Pod {
         cid: &str,
         rootfs: &Path,
         p: &ProcessSpec,
-    ) -> anyhow::Result<()> {
-        let rootfs = rootfs
-            .canonicalize()
-            .with_context(|| format!("rootfs {}", rootfs.display()))?;
+    ) -> Result<(), PodError> {
+        let rootfs = rootfs.canonicalize().map_err(|source| PodError::Rootfs {
+            path: rootfs.to_path_buf(),
+            source,
+        })?;
         self.create_container_from(cid, &RootfsSource::HostDir(rootfs), p)
             .await
     }
 
+    /// Creates a container running `p` from `rootfs` (see [`Pod::container_config`]).
     pub async fn create_container_from(
         &self,
         cid: &str,
         rootfs: &RootfsSource,
         p: &ProcessSpec,
-    ) -> anyhow::Result<()> {
-        let req = self.container_request(cid, rootfs, p);
+    ) -> Result<(), PodError> {
+        let c = self.container_config(cid, rootfs, p);
         self.client
-            .agent
-            .create_container(ctx(Some(RPC_TIMEOUT)), &req)
-            .await
-            .with_context(|| format!("CreateContainer {cid}"))?;
+            .create_container(cid, c.storages, c.spec, self.sandbox_pidns)
+            .await?;
         Ok(())
     }
 
-    pub async fn start_container(&self, cid: &str) -> anyhow::Result<()> {
-        let mut req = agent::StartContainerRequest::new();
-        req.container_id = cid.into();
-        self.client
-            .agent
-            .start_container(ctx(Some(RPC_TIMEOUT)), &req)
-            .await
-            .with_context(|| format!("StartContainer {cid}"))?;
-        Ok(())
+    pub async fn start_container(&self, cid: &str) -> Result<(), PodError> {
+        Ok(self.client.start_container(cid).await?)
     }
 
-    /// Reads a process's stdout (or stderr) until it ends.
-    pub async fn read_to_end(&self, cid: &str, eid: &str, stderr: bool) -> anyhow::Result<Vec<u8>> {
-        let mut req = agent::ReadStreamRequest::new();
-        req.container_id = cid.into();
-        req.exec_id = eid.into();
-        req.len = 65536;
+    /// Reads a process's stdout (or stderr) until it ends; each read must answer within
+    /// [`RPC_TIMEOUT`].
+    pub async fn read_to_end(
+        &self,
+        cid: &str,
+        eid: &str,
+        stream: Stream,
+    ) -> Result<Vec<u8>, PodError> {
         let mut out = Vec::new();
         loop {
-            let agent = &self.client.agent;
-            let r = if stderr {
-                agent.read_stderr(ctx(Some(RPC_TIMEOUT)), &req).await
-            } else {
-                agent.read_stdout(ctx(Some(RPC_TIMEOUT)), &req).await
-            }
-            .with_context(|| format!("read the output of {cid}/{eid}"))?;
-            if r.data.is_empty() {
+            let read = self.client.read_stream(cid, eid, stream, READ_CHUNK);
+            let data = tokio::time::timeout(RPC_TIMEOUT, read)
+                .await
+                .map_err(|_| PodError::ReadTimeout {
+                    cid: cid.into(),
+                    eid: eid.into(),
+                    secs: RPC_TIMEOUT.as_secs(),
+                })?
+                .map_err(|source| PodError::ReadOutput {
+                    cid: cid.into(),
+                    eid: eid.into(),
+                    source,
+                })?;
+            if data.is_empty() {
                 return Ok(out);
             }
-            out.extend_from_slice(&r.data);
+            out.extend_from_slice(&data);
         }
     }
 
-    pub async fn wait_process(&self, cid: &str, eid: &str) -> anyhow::Result<i32> {
-        let mut req = agent::WaitProcessRequest::new();
-        req.container_id = cid.into();
-        req.exec_id = eid.into();
-        let r = self
-            .client
-            .agent
-            .wait_process(ctx(None), &req)
-            .await
-            .with_context(|| format!("WaitProcess {cid}/{eid}"))?;
-        Ok(r.status)
+    pub async fn wait_process(&self, cid: &str, eid: &str) -> Result<i32, PodError> {
+        Ok(self.client.wait_process(cid, eid).await?)
     }
 
-    pub async fn remove_container(&self, cid: &str) -> anyhow::Result<()> {
-        let mut req = agent::RemoveContainerRequest::new();
-        req.container_id = cid.into();
-        req.timeout = 10;
-        self.client
-            .agent
-            .remove_container(ctx(Some(RPC_TIMEOUT)), &req)
-            .await
-            .with_context(|| format!("RemoveContainer {cid}"))?;
-        Ok(())
+    pub async fn remove_container(&self, cid: &str) -> Result<(), PodError> {
+        Ok(self.client.remove_container(cid, REMOVE_TIMEOUT).await?)
     }
 
     /// DestroySandbox, then waits for the sandbox's init to exit; kills it if it does
     /// not. Returns init's exit code.
-    pub async fn destroy(mut self) -> anyhow::Result<i32> {
-        let r = self
-            .client
-            .agent
-            .destroy_sandbox(ctx(Some(RPC_TIMEOUT)), &agent::DestroySandboxRequest::new())
-            .await;
-        if let Err(e) = r {
+    pub async fn destroy(mut self) -> Result<i32, PodError> {
+        if let Err(e) = self.client.destroy_sandbox().await {
             self.sandbox.kill();
-            return Err(anyhow::anyhow!("DestroySandbox: {e}"));
+            return Err(e.into());
         }
-        match self.sandbox.wait_exit(Duration::from_secs(30)).await {
+        match self.sandbox.wait_exit(DESTROY_DEADLINE).await {
             Some(code) => Ok(code),
             None => {
                 self.sandbox.kill();
-                anyhow::bail!("the sandbox did not end within 30s of DestroySandbox; killed it")
+                Err(PodError::NotEnded {
+                    secs: DESTROY_DEADLINE.as_secs(),
+                })
             }
         }
     }

@@ -1,18 +1,26 @@
 //! Copying a container process's stdio between the host and the agent.
 
-use joey_protocols::agent;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
-use crate::client::{ctx, AgentClient, RPC_TIMEOUT};
+use crate::client::{AgentClient, ClientError, Stream};
 
 /// How much one ReadStdout/ReadStderr asks for.
 pub const READ_CHUNK: u32 = 64 * 1024;
 
-#[derive(Debug, Clone, Copy)]
-pub enum Which {
-    Stdout,
-    Stderr,
+/// Why copying a process's stdio stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("read {0:?}")]
+    Read(Stream, #[source] ClientError),
+    #[error("copy {0:?} to the host")]
+    Output(Stream, #[source] std::io::Error),
+    #[error("read the host's input")]
+    Input(#[source] std::io::Error),
+    #[error("write stdin")]
+    Write(#[source] ClientError),
+    #[error("close stdin")]
+    Close(#[source] ClientError),
 }
 
 /// Reads a stream until its end (the agent's empty reply) and writes it to `out`.
@@ -20,25 +28,24 @@ pub fn pump_output<W: AsyncWrite + Unpin + Send + 'static>(
     client: AgentClient,
     cid: String,
     eid: String,
-    which: Which,
+    which: Stream,
     mut out: W,
-) -> JoinHandle<anyhow::Result<()>> {
+) -> JoinHandle<Result<(), StreamError>> {
     tokio::spawn(async move {
-        let mut req = agent::ReadStreamRequest::new();
-        req.container_id = cid;
-        req.exec_id = eid;
-        req.len = READ_CHUNK;
         loop {
-            let r = match which {
-                Which::Stdout => client.agent.read_stdout(ctx(None), &req).await,
-                Which::Stderr => client.agent.read_stderr(ctx(None), &req).await,
-            }
-            .map_err(|e| anyhow::anyhow!("read {which:?}: {e}"))?;
-            if r.data.is_empty() {
+            let data = client
+                .read_stream(&cid, &eid, which, READ_CHUNK)
+                .await
+                .map_err(|e| StreamError::Read(which, e))?;
+            if data.is_empty() {
                 return Ok(());
             }
-            out.write_all(&r.data).await?;
-            out.flush().await?;
+            out.write_all(&data)
+                .await
+                .map_err(|e| StreamError::Output(which, e))?;
+            out.flush()
+                .await
+                .map_err(|e| StreamError::Output(which, e))?;
         }
     })
 }
@@ -49,32 +56,23 @@ pub fn pump_input<R: AsyncRead + Unpin + Send + 'static>(
     cid: String,
     eid: String,
     mut input: R,
-) -> JoinHandle<anyhow::Result<()>> {
+) -> JoinHandle<Result<(), StreamError>> {
     tokio::spawn(async move {
         let mut buf = vec![0u8; 32 * 1024];
         loop {
-            let n = input.read(&mut buf).await?;
+            let n = input.read(&mut buf).await.map_err(StreamError::Input)?;
             if n == 0 {
                 break;
             }
-            let mut req = agent::WriteStreamRequest::new();
-            req.container_id = cid.clone();
-            req.exec_id = eid.clone();
-            req.data = buf[..n].to_vec();
             client
-                .agent
-                .write_stdin(ctx(Some(RPC_TIMEOUT)), &req)
+                .write_stdin(&cid, &eid, &buf[..n])
                 .await
-                .map_err(|e| anyhow::anyhow!("write stdin: {e}"))?;
+                .map_err(StreamError::Write)?;
         }
-        let mut req = agent::CloseStdinRequest::new();
-        req.container_id = cid;
-        req.exec_id = eid;
         client
-            .agent
-            .close_stdin(ctx(Some(RPC_TIMEOUT)), &req)
+            .close_stdin(&cid, &eid)
             .await
-            .map_err(|e| anyhow::anyhow!("close stdin: {e}"))?;
+            .map_err(StreamError::Close)?;
         Ok(())
     })
 }

@@ -5,11 +5,10 @@ use std::time::Duration;
 use anyhow::{ensure, Context};
 use joey_protocols::agent;
 use joey_shim::client::{ctx, RPC_TIMEOUT};
-use joey_shim::pod::RootfsSource;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ttrpc::Code;
 
-use crate::common::{env, exec, pod, rpc_error, sh, start};
+use crate::common::{config, create, exec, pod, rpc_error, sh, start};
 
 pub async fn bad_requests_are_refused_and_the_agent_keeps_serving() -> anyhow::Result<()> {
     let pod = pod().await?;
@@ -22,12 +21,7 @@ pub async fn bad_requests_are_refused_and_the_agent_keeps_serving() -> anyhow::R
         ("..", "'..'"),
         ("x..y", "'..'"),
     ] {
-        let req = pod.container_request(
-            id,
-            &RootfsSource::HostDir(env().rootfs.clone()),
-            &sh("true"),
-        );
-        let (code, msg) = rpc_error(c.agent.create_container(ctx(Some(RPC_TIMEOUT)), &req).await)?;
+        let (code, msg) = rpc_error(create(&pod, id, config(&pod, id, &sh("true"))).await)?;
         ensure!(
             code == Code::INVALID_ARGUMENT && msg.contains(needle),
             "id {id:?}: {code:?} {msg}"
@@ -46,12 +40,7 @@ pub async fn bad_requests_are_refused_and_the_agent_keeps_serving() -> anyhow::R
 
     // A second CreateContainer with an id in use.
     start(&pod, "c1", &sh("sleep 1000")).await?;
-    let req = pod.container_request(
-        "c1",
-        &RootfsSource::HostDir(env().rootfs.clone()),
-        &sh("true"),
-    );
-    let (code, msg) = rpc_error(c.agent.create_container(ctx(Some(RPC_TIMEOUT)), &req).await)?;
+    let (code, msg) = rpc_error(create(&pod, "c1", config(&pod, "c1", &sh("true"))).await)?;
     ensure!(
         code == Code::ALREADY_EXISTS && msg.contains("c1"),
         "{code:?} {msg}"
@@ -60,52 +49,41 @@ pub async fn bad_requests_are_refused_and_the_agent_keeps_serving() -> anyhow::R
     // A process binary that does not exist is named, and nothing of it is left.
     let mut p = sh("true");
     p.args = vec!["/usr/bin/definitely-missing".into()];
-    let req = pod.container_request("c2", &RootfsSource::HostDir(env().rootfs.clone()), &p);
-    let (code, msg) = rpc_error(c.agent.create_container(ctx(Some(RPC_TIMEOUT)), &req).await)?;
+    let (code, msg) = rpc_error(create(&pod, "c2", config(&pod, "c2", &p)).await)?;
     ensure!(
         code == Code::INVALID_ARGUMENT && msg.contains("/usr/bin/definitely-missing"),
         "{code:?} {msg}"
     );
-    let mut st = agent::StartContainerRequest::new();
-    st.container_id = "c2".into();
-    let (code, _) = rpc_error(c.agent.start_container(ctx(Some(RPC_TIMEOUT)), &st).await)?;
+    let (code, _) = rpc_error(c.start_container("c2").await)?;
     ensure!(
         code == Code::NOT_FOUND,
         "the failed container c2 exists: {code:?}"
     );
 
     // WaitProcess on an unknown exec id.
-    let mut w = agent::WaitProcessRequest::new();
-    w.container_id = "c1".into();
-    w.exec_id = "nope".into();
-    let (code, msg) = rpc_error(c.agent.wait_process(ctx(Some(RPC_TIMEOUT)), &w).await)?;
+    let wait = tokio::time::timeout(RPC_TIMEOUT, c.wait_process("c1", "nope")).await?;
+    let (code, msg) = rpc_error(wait)?;
     ensure!(
         code == Code::NOT_FOUND && msg.contains("nope"),
         "{code:?} {msg}"
     );
 
     // An out-of-range signal.
-    let mut s = agent::SignalProcessRequest::new();
-    s.container_id = "c1".into();
-    s.signal = 999;
-    let (code, _) = rpc_error(c.agent.signal_process(ctx(Some(RPC_TIMEOUT)), &s).await)?;
+    let (code, _) = rpc_error(c.signal_process("c1", "", 999).await)?;
     ensure!(code == Code::INVALID_ARGUMENT, "{code:?}");
 
     // An unsupported storage driver is named.
-    let mut req = pod.container_request(
-        "c3",
-        &RootfsSource::HostDir(env().rootfs.clone()),
-        &sh("true"),
-    );
-    req.storages[0].driver = "floppy".into();
-    let (code, msg) = rpc_error(c.agent.create_container(ctx(Some(RPC_TIMEOUT)), &req).await)?;
+    let mut cfg = config(&pod, "c3", &sh("true"));
+    cfg.storages[0].driver = "floppy".into();
+    let (code, msg) = rpc_error(create(&pod, "c3", cfg).await)?;
     ensure!(
         code == Code::INVALID_ARGUMENT && msg.contains("floppy"),
         "{code:?} {msg}"
     );
 
-    // An RPC joey does not implement answers UNIMPLEMENTED naming it.
-    let (code, msg) = rpc_error(
+    // An RPC joey does not implement answers UNIMPLEMENTED naming it (through the raw
+    // generated client: the typed client has no method for it).
+    let (code, msg) = raw_rpc_error(
         c.agent
             .get_oom_event(ctx(Some(RPC_TIMEOUT)), &agent::GetOOMEventRequest::new())
             .await,
@@ -121,6 +99,15 @@ pub async fn bad_requests_are_refused_and_the_agent_keeps_serving() -> anyhow::R
     pod.remove_container("c1").await?;
     ensure!(pod.destroy().await? == 0);
     Ok(())
+}
+
+/// The status code and message of a failed RPC sent through the raw generated client.
+fn raw_rpc_error<T: std::fmt::Debug>(r: ttrpc::Result<T>) -> anyhow::Result<(Code, String)> {
+    match r {
+        Ok(v) => anyhow::bail!("expected an error, got {v:?}"),
+        Err(ttrpc::Error::RpcStatus(s)) => Ok((s.code(), s.message().to_string())),
+        Err(e) => anyhow::bail!("expected an RPC status, got {e:?}"),
+    }
 }
 
 /// A frame over ttrpc's 4 MiB limit and random bytes on the socket: the agent drops

@@ -119,7 +119,7 @@ pub async fn run_leaves_nothing_behind() -> anyhow::Result<()> {
         pids.is_empty(),
         "processes of sandbox {sid} still run: {pids:?}"
     );
-    let dir = std::path::Path::new(joey_shim::nssandbox::NS_ROOT).join(&sid);
+    let dir = joey_shim::nssandbox::ns_root().join(&sid);
     ensure!(!dir.exists(), "{} still exists", dir.display());
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
     ensure!(

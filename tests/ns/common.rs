@@ -5,12 +5,11 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
-use joey_protocols::agent;
+use anyhow::bail;
 use joey_shim::binaries::Binaries;
-use joey_shim::client::{ctx, RPC_TIMEOUT};
+use joey_shim::client::{ClientError, Stream};
 use joey_shim::nssandbox::NsOptions;
-use joey_shim::pod::Pod;
+use joey_shim::pod::{ContainerConfig, Pod};
 use joey_shim::spec::ProcessSpec;
 use joey_tests::{bin_dir, require_file};
 
@@ -48,14 +47,15 @@ pub fn detect() -> Result<(), String> {
         }
         Err(e) => {
             return Err(format!(
-                "no usable busybox ({e}); apt-get install busybox-static"
+                "no usable busybox ({:#}); apt-get install busybox-static",
+                anyhow::Error::from(e)
             ))
         }
     }
     let rootfs = dir.join("test-rootfs-busybox");
     if !rootfs.join("bin/sh").exists() {
         joey_shim::rootfs::busybox_rootfs(busybox, &rootfs)
-            .map_err(|e| format!("build the busybox rootfs: {e:#}"))?;
+            .map_err(|e| format!("build the busybox rootfs: {:#}", anyhow::Error::from(e)))?;
     }
     let _ = ENV.set(Env {
         bins,
@@ -73,51 +73,59 @@ pub fn sh(script: &str) -> ProcessSpec {
 }
 
 pub async fn pod() -> anyhow::Result<Pod> {
-    Pod::start_ns(&env().bins, &NsOptions::default()).await
+    Ok(Pod::start_ns(&env().bins, &NsOptions::default()).await?)
 }
 
 /// Creates and starts a container running `p` from the busybox rootfs.
 pub async fn start(pod: &Pod, cid: &str, p: &ProcessSpec) -> anyhow::Result<()> {
     pod.create_container(cid, &env().rootfs, p).await?;
-    pod.start_container(cid).await
+    Ok(pod.start_container(cid).await?)
 }
 
 pub async fn read_all(pod: &Pod, cid: &str, eid: &str, stderr: bool) -> anyhow::Result<Vec<u8>> {
-    pod.read_to_end(cid, eid, stderr).await
+    let stream = if stderr {
+        Stream::Stderr
+    } else {
+        Stream::Stdout
+    };
+    Ok(pod.read_to_end(cid, eid, stream).await?)
+}
+
+/// The storages and spec of a container running `p` from the busybox rootfs.
+pub fn config(pod: &Pod, cid: &str, p: &ProcessSpec) -> ContainerConfig {
+    let rootfs = joey_shim::pod::RootfsSource::HostDir(env().rootfs.clone());
+    pod.container_config(cid, &rootfs, p)
+}
+
+/// CreateContainer with a config the test may have adjusted.
+pub async fn create(pod: &Pod, cid: &str, c: ContainerConfig) -> Result<(), ClientError> {
+    pod.client
+        .create_container(cid, c.storages, c.spec, pod.sandbox_pidns)
+        .await
 }
 
 pub async fn exec(pod: &Pod, cid: &str, eid: &str, p: &ProcessSpec) -> anyhow::Result<()> {
-    let mut req = agent::ExecProcessRequest::new();
-    req.container_id = cid.into();
-    req.exec_id = eid.into();
-    req.process = Some(joey_shim::spec::process(p)).into();
-    pod.client
-        .agent
-        .exec_process(ctx(Some(RPC_TIMEOUT)), &req)
-        .await
-        .with_context(|| format!("ExecProcess {cid}/{eid}"))?;
-    Ok(())
+    let process = joey_shim::spec::process(p);
+    Ok(pod.client.exec_process(cid, eid, process).await?)
 }
 
 pub async fn signal(pod: &Pod, cid: &str, eid: &str, sig: i32) -> anyhow::Result<()> {
-    let mut req = agent::SignalProcessRequest::new();
-    req.container_id = cid.into();
-    req.exec_id = eid.into();
-    req.signal = sig as u32;
-    pod.client
-        .agent
-        .signal_process(ctx(Some(RPC_TIMEOUT)), &req)
-        .await
-        .with_context(|| format!("SignalProcess {cid}/{eid} {sig}"))?;
-    Ok(())
+    Ok(pod
+        .client
+        .signal_process(cid, eid, u32::try_from(sig)?)
+        .await?)
 }
 
 /// The status code and message of a failed RPC.
-pub fn rpc_error<T: std::fmt::Debug>(r: ttrpc::Result<T>) -> anyhow::Result<(ttrpc::Code, String)> {
+pub fn rpc_error<T: std::fmt::Debug>(
+    r: Result<T, ClientError>,
+) -> anyhow::Result<(ttrpc::Code, String)> {
     match r {
         Ok(v) => bail!("expected an error, got {v:?}"),
-        Err(ttrpc::Error::RpcStatus(s)) => Ok((s.code(), s.message().to_string())),
-        Err(e) => bail!("expected an RPC status, got {e:?}"),
+        Err(e) => match e.status() {
+            Some((code, msg)) => Ok((code, msg.to_string())),
+            None => bail!("expected an RPC status, got {:#}", anyhow::Error::from(e)),
+        },
     }
 }
 

@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod restart;
 mod rpc;
+mod stale;
 
 use joey_tests::{block_on, run_tier, Test};
 
@@ -30,6 +31,7 @@ fn main() {
         rpc::sandbox_pidns_is_shared,
         rpc::raw_rpc_cli,
         rpc::standalone_agent,
+        stale::standalone_agent_discards_a_dead_sandbox,
         bad_input::bad_requests_are_refused_and_the_agent_keeps_serving,
         bad_input::oversized_frames_and_garbage_keep_the_agent_serving,
         restart::agent_restart_reports_lost_containers,

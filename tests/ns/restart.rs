@@ -3,8 +3,7 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
-use joey_protocols::agent;
-use joey_shim::client::{ctx, AgentClient, RPC_TIMEOUT};
+use joey_shim::client::{AgentClient, RPC_TIMEOUT};
 use joey_tests::wait_until;
 
 use crate::common::{comm, descendants, pod, ppid, rpc_error, sh, start};
@@ -50,9 +49,8 @@ pub async fn agent_restart_reports_lost_containers() -> anyhow::Result<()> {
         .context("init did not restart the agent")?;
     ensure!(new_agent != agent_pid, "the same agent pid answered");
 
-    let mut w = agent::WaitProcessRequest::new();
-    w.container_id = "old".into();
-    let (_, msg) = rpc_error(client.agent.wait_process(ctx(Some(RPC_TIMEOUT)), &w).await)?;
+    let wait = tokio::time::timeout(RPC_TIMEOUT, client.wait_process("old", "")).await?;
+    let (_, msg) = rpc_error(wait)?;
     ensure!(
         msg.contains("old") && msg.contains("lost"),
         "WaitProcess on the lost container: {msg}"

@@ -3,12 +3,11 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
-use joey_protocols::{agent, health};
-use joey_shim::client::{ctx, AgentClient, RPC_TIMEOUT};
-use joey_shim::pod::RootfsSource;
+use joey_protocols::health;
+use joey_shim::client::{AgentClient, RPC_TIMEOUT};
 use joey_shim::spec::ProcessSpec;
 
-use crate::common::{exec, pod, read_all, sh, signal, start};
+use crate::common::{config, create, exec, pod, read_all, sh, signal, start};
 
 pub async fn init_sigterm_without_handler_is_137() -> anyhow::Result<()> {
     let pod = pod().await?;
@@ -79,23 +78,9 @@ pub async fn exec_stdin_round_trip() -> anyhow::Result<()> {
         },
     )
     .await?;
-    let mut w = agent::WriteStreamRequest::new();
-    w.container_id = "c1".into();
-    w.exec_id = "cat".into();
-    w.data = b"ping\n".to_vec();
-    let r = pod
-        .client
-        .agent
-        .write_stdin(ctx(Some(RPC_TIMEOUT)), &w)
-        .await?;
-    ensure!(r.len == 5, "WriteStdin wrote {}", r.len);
-    let mut c = agent::CloseStdinRequest::new();
-    c.container_id = "c1".into();
-    c.exec_id = "cat".into();
-    pod.client
-        .agent
-        .close_stdin(ctx(Some(RPC_TIMEOUT)), &c)
-        .await?;
+    let written = pod.client.write_stdin("c1", "cat", b"ping\n").await?;
+    ensure!(written == 5, "WriteStdin wrote {written}");
+    pod.client.close_stdin("c1", "cat").await?;
     let out = read_all(&pod, "c1", "cat", false).await?;
     ensure!(
         out == b"ping\n",
@@ -115,20 +100,14 @@ pub async fn two_containers_in_one_sandbox() -> anyhow::Result<()> {
     let a = sh("touch /shared/a; while [ ! -e /shared/b ]; do sleep 0.05; done; echo a-done");
     let b = sh("touch /shared/b; while [ ! -e /shared/a ]; do sleep 0.05; done; echo b-done");
     for (cid, p) in [("a", &a), ("b", &b)] {
-        let mut req = pod.container_request(
-            cid,
-            &RootfsSource::HostDir(crate::common::env().rootfs.clone()),
-            p,
-        );
+        let mut c = config(&pod, cid, p);
         let mut m = joey_protocols::oci::Mount::new();
         m.destination = "/shared".into();
         m.source = shared.display().to_string();
         m.type_ = "bind".into();
         m.options = vec!["rbind".into(), "rw".into()];
-        req.OCI.as_mut().context("spec")?.Mounts.push(m);
-        pod.client
-            .agent
-            .create_container(ctx(Some(RPC_TIMEOUT)), &req)
+        c.spec.Mounts.push(m);
+        create(&pod, cid, c)
             .await
             .with_context(|| format!("create {cid}"))?;
         pod.start_container(cid).await?;
@@ -170,28 +149,17 @@ pub async fn two_sandboxes_at_once() -> anyhow::Result<()> {
 pub async fn kata_lifecycle() -> anyhow::Result<()> {
     let pod = pod().await?;
     let c = &pod.client;
-    let mut check = health::CheckRequest::new();
-    check.service = "agent".into();
-    let h = c.health.check(ctx(Some(RPC_TIMEOUT)), &check).await?;
+    let h = c.check(RPC_TIMEOUT).await?;
     ensure!(h.status.enum_value() == Ok(health::health_check_response::ServingStatus::SERVING));
-    let v = c.health.version(ctx(Some(RPC_TIMEOUT)), &check).await?;
+    let v = c.version().await?;
     ensure!(!v.agent_version.is_empty());
-    let mut gd = agent::GuestDetailsRequest::new();
-    gd.mem_block_size = true;
-    let d = c
-        .agent
-        .get_guest_details(ctx(Some(RPC_TIMEOUT)), &gd)
-        .await?;
+    let d = c.get_guest_details(true).await?;
     let details = d.agent_details.as_ref().context("agent_details")?;
     ensure!(details.init_daemon, "the agent runs under joey-init");
     ensure!(details.storage_handlers.iter().any(|s| s == "overlayfs"));
     let mut p = sh("echo lifecycle");
     p.env = vec!["A=1".into()];
-    let mut req = pod.container_request(
-        "kata1",
-        &RootfsSource::HostDir(crate::common::env().rootfs.clone()),
-        &p,
-    );
+    let mut cfg = config(&pod, "kata1", &p);
     // Limits as a kata shim sends them; they must be enforced, not dropped.
     let mut res = joey_protocols::oci::LinuxResources::new();
     let mut mem = joey_protocols::oci::LinuxMemory::new();
@@ -200,22 +168,9 @@ pub async fn kata_lifecycle() -> anyhow::Result<()> {
     let mut pids = joey_protocols::oci::LinuxPids::new();
     pids.Limit = 64;
     res.Pids = Some(pids).into();
-    req.OCI
-        .as_mut()
-        .context("spec")?
-        .Linux
-        .as_mut()
-        .context("linux")?
-        .Resources = Some(res).into();
-    c.agent
-        .create_container(ctx(Some(RPC_TIMEOUT)), &req)
-        .await?;
-    let mut stats_req = agent::StatsContainerRequest::new();
-    stats_req.container_id = "kata1".into();
-    let stats = c
-        .agent
-        .stats_container(ctx(Some(RPC_TIMEOUT)), &stats_req)
-        .await?;
+    cfg.spec.Linux.as_mut().context("linux")?.Resources = Some(res).into();
+    create(&pod, "kata1", cfg).await?;
+    let stats = c.stats_container("kata1").await?;
     let cg = stats.cgroup_stats.as_ref().context("cgroup_stats")?;
     ensure!(
         cg.memory_stats.usage.limit == 64 << 20,
@@ -236,12 +191,7 @@ pub async fn kata_lifecycle() -> anyhow::Result<()> {
     let out = read_all(&pod, "kata1", "kata1", false).await?;
     ensure!(out == b"lifecycle\n", "{:?}", String::from_utf8_lossy(&out));
     ensure!(pod.wait_process("kata1", "kata1").await? == 0);
-    let mut rm = agent::RemoveContainerRequest::new();
-    rm.container_id = "kata1".into();
-    rm.timeout = 5;
-    c.agent
-        .remove_container(ctx(Some(RPC_TIMEOUT)), &rm)
-        .await?;
+    c.remove_container("kata1", Duration::from_secs(5)).await?;
     ensure!(pod.destroy().await? == 0, "init exit code");
     Ok(())
 }
@@ -443,17 +393,12 @@ pub async fn standalone_agent() -> anyhow::Result<()> {
         .spawn()?;
     let addr = joey_shim::addr::AgentAddr::Unix(sock.clone());
     let c = AgentClient::connect_ready(&addr, Duration::from_secs(10)).await?;
-    let d = c
-        .agent
-        .get_guest_details(ctx(Some(RPC_TIMEOUT)), &agent::GuestDetailsRequest::new())
-        .await?;
+    let d = c.get_guest_details(false).await?;
     ensure!(
         !d.agent_details.init_daemon,
         "a standalone agent claims to be the init daemon"
     );
-    c.agent
-        .destroy_sandbox(ctx(Some(RPC_TIMEOUT)), &agent::DestroySandboxRequest::new())
-        .await?;
+    c.destroy_sandbox().await?;
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await??;
     ensure!(status.success(), "agent exit {status}");
     ensure!(!sock.exists(), "the agent left its socket behind");

@@ -56,11 +56,13 @@ fn detect() -> Result<(), String> {
     }
     let rootfs = bin_dir().join("test-rootfs-busybox");
     if !rootfs.join("bin/sh").exists() {
-        joey_shim::rootfs::busybox_rootfs(busybox, &rootfs).map_err(|e| format!("{e:#}"))?;
+        joey_shim::rootfs::busybox_rootfs(busybox, &rootfs)
+            .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
     }
     let image = bin_dir().join("test-rootfs-busybox.erofs");
     let _ = std::fs::remove_file(&image);
-    joey_shim::vm::image::make_erofs(&rootfs, &image).map_err(|e| format!("{e:#}"))?;
+    joey_shim::vm::image::make_erofs(&rootfs, &image)
+        .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
     eprintln!(
         "vm tier: backend {}, kernel {}",
         backend.name(),
@@ -107,18 +109,19 @@ async fn run_vm(args: &[&str]) -> anyhow::Result<Output> {
 }
 
 fn vm_dirs() -> Vec<PathBuf> {
-    std::fs::read_dir(joey_shim::vm::qemu::VM_ROOT)
+    std::fs::read_dir(joey_shim::vm::qemu::vm_root())
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default()
 }
 
 /// The command lines of this run's QEMU and vsock backend processes.
 fn vm_processes() -> Vec<String> {
+    let root = joey_shim::vm::qemu::vm_root().display().to_string();
     joey_tests::process_cmdlines()
         .into_iter()
         .map(|(_, cmd)| cmd)
         .filter(|cmd| {
-            cmd.contains(joey_shim::vm::qemu::VM_ROOT)
+            cmd.contains(&root)
                 && !env()
                     .existing
                     .iter()

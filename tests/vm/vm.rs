@@ -4,8 +4,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::ensure;
-use joey_protocols::agent;
-use joey_shim::client::{ctx, RPC_TIMEOUT};
+use joey_shim::client::Stream;
 use joey_shim::pod::{Pod, RootfsSource};
 use joey_shim::spec::ProcessSpec;
 use joey_shim::vm::backend::{probe_kvm, PROBE_DEADLINE};
@@ -19,11 +18,7 @@ pub async fn boot_check_and_clean_end() -> anyhow::Result<()> {
     let pod = Pod::start_vm(&vm_options(None, &[]), BOOT_DEADLINE).await?;
     eprintln!("agent ready {:?} after VM launch", started.elapsed());
     pod.client.check(Duration::from_secs(5)).await?;
-    let d = pod
-        .client
-        .agent
-        .get_guest_details(ctx(Some(RPC_TIMEOUT)), &agent::GuestDetailsRequest::new())
-        .await?;
+    let d = pod.client.get_guest_details(false).await?;
     ensure!(
         d.agent_details.init_daemon,
         "the agent runs under joey-init"
@@ -71,7 +66,7 @@ pub async fn kernel_panic_is_reported() -> anyhow::Result<()> {
     let started = Instant::now();
     let err = match Pod::start_vm(&vm_options(None, &["init=/no/such/init"]), BOOT_DEADLINE).await {
         Ok(_) => anyhow::bail!("a guest without init answered"),
-        Err(e) => format!("{e:#}"),
+        Err(e) => format!("{:#}", anyhow::Error::from(e)),
     };
     ensure!(
         err.contains("Kernel panic") || err.contains("No working init"),
@@ -93,7 +88,7 @@ pub async fn missing_agent_is_reported() -> anyhow::Result<()> {
     .await
     {
         Ok(_) => anyhow::bail!("a guest without an agent answered"),
-        Err(e) => format!("{e:#}"),
+        Err(e) => format!("{:#}", anyhow::Error::from(e)),
     };
     ensure!(
         err.contains("/no/such/agent"),
@@ -147,7 +142,7 @@ pub async fn killed_joeyctl_leaves_nothing_running() -> anyhow::Result<()> {
         .await?;
     }
     // The SIGKILLed joeyctl's directory is gone once another VM starts.
-    joey_shim::vm::qemu::prune_stale(std::path::Path::new(joey_shim::vm::qemu::VM_ROOT));
+    joey_shim::vm::qemu::prune_stale(&joey_shim::vm::qemu::vm_root());
     no_vm_leftovers()
 }
 
@@ -184,24 +179,18 @@ pub async fn two_containers_in_one_vm() -> anyhow::Result<()> {
         pod.create_container_from(cid, &disk(), p).await?;
         pod.start_container(cid).await?;
     }
-    let out = pod.read_to_end("b", "b", false).await?;
+    let out = pod.read_to_end("b", "b", Stream::Stdout).await?;
     ensure!(
         out == b"none\nb\n",
         "b: {:?}",
         String::from_utf8_lossy(&out)
     );
     ensure!(pod.wait_process("b", "b").await? == 0, "b's exit");
-    let mut req = joey_protocols::agent::ExecProcessRequest::new();
-    req.container_id = "a".into();
-    req.exec_id = "go".into();
-    req.process = Some(joey_shim::spec::process(&sh("touch /go", false))).into();
-    pod.client
-        .agent
-        .exec_process(ctx(Some(RPC_TIMEOUT)), &req)
-        .await?;
+    let touch = joey_shim::spec::process(&sh("touch /go", false));
+    pod.client.exec_process("a", "go", touch).await?;
     ensure!(pod.wait_process("a", "go").await? == 0, "exec'd touch");
-    let out =
-        tokio::time::timeout(Duration::from_secs(20), pod.read_to_end("a", "a", false)).await??;
+    let read = pod.read_to_end("a", "a", Stream::Stdout);
+    let out = tokio::time::timeout(Duration::from_secs(20), read).await??;
     ensure!(out == b"a\n", "a: {:?}", String::from_utf8_lossy(&out));
     ensure!(pod.wait_process("a", "a").await? == 0, "a's exit");
     for cid in ["a", "b"] {
@@ -221,7 +210,8 @@ pub async fn tty_container_in_a_vm() -> anyhow::Result<()> {
         .await?;
     pod.client.resize_tty("t", "t", 33, 101).await?;
     pod.start_container("t").await?;
-    let out = String::from_utf8_lossy(&pod.read_to_end("t", "t", false).await?).into_owned();
+    let out = pod.read_to_end("t", "t", Stream::Stdout).await?;
+    let out = String::from_utf8_lossy(&out).into_owned();
     ensure!(out.contains("/dev/pts/"), "tty printed {out:?}");
     ensure!(out.contains("33 101"), "stty size printed {out:?}");
     ensure!(pod.wait_process("t", "t").await? == 0, "exit code");

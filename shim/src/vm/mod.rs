@@ -1,5 +1,6 @@
 //! MicroVM sandboxes: joey's kernel and shared guest image booted with a vsock device
-//! whose host end is a Unix socket (hybrid vsock), the agent dialled on port 1024.
+//! whose host end is a Unix socket (hybrid vsock), the agent dialled on its vsock port
+//! ([`AGENT_VSOCK_PORT`](joey_protocols::contract::AGENT_VSOCK_PORT), 1024).
 //!
 //! KVM on the development hosts is a nested PVM KVM that runs only paravirtualised
 //! guests, so the runner recognises it (any other KVM must first boot joey's kernel
@@ -9,11 +10,10 @@
 
 pub mod artifacts;
 pub mod backend;
-pub mod bench;
 pub mod image;
 pub mod qemu;
 pub mod tsc;
 
 pub use artifacts::Artifacts;
 pub use backend::Backend;
-pub use qemu::{VmOptions, VmSandbox};
+pub use qemu::{VmError, VmOptions, VmSandbox};

@@ -9,18 +9,22 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use joey_protocols::contract::{runtime_dir, AGENT_VSOCK_PORT, INIT_START_MARKER};
+
 use super::backend::Backend;
 use crate::addr::AgentAddr;
-use crate::nssandbox::{last_lines, random_id};
+use crate::nssandbox::{check_socket_path, last_lines, random_id};
 
-/// Where VM sandboxes keep their sockets and console logs.
-pub const VM_ROOT: &str = "/run/joey/vm";
+/// Where VM sandboxes keep their sockets and console logs: `vm/` in joey's runtime
+/// directory (`$JOEY_RUNTIME_DIR` moves it).
+pub fn vm_root() -> PathBuf {
+    runtime_dir().join("vm")
+}
+
 /// The virtio-blk serial of a container's rootfs image.
 pub const ROOTFS_SERIAL: &str = "joey-rootfs";
 /// The guest CID (each VM has its own vsock backend, so they need not differ).
 const GUEST_CID: u32 = 3;
-/// The agent's vsock port.
-pub const AGENT_PORT: u32 = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -153,10 +157,10 @@ fn wait_for_path(
     Ok(())
 }
 
-/// The start of joey-init's first console line, `joey-init: started 1.234567s after
-/// boot`, printed even on a quiet console.
-pub const INIT_MARKER: &str = "joey-init: started ";
-
+/// The vhost-user socket QEMU and the vsock backend share, in the VM directory.
+const VHU_SOCKET: &str = "vhu.sock";
+/// The hybrid-vsock socket the agent is dialled on, in the VM directory.
+const VSOCK_SOCKET: &str = "vm.vsock";
 /// The guest's serial console, in the VM directory.
 const CONSOLE_FILE: &str = "console.log";
 /// The file in a VM directory naming the host process that owns the VM.
@@ -226,14 +230,18 @@ impl VmSandbox {
                 )));
             }
         }
-        prune_stale(Path::new(VM_ROOT));
+        let root = vm_root();
+        prune_stale(&root);
         let id = random_id();
-        let dir = Path::new(VM_ROOT).join(&id);
+        let dir = root.join(&id);
+        for sock in [VHU_SOCKET, VSOCK_SOCKET] {
+            check_socket_path(&dir.join(sock)).map_err(setup)?;
+        }
         std::fs::create_dir_all(&dir)
             .and_then(|()| std::fs::write(dir.join(OWNER_FILE), std::process::id().to_string()))
             .map_err(|e| setup(format!("create {}: {e}", dir.display())))?;
-        let vhu = dir.join("vhu.sock");
-        let uds = dir.join("vm.vsock");
+        let vhu = dir.join(VHU_SOCKET);
+        let uds = dir.join(VSOCK_SOCKET);
         let log = |name: &str| {
             File::create(dir.join(name)).map_err(|e| setup(format!("create {name}: {e}")))
         };
@@ -353,7 +361,7 @@ impl VmSandbox {
     }
 
     pub fn agent_addr(&self) -> AgentAddr {
-        AgentAddr::Hybrid(self.dir.join("vm.vsock"), AGENT_PORT)
+        AgentAddr::Hybrid(self.dir.join(VSOCK_SOCKET), AGENT_VSOCK_PORT)
     }
 
     /// QEMU's exit status once the VM has ended (the guest's reboot ends it).
@@ -390,7 +398,7 @@ impl VmSandbox {
             .lines()
             .map(str::trim_end)
             .filter(|l| l.ends_with(" after boot"))
-            .find_map(|l| l.split(INIT_MARKER).nth(1))?;
+            .find_map(|l| l.split(INIT_START_MARKER).nth(1))?;
         Some(
             rest.split('s')
                 .next()

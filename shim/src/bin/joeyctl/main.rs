@@ -3,14 +3,19 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod agentctl;
+mod bench;
+mod run;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use joey_protocols::contract::runtime_dir;
 use joey_shim::addr::AgentAddr;
 use joey_shim::binaries::Binaries;
 use joey_shim::nssandbox::NsOptions;
-use joey_shim::run::{run_ns, run_vm};
 use joey_shim::spec::ProcessSpec;
 use joey_shim::vm::{Artifacts, VmOptions};
+use run::{run_ns, run_vm};
 
 #[derive(Parser)]
 #[command(
@@ -115,9 +120,12 @@ enum RootfsKind {
     },
 }
 
-/// A private scratch directory for one command (container images made on the fly).
+/// A private scratch directory for one command (container images made on the fly):
+/// `tmp/<random>` in joey's runtime directory (`$JOEY_RUNTIME_DIR` moves it).
 fn tempfile_dir() -> anyhow::Result<PathBuf> {
-    let dir = PathBuf::from("/run/joey/tmp").join(joey_shim::nssandbox::random_id());
+    let dir = runtime_dir()
+        .join("tmp")
+        .join(joey_shim::nssandbox::random_id());
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     Ok(dir)
 }
@@ -230,16 +238,14 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
             timeout,
         } => {
             if list {
-                for m in joey_shim::agentctl::list_methods() {
+                for m in agentctl::list_methods() {
                     println!("{m}");
                 }
                 return Ok(0);
             }
             let addr: AgentAddr = addr.context("--addr is required")?.parse()?;
             let method = method.context("a METHOD is required (see --list)")?;
-            let out =
-                joey_shim::agentctl::call(&addr, &method, &json, Duration::from_secs(timeout))
-                    .await?;
+            let out = agentctl::call(&addr, &method, &json, Duration::from_secs(timeout)).await?;
             println!("{out}");
             Ok(0)
         }
@@ -257,7 +263,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
             joey_shim::vm::image::make_erofs(&rootfs, &image)?;
             let initrd = artifacts.guest_image.with_file_name("initrd.img");
             let cache = joey_shim::vm::qemu::cache_dir();
-            let o = joey_shim::vm::bench::VmBenchOptions {
+            let o = bench::vm::VmBenchOptions {
                 base: VmOptions {
                     kernel: artifacts.kernel.clone(),
                     guest_image: artifacts.guest_image.clone(),
@@ -274,7 +280,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                 cache,
                 iterations,
             };
-            let r = joey_shim::vm::bench::bench_vm(&o).await;
+            let r = bench::vm::bench_vm(&o).await;
             let _ = std::fs::remove_dir_all(&tmp);
             r?;
             Ok(0)
@@ -286,11 +292,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
             iterations,
         } => {
             let bins = Binaries::locate().map_err(anyhow::Error::msg)?;
-            joey_shim::bench::bench_ns(
-                &bins,
-                &joey_shim::bench::BenchOptions { rootfs, iterations },
-            )
-            .await?;
+            bench::ns::bench_ns(&bins, &bench::ns::BenchOptions { rootfs, iterations }).await?;
             Ok(0)
         }
         Cmd::Rootfs {

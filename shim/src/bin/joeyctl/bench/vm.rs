@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use super::qemu::{VmOptions, VmSandbox};
-use super::Artifacts;
-use crate::pod::{Pod, RootfsSource};
-use crate::spec::ProcessSpec;
+use joey_shim::client::Stream;
+use joey_shim::pod::{Pod, RootfsSource};
+use joey_shim::spec::ProcessSpec;
+use joey_shim::vm::qemu::ROOTFS_SERIAL;
+use joey_shim::vm::{Artifacts, VmOptions, VmSandbox};
 
 /// Boots `opts` until joey-init prints its marker; returns the kernel's boot-to-init
 /// time in ms (the guest's own clock) and the host's time from QEMU's start to the
@@ -149,13 +150,13 @@ pub async fn bench_vm(o: &VmBenchOptions) -> anyhow::Result<()> {
     pod.create_container_from(
         "mem",
         &RootfsSource::Disk {
-            serial: super::qemu::ROOTFS_SERIAL.into(),
+            serial: ROOTFS_SERIAL.into(),
         },
         &p,
     )
     .await?;
     pod.start_container("mem").await?;
-    let text = pod.read_to_end("mem", "", false).await?;
+    let text = pod.read_to_end("mem", "", Stream::Stdout).await?;
     pod.wait_process("mem", "").await?;
     pod.destroy().await?;
     let text = String::from_utf8_lossy(&text);

@@ -6,16 +6,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use joey_protocols::agent;
+use joey_shim::binaries::Binaries;
+use joey_shim::client::{AgentClient, Stream};
+use joey_shim::nssandbox::NsOptions;
+use joey_shim::pod::{console_context, Pod, RootfsSource, Sandbox};
+use joey_shim::spec::ProcessSpec;
+use joey_shim::streams::{pump_input, pump_output};
+use joey_shim::vm::{VmOptions, VmSandbox};
 use tokio::signal::unix::{signal, Signal, SignalKind};
-
-use crate::binaries::Binaries;
-use crate::client::{ctx, AgentClient, RPC_TIMEOUT};
-use crate::nssandbox::NsOptions;
-use crate::pod::{with_console, Pod, RootfsSource, Sandbox};
-use crate::spec::ProcessSpec;
-use crate::streams::{pump_input, pump_output, Which};
-use crate::vm::VmOptions;
 
 /// Runs the container in a namespace sandbox from a host directory; returns its exit
 /// status (128 + signal if it was killed).
@@ -49,7 +47,7 @@ pub async fn run_vm(
         "a VM run needs a container rootfs image"
     );
     let mut signals = Interrupts::new()?;
-    let vm = crate::vm::VmSandbox::start(vm)?;
+    let vm = VmSandbox::start(vm)?;
     let console = show_console.then(|| tail_to_stderr(vm.console_path()));
     let r = async {
         let pod = signals
@@ -58,7 +56,7 @@ pub async fn run_vm(
                 Pod::connect(Sandbox::Vm(vm), VM_READY_DEADLINE, false),
             )
             .await?;
-        let serial = crate::vm::qemu::ROOTFS_SERIAL.to_string();
+        let serial = joey_shim::vm::qemu::ROOTFS_SERIAL.to_string();
         run_pod(pod, RootfsSource::Disk { serial }, process, signals).await
     }
     .await;
@@ -127,13 +125,13 @@ impl Interrupts {
 
     /// Runs `step` unless a signal comes first; then `step` is dropped, which tears
     /// down whatever it had started, and the run fails naming the signal.
-    async fn unless_interrupted<T>(
+    async fn unless_interrupted<T, E: Into<anyhow::Error>>(
         &mut self,
         what: &str,
-        step: impl std::future::Future<Output = anyhow::Result<T>>,
+        step: impl std::future::Future<Output = Result<T, E>>,
     ) -> anyhow::Result<T> {
         tokio::select! {
-            r = step => r,
+            r = step => r.map_err(Into::into),
             sig = self.recv() => {
                 let name = nix::sys::signal::Signal::try_from(sig)
                     .map(|s| s.as_str())
@@ -155,7 +153,10 @@ async fn run_pod(
             pod.destroy().await?;
             Ok(status)
         }
-        Err(e) => Err(with_console(&pod.sandbox, e)),
+        Err(e) => Err(match console_context(&pod.sandbox) {
+            Some(console) => e.context(console),
+            None => e,
+        }),
         // `pod` drops here on error: the sandbox is killed and its directory removed.
     }
 }
@@ -204,7 +205,7 @@ fn host_window_size() -> Option<(u16, u16)> {
 async fn resize(client: &AgentClient, cid: &str) {
     if let Some((rows, cols)) = host_window_size() {
         if let Err(e) = client.resize_tty(cid, cid, rows.into(), cols.into()).await {
-            tracing::debug!("terminal resize: {e}");
+            tracing::debug!("terminal resize: {:#}", anyhow::Error::from(e));
         }
     }
 }
@@ -230,13 +231,10 @@ fn forward_signals(
                     continue;
                 }
             };
-            let mut req = agent::SignalProcessRequest::new();
-            req.container_id = cid.clone();
-            req.signal = sig as u32;
-            let _ = client
-                .agent
-                .signal_process(ctx(Some(RPC_TIMEOUT)), &req)
-                .await;
+            // The signals forwarded are positive constants.
+            if let Err(e) = client.signal_process(&cid, "", sig as u32).await {
+                tracing::debug!("forward signal {sig}: {:#}", anyhow::Error::from(e));
+            }
         }
     }))
 }
@@ -260,7 +258,7 @@ async fn run_in(
         client.clone(),
         cid.clone(),
         cid.clone(),
-        Which::Stdout,
+        Stream::Stdout,
         tokio::io::stdout(),
     );
     let err = (!tty).then(|| {
@@ -268,7 +266,7 @@ async fn run_in(
             client.clone(),
             cid.clone(),
             cid.clone(),
-            Which::Stderr,
+            Stream::Stderr,
             tokio::io::stderr(),
         )
     });
@@ -287,7 +285,7 @@ async fn run_in(
         if let Some(h) = h {
             match tokio::time::timeout(Duration::from_secs(10), h).await {
                 Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => tracing::warn!("{name}: {e:#}"),
+                Ok(Ok(Err(e))) => tracing::warn!("{name}: {:#}", anyhow::Error::from(e)),
                 Ok(Err(e)) => tracing::warn!("{name}: {e}"),
                 Err(_) => {
                     tracing::warn!("{name} still open 10s after the process exited; dropping it")

@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::binaries::Binaries;
-use crate::nssandbox::NsOptions;
-use crate::pod::Pod;
-use crate::spec::ProcessSpec;
+use joey_shim::binaries::Binaries;
+use joey_shim::nssandbox::NsOptions;
+use joey_shim::pod::Pod;
+use joey_shim::spec::ProcessSpec;
 
 fn median(mut v: Vec<Duration>) -> f64 {
     v.sort();
