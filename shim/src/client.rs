@@ -340,8 +340,8 @@ impl AgentClient {
         Ok(())
     }
 
-    /// RemoveContainer, giving its processes `timeout` (whole seconds; zero waits
-    /// forever) to die. The RPC's own deadline is [`RPC_TIMEOUT`].
+    /// RemoveContainer, giving its processes `timeout` (whole seconds; zero: the
+    /// agent's default, 30 s) to die. The RPC's own deadline is [`RPC_TIMEOUT`].
     pub async fn remove_container(&self, cid: &str, timeout: Duration) -> Result<(), ClientError> {
         let mut req = agent::RemoveContainerRequest::new();
         req.container_id = cid.into();

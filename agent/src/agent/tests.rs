@@ -129,6 +129,15 @@ impl Harness {
     }
 }
 
+/// CreateSandbox of sandbox "sb" with a PID namespace holder and `storages`.
+fn sandbox_sb(storages: Vec<Storage>) -> CreateSandboxRequest {
+    let mut req = CreateSandboxRequest::new();
+    req.sandbox_id = "sb".into();
+    req.sandbox_pidns = true;
+    req.storages = storages;
+    req
+}
+
 fn is<T: std::fmt::Debug>(r: crate::error::Result<T>, want: fn(&AgentError) -> bool) -> String {
     match r {
         Err(e) if want(&e) => e.to_string(),
@@ -355,12 +364,9 @@ async fn a_terminal_arrives_through_the_console_socket() {
 #[tokio::test]
 async fn the_sandbox_is_created_once_and_destroyed_with_its_containers() {
     let h = Harness::new();
-    let mut req = CreateSandboxRequest::new();
-    req.sandbox_id = "sb".into();
+    let mut req = sandbox_sb(vec![h.ephemeral("shm")]);
     req.hostname = "joey-sb".into();
     req.dns = vec!["nameserver 10.0.0.1".into()];
-    req.sandbox_pidns = true;
-    req.storages = vec![h.ephemeral("shm")];
     h.agent.create_sandbox(req.clone()).await.unwrap();
     is(h.agent.create_sandbox(req.clone()).await, |e| {
         matches!(e, AgentError::AlreadyExists(_))
@@ -409,11 +415,10 @@ async fn the_sandbox_is_created_once_and_destroyed_with_its_containers() {
 #[tokio::test]
 async fn a_restarted_agent_keeps_the_sandbox_and_ends_the_old_containers() {
     let mut h = Harness::new();
-    let mut req = CreateSandboxRequest::new();
-    req.sandbox_id = "sb".into();
-    req.sandbox_pidns = true;
-    req.storages = vec![h.ephemeral("shm")];
-    h.agent.create_sandbox(req).await.unwrap();
+    h.agent
+        .create_sandbox(sandbox_sb(vec![h.ephemeral("shm")]))
+        .await
+        .unwrap();
     h.create("old", vec![h.ephemeral("v1")]).await.unwrap();
     h.agent.start_container("old").await.unwrap();
     let init = h.fake.init_of("old");
@@ -451,9 +456,7 @@ async fn a_restarted_agent_keeps_the_sandbox_and_ends_the_old_containers() {
 #[tokio::test]
 async fn the_state_of_a_sandbox_that_ended_is_discarded() {
     let mut h = Harness::new();
-    let mut req = CreateSandboxRequest::new();
-    req.sandbox_id = "sb".into();
-    req.sandbox_pidns = true;
+    let req = sandbox_sb(vec![]);
     h.agent.create_sandbox(req.clone()).await.unwrap();
     h.create("old", vec![]).await.unwrap();
     // The previous agent's namespaces died with it; the pid its container's state
@@ -485,10 +488,7 @@ async fn the_state_of_a_sandbox_that_ended_is_discarded() {
 #[tokio::test]
 async fn a_sandbox_whose_pidns_holder_died_is_not_adopted() {
     let mut h = Harness::new();
-    let mut req = CreateSandboxRequest::new();
-    req.sandbox_id = "sb".into();
-    req.sandbox_pidns = true;
-    h.agent.create_sandbox(req).await.unwrap();
+    h.agent.create_sandbox(sandbox_sb(vec![])).await.unwrap();
     let holder = h.agent.sandbox.info().pidns_pid.unwrap();
     h.fake.exit(holder, 0);
     h.restart();
