@@ -13,6 +13,16 @@ pub enum AgentAddr {
     Vsock(u32, u32),
 }
 
+impl AgentAddr {
+    /// The directory holding the address's socket file, if it has one.
+    pub fn socket_dir(&self) -> Option<&std::path::Path> {
+        match self {
+            AgentAddr::Unix(p) | AgentAddr::Hybrid(p, _) => p.parent(),
+            AgentAddr::Vsock(..) => None,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AddrError {
     #[error("agent address {0:?}: expected unix:///path, hvsock:///path:PORT or vsock://CID:PORT")]

@@ -1,4 +1,4 @@
-//! Finding joey's own binaries on the host.
+//! Finding joey's own binaries, and other programs, on the host.
 
 use std::path::{Path, PathBuf};
 
@@ -30,18 +30,20 @@ fn find(name: &str, env: &str) -> Result<PathBuf, String> {
             }
         }
     }
-    if let Some(path) = std::env::var_os("PATH") {
-        for d in std::env::split_paths(&path) {
-            let p = d.join(name);
-            if p.is_file() {
-                return Ok(p);
-            }
-        }
+    if let Some(p) = which(name) {
+        return Ok(p);
     }
     Err(format!(
         "{name} not found (set {env}, or build it with `cargo build --workspace`; looked in {} and PATH)",
         tried.iter().map(|p: &PathBuf| p.display().to_string()).collect::<Vec<_>>().join(", ")
     ))
+}
+
+/// The program `name` on PATH.
+pub fn which(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 impl Binaries {

@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ttrpc::r#async::transport::Socket;
 
 use crate::addr::AgentAddr;
+use crate::watch::{Backoff, Watch};
 
 /// Why talking to the agent failed. Each variant names what it was doing; its cause, if
 /// any, is its [`source`](std::error::Error::source), so `{:#}` of an `anyhow::Error`
@@ -215,6 +216,15 @@ impl AgentClient {
     /// (an agent that is still booting refuses or drops connections).
     pub async fn connect_ready(addr: &AgentAddr, deadline: Duration) -> Result<Self, ClientError> {
         let start = Instant::now();
+        // Between attempts, wake when the socket's directory changes (the agent's
+        // socket appears; a VM's console is written as its agent starts). The backoff
+        // covers what no event marks, such as a socket that starts listening after its
+        // file appeared.
+        let watch = match addr.socket_dir() {
+            Some(dir) => Watch::new().dir(dir),
+            None => Watch::new(),
+        };
+        let mut backoff = Backoff::new(Duration::from_millis(20));
         loop {
             let attempt = async {
                 let c = Self::connect(addr).await?;
@@ -227,14 +237,15 @@ impl AgentClient {
                 Err(_) => format!("no answer within {READY_ATTEMPT:?}"),
             };
             tracing::debug!(%addr, "agent not ready: {last}");
-            if start.elapsed() >= deadline {
+            let left = deadline.saturating_sub(start.elapsed());
+            if left.is_zero() {
                 return Err(ClientError::Timeout {
                     addr: addr.to_string(),
                     secs: deadline.as_secs(),
                     last,
                 });
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            watch.wait(backoff.next(left)).await;
         }
     }
 

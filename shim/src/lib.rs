@@ -4,10 +4,13 @@
 
 pub mod addr;
 pub mod binaries;
+pub mod cache;
 pub mod client;
 pub mod nssandbox;
 pub mod pod;
 pub mod rootfs;
+pub mod spawner;
 pub mod spec;
 pub mod streams;
 pub mod vm;
+pub mod watch;

@@ -19,6 +19,8 @@ use joey_protocols::contract::{runtime_dir, RUNTIME_DIR_ENV};
 
 use crate::addr::AgentAddr;
 use crate::binaries::Binaries;
+use crate::spawner::on_spawner_thread;
+use crate::watch::Watch;
 
 /// Where namespace sandboxes keep their sockets and console logs: `ns/` in joey's
 /// runtime directory (`$JOEY_RUNTIME_DIR` moves it).
@@ -138,34 +140,38 @@ impl NsSandbox {
         if let Some(log) = &opts.log {
             envp.push(cstr(format!("JOEY_LOG={log}"))?);
         }
-        let console_fd = console.as_ref().map(|f| f.as_raw_fd());
-        let null_fd = devnull.as_raw_fd();
-        let mut stack = vec![0u8; 256 * 1024];
-        let flags = CloneFlags::CLONE_NEWPID
-            | CloneFlags::CLONE_NEWNS
-            | CloneFlags::CLONE_NEWUTS
-            | CloneFlags::CLONE_NEWIPC
-            | CloneFlags::CLONE_NEWNET;
-        let child = Box::new(|| -> isize {
-            // Runs in the new child before exec: async-signal-safe calls only.
-            // SAFETY: dup2, prctl and execve on fds and pointers prepared before clone.
-            unsafe {
-                libc::dup2(null_fd, 0);
-                if let Some(fd) = console_fd {
-                    libc::dup2(fd, 1);
-                    libc::dup2(fd, 2);
+        // Cloned from the spawner thread: PR_SET_PDEATHSIG follows the forking thread,
+        // which must live as long as joeyctl (see `crate::spawner`).
+        let pid = on_spawner_thread(move || {
+            let console_fd = console.as_ref().map(|f| f.as_raw_fd());
+            let null_fd = devnull.as_raw_fd();
+            let mut stack = vec![0u8; 256 * 1024];
+            let flags = CloneFlags::CLONE_NEWPID
+                | CloneFlags::CLONE_NEWNS
+                | CloneFlags::CLONE_NEWUTS
+                | CloneFlags::CLONE_NEWIPC
+                | CloneFlags::CLONE_NEWNET;
+            let child = Box::new(|| -> isize {
+                // Runs in the new child before exec: async-signal-safe calls only.
+                // SAFETY: dup2, prctl and execve on fds and pointers prepared before clone.
+                unsafe {
+                    libc::dup2(null_fd, 0);
+                    if let Some(fd) = console_fd {
+                        libc::dup2(fd, 1);
+                        libc::dup2(fd, 2);
+                    }
+                    // If joeyctl dies, the sandbox dies with it (and its PID namespace).
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
                 }
-                // If joeyctl dies, the sandbox dies with it (and its PID namespace).
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-            }
-            let _ = nix::unistd::execve(&argv[0], &argv, &envp);
-            127
-        });
-        // SAFETY: the child only performs async-signal-safe calls before execve (see the
-        // callback), and `stack` outlives the clone call (the child gets its own copy of
-        // the address space since CLONE_VM is not set).
-        let pid = unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }
-            .map_err(|e| SandboxError::Setup(format!("clone into new namespaces: {e}")))?;
+                let _ = nix::unistd::execve(&argv[0], &argv, &envp);
+                127
+            });
+            // SAFETY: the child only performs async-signal-safe calls before execve (see
+            // the callback), and `stack` outlives the clone call (the child gets its own
+            // copy of the address space since CLONE_VM is not set).
+            unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }
+        })
+        .map_err(|e| SandboxError::Setup(format!("clone into new namespaces: {e}")))?;
         tracing::debug!(sandbox = %id, pid = pid.as_raw(), "namespace sandbox started");
         Ok(NsSandbox {
             id,
@@ -190,6 +196,12 @@ impl NsSandbox {
             }
         }
         self.exit
+    }
+
+    /// What to wake on while waiting for this sandbox: its directory changing (the
+    /// agent's socket made, the console written) and its init ending.
+    pub fn watch(&self) -> Watch {
+        Watch::new().dir(&self.dir).process(self.init_pid.as_raw())
     }
 
     /// Kills the whole sandbox (SIGKILL to its PID 1 ends its PID namespace).

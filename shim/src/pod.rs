@@ -14,6 +14,7 @@ use crate::nssandbox::{NsOptions, NsSandbox, SandboxError};
 use crate::spec::{self, ProcessSpec};
 use crate::streams::READ_CHUNK;
 use crate::vm::{VmError, VmOptions, VmSandbox};
+use crate::watch::Watch;
 
 /// Why starting, using or ending a sandbox failed. Each variant names the object and
 /// the action; its cause, if any, is its [`source`](std::error::Error::source).
@@ -108,17 +109,28 @@ impl Sandbox {
         }
     }
 
+    /// What to wake on while waiting for the sandbox: its directory changing and its
+    /// processes ending.
+    pub fn watch(&self) -> Watch {
+        match self {
+            Sandbox::Ns(s) => s.watch(),
+            Sandbox::Vm(s) => s.watch(),
+        }
+    }
+
     /// Waits for the sandbox to end, up to `timeout`.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let deadline = std::time::Instant::now() + timeout;
+        let watch = self.watch();
         loop {
             if let Some(c) = self.try_wait() {
                 return Some(c);
             }
-            if std::time::Instant::now() >= deadline {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
                 return None;
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            watch.wait(left).await;
         }
     }
 
@@ -220,6 +232,7 @@ impl Pod {
     ) -> Result<Pod, PodError> {
         let start = std::time::Instant::now();
         let addr = sandbox.agent_addr();
+        let watch = sandbox.watch();
         let client = loop {
             // vhost-device-vsock 0.3.0 stops serving for good when a host connection
             // arrives while the guest driver is still setting up its queues (its worker
@@ -234,10 +247,11 @@ impl Pod {
                     Err(e) => one_line(&e),
                 }
             } else {
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                // Until the console is written (the marker) or the sandbox ends.
+                watch.wait(deadline.saturating_sub(start.elapsed())).await;
                 "init has not started yet".to_string()
             };
-            if let Some(code) = sandbox.wait_exit(Duration::ZERO).await {
+            if let Some(code) = sandbox.try_wait() {
                 let e = PodError::EndedEarly { code, last };
                 return Err(with_console(&sandbox, e));
             }

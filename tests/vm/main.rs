@@ -47,7 +47,7 @@ fn detect() -> Result<(), String> {
     {
         return Err("qemu-system-x86_64 is not installed (bash scripts/install-deps)".into());
     }
-    joey_shim::vm::qemu::vhost_vsock_binary().map_err(|e| e.to_string())?;
+    joey_shim::vm::devices::vhost_vsock_binary().map_err(|e| e.to_string())?;
     let artifacts = Artifacts::find(None, None)?;
     let (backend, _) = joey_shim::vm::backend::choose(&artifacts);
     let busybox = std::path::Path::new(joey_shim::rootfs::DEFAULT_BUSYBOX);
@@ -158,6 +158,7 @@ fn main() {
         vm::two_containers_in_one_vm,
         vm::tty_container_in_a_vm,
         vm::kvm_probe_answers_within_its_deadline,
+        vm::a_vm_outlives_the_thread_that_started_it,
     ];
     run_tier("vm", tests, detect().err(), true);
 }

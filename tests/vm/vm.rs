@@ -241,3 +241,20 @@ pub async fn kvm_probe_answers_within_its_deadline() -> anyhow::Result<()> {
     }
     no_vm_leftovers()
 }
+
+/// A VM started from a thread that then ends keeps running: its processes are owned
+/// by joeyctl's spawner thread, not by the thread that asked (PR_SET_PDEATHSIG fires
+/// when the forking thread ends, as tokio's idle blocking-pool threads do).
+pub async fn a_vm_outlives_the_thread_that_started_it() -> anyhow::Result<()> {
+    let opts = vm_options(None, &[]);
+    let vm = std::thread::spawn(move || joey_shim::vm::VmSandbox::start(&opts))
+        .join()
+        .map_err(|_| anyhow::anyhow!("the starting thread panicked"))??;
+    // The thread has ended; the guest boots for about a second more before its agent
+    // can answer, so a VM killed with the thread fails here.
+    let pod = Pod::connect(joey_shim::pod::Sandbox::Vm(vm), BOOT_DEADLINE, false).await?;
+    pod.client.check(Duration::from_secs(5)).await?;
+    let code = pod.destroy().await?;
+    ensure!(code == 0, "QEMU exit {code} after the guest's reboot");
+    no_vm_leftovers()
+}

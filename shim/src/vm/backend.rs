@@ -11,31 +11,12 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::qemu::{VmOptions, VmSandbox};
+use super::config::{Backend, VmOptions};
+use super::qemu::VmSandbox;
 use super::Artifacts;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    /// QEMU with KVM acceleration (a KVM that runs standard guests).
-    QemuKvm,
-    /// QEMU's software emulation.
-    QemuTcg,
-}
-
-impl Backend {
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::QemuKvm => "qemu-kvm",
-            Backend::QemuTcg => "qemu-tcg",
-        }
-    }
-
-    fn from_name(s: &str) -> Option<Self> {
-        [Backend::QemuKvm, Backend::QemuTcg]
-            .into_iter()
-            .find(|b| b.name() == s)
-    }
-}
+use crate::binaries::which;
+use crate::cache::{cache_dir, write_cache_file};
+use crate::watch::Backoff;
 
 /// How long joey's kernel may take to reach init under KVM. Software emulation boots
 /// it in about a second; a KVM that runs the guest natively is far quicker, and one
@@ -69,7 +50,7 @@ pub fn choose(artifacts: &Artifacts) -> (Backend, String) {
     if let Some(d) = recognise(Path::new("/sys/module"), Path::new("/dev/kvm")) {
         return d;
     }
-    let cache = super::qemu::cache_dir().join("backend");
+    let cache = cache_dir().join("backend");
     let file = cache.join(probe_key(Path::new("/sys/module"), &artifacts.kernel));
     if let Some((b, why)) = read_cached(&file) {
         return (b, format!("{why} (cached in {})", file.display()));
@@ -106,6 +87,8 @@ pub fn probe_kvm(artifacts: &Artifacts, deadline: Duration) -> Result<Duration, 
     };
     let mut vm = VmSandbox::start(&opts).map_err(|e| e.to_string())?;
     let started = Instant::now();
+    let watch = vm.watch();
+    let mut backoff = Backoff::new(Duration::from_millis(50));
     loop {
         if let Some(marker) = vm.init_started() {
             return marker.map(|_| started.elapsed());
@@ -116,12 +99,14 @@ pub fn probe_kvm(artifacts: &Artifacts, deadline: Duration) -> Result<Duration, 
                 vm.console_tail(3).trim()
             ));
         }
-        if started.elapsed() >= deadline {
+        let left = deadline.saturating_sub(started.elapsed());
+        if left.is_zero() {
             return Err(format!(
                 "joey's kernel did not reach init within {deadline:?}"
             ));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        // The console is written or QEMU ends.
+        watch.wait_blocking(backoff.next(left));
     }
 }
 
@@ -141,7 +126,7 @@ fn probe_key(sys_module: &Path, kernel: &Path) -> String {
         .collect();
     kvm_modules.sort();
     kvm_modules.hash(&mut h);
-    let qemu = super::qemu::which("qemu-system-x86_64").unwrap_or_default();
+    let qemu = which("qemu-system-x86_64").unwrap_or_default();
     for p in [&qemu, &kernel.to_path_buf()] {
         p.hash(&mut h);
         file_stamp(p).hash(&mut h);
@@ -161,7 +146,7 @@ fn read_cached(file: &Path) -> Option<(Backend, String)> {
 }
 
 fn write_cached(file: &Path, b: Backend, why: &str) -> std::io::Result<()> {
-    super::qemu::write_cache_file(file, &format!("{}\n{why}\n", b.name()))
+    write_cache_file(file, &format!("{}\n{why}\n", b.name()))
 }
 
 #[cfg(test)]

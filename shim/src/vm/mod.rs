@@ -10,10 +10,14 @@
 
 pub mod artifacts;
 pub mod backend;
+pub mod config;
+pub mod devices;
+pub mod error;
 pub mod image;
 pub mod qemu;
 pub mod tsc;
 
 pub use artifacts::Artifacts;
-pub use backend::Backend;
-pub use qemu::{VmError, VmOptions, VmSandbox};
+pub use config::{Backend, VmOptions};
+pub use error::VmError;
+pub use qemu::VmSandbox;

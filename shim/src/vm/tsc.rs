@@ -22,14 +22,14 @@ pub fn host_tsc_khz() -> Option<u64> {
     static KHZ: OnceLock<Option<u64>> = OnceLock::new();
     *KHZ.get_or_init(|| {
         let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-        let file = super::qemu::cache_dir()
+        let file = crate::cache::cache_dir()
             .join("backend")
             .join(format!("tsc-khz-{}", boot_id.trim()));
         if let Some(khz) = read_khz(&file) {
             return Some(khz);
         }
         let khz = measure()?;
-        if let Err(e) = super::qemu::write_cache_file(&file, &format!("{khz}\n")) {
+        if let Err(e) = crate::cache::write_cache_file(&file, &format!("{khz}\n")) {
             tracing::debug!(file = %file.display(), "cannot cache the TSC frequency: {e}");
         }
         Some(khz)

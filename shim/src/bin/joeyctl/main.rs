@@ -262,7 +262,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
             let image = tmp.join("rootfs.erofs");
             joey_shim::vm::image::make_erofs(&rootfs, &image)?;
             let initrd = artifacts.guest_image.with_file_name("initrd.img");
-            let cache = joey_shim::vm::qemu::cache_dir();
+            let cache = joey_shim::cache::cache_dir();
             let o = bench::vm::VmBenchOptions {
                 base: VmOptions {
                     kernel: artifacts.kernel.clone(),

@@ -13,6 +13,7 @@ use joey_shim::pod::{console_context, Pod, RootfsSource, Sandbox};
 use joey_shim::spec::ProcessSpec;
 use joey_shim::streams::{pump_input, pump_output};
 use joey_shim::vm::{VmOptions, VmSandbox};
+use joey_shim::watch::Watch;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 /// Runs the container in a namespace sandbox from a host directory; returns its exit
@@ -48,7 +49,7 @@ pub async fn run_vm(
     );
     let mut signals = Interrupts::new()?;
     let vm = VmSandbox::start(vm)?;
-    let console = show_console.then(|| tail_to_stderr(vm.console_path()));
+    let console = show_console.then(|| tail_to_stderr(vm.console_path(), vm.watch()));
     let r = async {
         let pod = signals
             .unless_interrupted(
@@ -66,22 +67,29 @@ pub async fn run_vm(
     r
 }
 
-/// Copies what is appended to `path` to stderr until aborted.
-fn tail_to_stderr(path: std::path::PathBuf) -> tokio::task::JoinHandle<()> {
+/// Copies what is appended to `path` to stderr until aborted, reading again whenever
+/// `watch` (the directory of `path`) sees a change.
+fn tail_to_stderr(path: std::path::PathBuf, watch: Watch) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // A wait wakes on the console's writes; the cap bounds what a missed event costs.
+        const IDLE: Duration = Duration::from_millis(200);
         // QEMU creates the file as it starts.
         let mut f = loop {
             match tokio::fs::File::open(&path).await {
                 Ok(f) => break f,
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(_) => {
+                    watch.wait(IDLE).await;
+                }
             }
         };
         let mut err = tokio::io::stderr();
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             match f.read(&mut buf).await {
-                Ok(0) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Ok(0) => {
+                    watch.wait(IDLE).await;
+                }
                 Ok(n) => {
                     let _ = err.write_all(&buf[..n]).await;
                 }

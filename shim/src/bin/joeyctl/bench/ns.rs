@@ -143,20 +143,22 @@ pub async fn bench_ns(bins: &Binaries, opts: &BenchOptions) -> anyhow::Result<()
     let n = opts.iterations.max(1);
     let (mut ready, mut container, mut crun, mut launcher, mut run) =
         (vec![], vec![], vec![], vec![], vec![]);
+    // The peer is measured in the same run, or there is no ratio to print.
+    if joey_shim::binaries::which("crun").is_none() {
+        bail!(
+            "bench --ns needs crun, its peer: apt-get install crun (bash scripts/install-deps installs it)"
+        );
+    }
     let crun_dir = std::env::temp_dir().join(format!("joey-bench-crun-{}", std::process::id()));
-    let have_crun = crun_bundle(&rootfs, &crun_dir)
-        .map_err(|e| eprintln!("bench: no crun peer: {e:#}"))
-        .is_ok();
     let result = async {
+        crun_bundle(&rootfs, &crun_dir).context("make the crun peer's bundle")?;
         let pod = Pod::start_ns(bins, &NsOptions::default()).await?;
         for i in 0..n {
             container.push(container_once(&pod, &format!("b{i}"), &rootfs).await?);
-            if have_crun {
-                crun.push(crun_once(
-                    &crun_dir,
-                    &format!("joey-bench-{}-{i}", std::process::id()),
-                )?);
-            }
+            crun.push(crun_once(
+                &crun_dir,
+                &format!("joey-bench-{}-{i}", std::process::id()),
+            )?);
             launcher.push(launcher_once(&bins.agent)?);
         }
         pod.destroy().await?;

@@ -16,19 +16,27 @@ use joey_shim::vm::{Artifacts, VmOptions, VmSandbox};
 
 /// Boots `opts` until joey-init prints its marker; returns the kernel's boot-to-init
 /// time in ms (the guest's own clock) and the host's time from QEMU's start to the
-/// marker on the console (polled every 10 ms).
+/// marker on the console (read as the console is written).
 async fn boot_to_init(opts: &VmOptions) -> anyhow::Result<(f64, f64)> {
-    let vm = VmSandbox::start(opts)?;
+    let mut vm = VmSandbox::start(opts)?;
+    let watch = vm.watch();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(secs) = vm.init_started() {
             let host = vm.started.elapsed().as_secs_f64() * 1000.0;
             return Ok((secs.map_err(anyhow::Error::msg)? * 1000.0, host));
         }
-        if Instant::now() >= deadline {
+        if let Some(code) = vm.try_wait() {
+            bail!(
+                "QEMU exited ({code}) before init started:\n{}",
+                vm.console_tail(20)
+            );
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
             bail!("no init marker within 60s:\n{}", vm.console_tail(20));
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        watch.wait(left).await;
     }
 }
 

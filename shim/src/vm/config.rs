@@ -1,0 +1,108 @@
+//! What a VM is asked to be: its kernel, disks and memory ([`VmOptions`]), how it is
+//! run ([`Backend`]), and the kernel command line joey boots with.
+
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// QEMU with KVM acceleration (a KVM that runs standard guests).
+    QemuKvm,
+    /// QEMU's software emulation.
+    QemuTcg,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::QemuKvm => "qemu-kvm",
+            Backend::QemuTcg => "qemu-tcg",
+        }
+    }
+
+    pub(crate) fn from_name(s: &str) -> Option<Self> {
+        [Backend::QemuKvm, Backend::QemuTcg]
+            .into_iter()
+            .find(|b| b.name() == s)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    pub kernel: PathBuf,
+    pub guest_image: PathBuf,
+    /// A container rootfs image (EROFS) attached as a second read-only disk.
+    pub rootfs_image: Option<PathBuf>,
+    /// Boot from this initrd instead of the guest image as root disk (benchmarks boot
+    /// every kernel from the same initrd).
+    pub initrd: Option<PathBuf>,
+    pub memory_mib: u32,
+    pub backend: Backend,
+    /// Extra kernel command-line arguments (appended).
+    pub kernel_args: Vec<String>,
+    /// Keep the kernel quiet (benchmarks; serial output is slow under emulation).
+    pub quiet: bool,
+}
+
+/// The kernel command line joey boots with.
+pub fn cmdline(opts: &VmOptions) -> String {
+    let mut args: Vec<String> = ["console=ttyS0", "reboot=t", "panic=-1"]
+        .map(String::from)
+        .into();
+    if opts.initrd.is_none() {
+        args.extend(
+            ["root=/dev/vda", "rootfstype=erofs", "ro", "init=/sbin/init"].map(String::from),
+        );
+    }
+    if opts.quiet {
+        args.push("quiet".into());
+    }
+    if opts.backend == Backend::QemuTcg {
+        // Under emulation, skip the two timer calibrations that only wait: the IO-APIC
+        // timer check and the local APIC timer's (one vCPU ticks from the PIT instead).
+        // Keep the SMP lock prefixes of a one-vCPU guest: patching each out goes
+        // through text_poke's page-table switch, ~35 us apiece under emulation (~190 ms
+        // for joey's kernel), to save a cost emulation does not notice.
+        args.extend(["no_timer_check", "nolapic_timer", "noreplace-smp"].map(String::from));
+        // The guest's TSC is the host's: name its rate rather than have the guest fail
+        // to calibrate it against the emulated PIT.
+        if let Some(khz) = super::tsc::host_tsc_khz() {
+            args.push(format!("tsc_early_khz={khz}"));
+        }
+    }
+    args.extend(opts.kernel_args.iter().cloned());
+    args.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_boots_the_erofs_root_and_exits_on_reboot() {
+        let opts = VmOptions {
+            kernel: "k".into(),
+            guest_image: "g".into(),
+            rootfs_image: None,
+            initrd: None,
+            memory_mib: 256,
+            backend: Backend::QemuTcg,
+            kernel_args: vec!["joey.debug=1".into()],
+            quiet: true,
+        };
+        let c = cmdline(&opts);
+        for want in [
+            "root=/dev/vda",
+            "rootfstype=erofs",
+            "reboot=t",
+            "panic=-1",
+            "quiet",
+            "joey.debug=1",
+            "no_timer_check",
+        ] {
+            assert!(c.contains(want), "{c}");
+        }
+        if super::super::tsc::host_tsc_khz().is_some() {
+            assert!(c.contains(" tsc_early_khz="), "{c}");
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! The devices of a VM. Each contributes its QEMU arguments and, if it needs one, the
+//! process that serves it (a vhost-user backend), which the VM starts before QEMU,
+//! waits for, ends with itself and watches for an early death.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use super::error::VmError;
+use crate::binaries::which;
+use crate::cache::cache_dir;
+use crate::nssandbox::check_socket_path;
+
+/// A process serving a device, started before QEMU.
+pub struct BackendSpec {
+    /// What it is, for errors and logs.
+    pub name: &'static str,
+    pub command: Command,
+    /// It is ready once this path exists (the socket QEMU connects to).
+    pub ready: PathBuf,
+}
+
+pub trait Device {
+    /// QEMU's arguments for this device.
+    fn qemu_args(&self) -> Vec<String>;
+
+    /// The process serving the device, if it needs one.
+    fn backend(&self) -> Result<Option<BackendSpec>, VmError> {
+        Ok(None)
+    }
+
+    /// Whether a backend process maps guest memory (vhost-user), which QEMU must then
+    /// allocate shareable.
+    fn shares_memory(&self) -> bool {
+        false
+    }
+}
+
+/// A read-only virtio-blk disk, found in the guest by its serial.
+pub struct Disk {
+    /// QEMU's name for the drive.
+    pub id: &'static str,
+    pub file: PathBuf,
+    pub serial: String,
+}
+
+impl Device for Disk {
+    fn qemu_args(&self) -> Vec<String> {
+        vec![
+            "-drive".into(),
+            format!(
+                "id={},file={},format=raw,if=none,readonly=on",
+                self.id,
+                self.file.display()
+            ),
+            "-device".into(),
+            format!("virtio-blk-device,drive={},serial={}", self.id, self.serial),
+        ]
+    }
+}
+
+/// The serial console, written to a file.
+pub struct SerialConsole {
+    pub file: PathBuf,
+}
+
+impl Device for SerialConsole {
+    fn qemu_args(&self) -> Vec<String> {
+        vec!["-serial".into(), format!("file:{}", self.file.display())]
+    }
+}
+
+/// Guest vsock through `vhost-device-vsock`, a vhost-user backend whose Unix socket
+/// `uds` is the hybrid-vsock host end (`CONNECT <port>\n`).
+pub struct Vsock {
+    pub guest_cid: u32,
+    /// The vhost-user socket QEMU and the backend share.
+    pub vhost_user: PathBuf,
+    /// The hybrid-vsock socket.
+    pub uds: PathBuf,
+    /// Where the backend's stdout and stderr go (`vsock.log`, `vsock.err`).
+    pub log_dir: PathBuf,
+}
+
+impl Vsock {
+    /// The vsock device of a VM whose files live in `dir`.
+    pub fn in_dir(dir: &Path, guest_cid: u32) -> Result<Self, VmError> {
+        let v = Vsock {
+            guest_cid,
+            vhost_user: dir.join("vhu.sock"),
+            uds: dir.join("vm.vsock"),
+            log_dir: dir.to_path_buf(),
+        };
+        for sock in [&v.vhost_user, &v.uds] {
+            check_socket_path(sock).map_err(VmError::Setup)?;
+        }
+        Ok(v)
+    }
+}
+
+impl Device for Vsock {
+    fn qemu_args(&self) -> Vec<String> {
+        vec![
+            "-chardev".into(),
+            format!("socket,id=vsock,path={}", self.vhost_user.display()),
+            "-device".into(),
+            "vhost-user-vsock-device,chardev=vsock".into(),
+        ]
+    }
+
+    fn backend(&self) -> Result<Option<BackendSpec>, VmError> {
+        let bin = vhost_vsock_binary()?;
+        let log = |name: &str| {
+            let p = self.log_dir.join(name);
+            File::create(&p).map_err(|e| VmError::Setup(format!("create {}: {e}", p.display())))
+        };
+        let mut command = Command::new(bin);
+        command
+            .arg("--vm")
+            .arg(format!(
+                "guest-cid={},socket={},uds-path={}",
+                self.guest_cid,
+                self.vhost_user.display(),
+                self.uds.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(log("vsock.log")?)
+            .stderr(log("vsock.err")?);
+        Ok(Some(BackendSpec {
+            name: "vhost-device-vsock",
+            command,
+            ready: self.vhost_user.clone(),
+        }))
+    }
+
+    fn shares_memory(&self) -> bool {
+        true
+    }
+}
+
+/// Finds `vhost-device-vsock`: `$JOEY_VHOST_VSOCK`, joey's tool cache, or PATH.
+pub fn vhost_vsock_binary() -> Result<PathBuf, VmError> {
+    if let Some(p) = std::env::var_os("JOEY_VHOST_VSOCK") {
+        return Ok(PathBuf::from(p));
+    }
+    let cached = cache_dir().join("tools/bin/vhost-device-vsock");
+    if cached.is_file() {
+        return Ok(cached);
+    }
+    which("vhost-device-vsock").ok_or_else(|| {
+        VmError::Setup("vhost-device-vsock not found; install it with `bash scripts/install-deps` (cargo install --locked vhost-device-vsock --root ~/.cache/joey/tools)".into())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_device_names_its_qemu_arguments_and_backend() {
+        let disk = Disk {
+            id: "rootfs",
+            file: "/img".into(),
+            serial: "joey-rootfs".into(),
+        };
+        assert_eq!(
+            disk.qemu_args(),
+            [
+                "-drive",
+                "id=rootfs,file=/img,format=raw,if=none,readonly=on",
+                "-device",
+                "virtio-blk-device,drive=rootfs,serial=joey-rootfs"
+            ]
+        );
+        assert!(!disk.shares_memory() && disk.backend().unwrap().is_none());
+
+        let tmp = tempfile::tempdir().unwrap();
+        let vsock = Vsock::in_dir(tmp.path(), 3).unwrap();
+        assert!(vsock.shares_memory());
+        assert!(vsock.qemu_args()[1].ends_with("vhu.sock"));
+        if let Ok(Some(b)) = vsock.backend() {
+            assert_eq!(b.ready, tmp.path().join("vhu.sock"));
+            let args: Vec<_> = b.command.get_args().collect();
+            assert!(
+                args[1].to_string_lossy().starts_with("guest-cid=3,"),
+                "{args:?}"
+            );
+        }
+        let long = Path::new("/").join("d".repeat(100));
+        assert!(Vsock::in_dir(&long, 3).is_err());
+    }
+}
