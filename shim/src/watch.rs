@@ -5,6 +5,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
+use std::sync::{mpsc, Mutex, OnceLock};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -21,6 +22,38 @@ enum Source {
 #[derive(Default)]
 pub struct Watch {
     sources: Vec<Source>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        for s in self.sources.drain(..) {
+            if let Source::Dir(i) = s {
+                close_in_background(i);
+            }
+        }
+    }
+}
+
+/// Closing an inotify instance waits for an RCU grace period in the kernel (measured
+/// here: around 10 ms), which would land on every sandbox start. A thread of its own
+/// closes them instead.
+fn close_in_background(inotify: Inotify) {
+    static CLOSER: OnceLock<Mutex<mpsc::Sender<Inotify>>> = OnceLock::new();
+    let closer = CLOSER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Inotify>();
+        let started = std::thread::Builder::new()
+            .name("joey-inotify-close".into())
+            .spawn(move || rx.into_iter().for_each(drop));
+        if let Err(e) = started {
+            tracing::warn!("no thread to close inotify instances: {e}; closing them inline");
+        }
+        Mutex::new(tx)
+    });
+    // If the thread could not start, the send fails and the instance closes here.
+    let _ = closer
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send(inotify);
 }
 
 impl Watch {

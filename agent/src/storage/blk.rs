@@ -56,7 +56,12 @@ pub fn wait_for_entry<T>(
     use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
     use std::os::fd::AsFd;
 
-    // Watch first, then look, so an entry made in between is not missed.
+    // The usual case (a disk attached at launch) needs no watch: setting one up and
+    // closing it costs an RCU grace period.
+    if let Some(found) = find() {
+        return Some(found);
+    }
+    // Watch, then look again, so an entry made in between is not missed.
     let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
         .and_then(|i| {
             i.add_watch(dir, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)?;
