@@ -120,6 +120,12 @@ impl Harness {
         self.agent.signal_process(req).await
     }
 
+    /// Whether the volume `name` (see [`Harness::ephemeral`]) was unmounted.
+    fn unmounted(&self, name: &str) -> bool {
+        let target = self.root.join("volumes").join(name);
+        self.mounter.umounts.lock().unwrap().contains(&target)
+    }
+
     fn calls_with(&self, needle: &str) -> Vec<String> {
         self.fake
             .calls()
@@ -206,10 +212,9 @@ async fn removal_kills_waits_and_releases_what_the_container_held() {
     assert!(!h.fake.is_alive(init));
     assert!(h.calls_with("kill_all c1 9").len() == 1);
     assert_eq!(h.calls_with("delete c1"), ["delete c1 /joey/sandbox/c1"]);
-    let target = h.root.join("volumes/v1");
-    assert!(h.mounter.umounts.lock().unwrap().contains(&target));
+    assert!(h.unmounted("v1"));
     assert!(
-        !target.exists(),
+        !h.root.join("volumes/v1").exists(),
         "the mount point the driver created is removed"
     );
     assert!(!h.dirs.bundles.join("c1").exists());
@@ -389,12 +394,7 @@ async fn the_sandbox_is_created_once_and_destroyed_with_its_containers() {
     assert!(!h.fake.is_alive(init));
     assert!(!h.fake.is_alive(holder));
     assert_eq!(h.calls_with("delete c1"), ["delete c1 /joey/sb/c1"]);
-    assert!(h
-        .mounter
-        .umounts
-        .lock()
-        .unwrap()
-        .contains(&h.root.join("volumes/shm")));
+    assert!(h.unmounted("shm"));
     assert!(!h.dirs.sandbox.join("sandbox.json").exists());
     assert!(!info.resolv_conf.unwrap().exists());
     // A bad hostname is refused and leaves nothing behind.
@@ -437,12 +437,7 @@ async fn a_restarted_agent_keeps_the_sandbox_and_ends_the_old_containers() {
     assert!(!h.fake.is_alive(init));
     assert!(!h.calls_with(&format!("kill {init} 9")).is_empty());
     assert_eq!(h.calls_with("delete old"), ["delete old /joey/sb/old"]);
-    assert!(h
-        .mounter
-        .umounts
-        .lock()
-        .unwrap()
-        .contains(&h.root.join("volumes/v1")));
+    assert!(h.unmounted("v1"));
     assert!(!h.dirs.bundles.join("old").exists());
     let msg = is(h.agent.wait_process("old", "").await, |e| {
         matches!(e, AgentError::NotFound(_))
