@@ -39,6 +39,11 @@ fn find(name: &str, env: &str) -> Result<PathBuf, String> {
     ))
 }
 
+/// `joey-vmm` (its vhost-user device backends): `$JOEY_VMM`, beside joeyctl, or PATH.
+pub fn vmm() -> Result<PathBuf, String> {
+    find("joey-vmm", "JOEY_VMM")
+}
+
 /// The program `name` on PATH.
 pub fn which(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)

@@ -134,12 +134,11 @@ impl Sandbox {
         }
     }
 
-    /// Whether the host may dial the agent yet: a VM's only once its init has started
-    /// (see [`Pod::connect`]).
+    /// Whether the host may dial the agent yet (see [`Pod::connect`]).
     fn may_dial(&self) -> bool {
         match self {
             Sandbox::Ns(_) => true,
-            Sandbox::Vm(s) => s.init_started().is_some(),
+            Sandbox::Vm(s) => s.may_dial(),
         }
     }
 
@@ -234,10 +233,9 @@ impl Pod {
         let addr = sandbox.agent_addr();
         let watch = sandbox.watch();
         let client = loop {
-            // vhost-device-vsock 0.3.0 stops serving for good when a host connection
-            // arrives while the guest driver is still setting up its queues (its worker
-            // thread ends on the queue error). Drivers are up once init runs, so a VM is
-            // dialled only after joey-init's marker.
+            // A VM whose vsock is served by vhost-device-vsock 0.3.0 is dialled only
+            // after joey-init's marker (see `VmSandbox::may_dial`); joey's own device
+            // takes connections from QEMU's start.
             let last = if sandbox.may_dial() {
                 // Short attempts, so a sandbox that died is noticed at once.
                 let attempt =

@@ -90,6 +90,7 @@ fn vm_options(rootfs_image: Option<PathBuf>, kernel_args: &[&str]) -> VmOptions 
         rootfs_image,
         initrd: None,
         memory_mib: 256,
+        vsock: joey_shim::vm::config::VsockServer::Joey,
         backend: env().backend,
         kernel_args: kernel_args.iter().map(|s| s.to_string()).collect(),
         quiet: true,
@@ -159,6 +160,7 @@ fn main() {
         vm::tty_container_in_a_vm,
         vm::kvm_probe_answers_within_its_deadline,
         vm::a_vm_outlives_the_thread_that_started_it,
+        vm::interop_with_vhost_device_vsock,
     ];
     run_tier("vm", tests, detect().err(), true);
 }

@@ -258,3 +258,32 @@ pub async fn a_vm_outlives_the_thread_that_started_it() -> anyhow::Result<()> {
     ensure!(code == 0, "QEMU exit {code} after the guest's reboot");
     no_vm_leftovers()
 }
+
+/// joey's client against rust-vmm's `vhost-device-vsock` (0.3.0) as the vsock
+/// backend, so the client does not only ever meet joey's own device: a container's
+/// output and exit code come back through it.
+pub async fn interop_with_vhost_device_vsock() -> anyhow::Result<()> {
+    let mut opts = vm_options(Some(env().image.clone()), &[]);
+    opts.vsock = joey_shim::vm::config::VsockServer::VhostDeviceVsock;
+    let pod = Pod::start_vm(&opts, BOOT_DEADLINE).await?;
+    pod.create_container_from(
+        "c",
+        &disk(),
+        &sh("echo through-vhost-device-vsock; exit 4", false),
+    )
+    .await?;
+    pod.start_container("c").await?;
+    let out = pod.read_to_end("c", "c", Stream::Stdout).await?;
+    ensure!(
+        out == b"through-vhost-device-vsock\n",
+        "stdout {:?}",
+        String::from_utf8_lossy(&out)
+    );
+    ensure!(pod.wait_process("c", "c").await? == 4, "exit code");
+    pod.remove_container("c").await?;
+    ensure!(
+        pod.destroy().await? == 0,
+        "QEMU exit after the guest's reboot"
+    );
+    no_vm_leftovers()
+}

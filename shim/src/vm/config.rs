@@ -26,6 +26,17 @@ impl Backend {
     }
 }
 
+/// The vhost-user backend of the VM's vsock device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum VsockServer {
+    /// joey's own device (`joey-vmm vhost-user vsock`).
+    #[default]
+    Joey,
+    /// rust-vmm's `vhost-device-vsock` (kept for interoperability tests and
+    /// comparisons).
+    VhostDeviceVsock,
+}
+
 #[derive(Debug, Clone)]
 pub struct VmOptions {
     pub kernel: PathBuf,
@@ -39,6 +50,8 @@ pub struct VmOptions {
     pub backend: Backend,
     /// Extra kernel command-line arguments (appended).
     pub kernel_args: Vec<String>,
+    /// Which process serves the VM's vsock device.
+    pub vsock: VsockServer,
     /// Keep the kernel quiet (benchmarks; serial output is slow under emulation).
     pub quiet: bool,
 }
@@ -85,6 +98,7 @@ mod tests {
             rootfs_image: None,
             initrd: None,
             memory_mib: 256,
+            vsock: VsockServer::Joey,
             backend: Backend::QemuTcg,
             kernel_args: vec!["joey.debug=1".into()],
             quiet: true,

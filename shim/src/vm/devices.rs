@@ -6,6 +6,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use super::config::VsockServer;
 use super::error::VmError;
 use crate::binaries::which;
 use crate::cache::cache_dir;
@@ -70,9 +71,11 @@ impl Device for SerialConsole {
     }
 }
 
-/// Guest vsock through `vhost-device-vsock`, a vhost-user backend whose Unix socket
-/// `uds` is the hybrid-vsock host end (`CONNECT <port>\n`).
+/// Guest vsock through a vhost-user backend (joey's own, `joey-vmm vhost-user vsock`,
+/// or `vhost-device-vsock`) whose Unix socket `uds` is the hybrid-vsock host end
+/// (`CONNECT <port>\n`).
 pub struct Vsock {
+    pub server: VsockServer,
     pub guest_cid: u32,
     /// The vhost-user socket QEMU and the backend share.
     pub vhost_user: PathBuf,
@@ -84,8 +87,9 @@ pub struct Vsock {
 
 impl Vsock {
     /// The vsock device of a VM whose files live in `dir`.
-    pub fn in_dir(dir: &Path, guest_cid: u32) -> Result<Self, VmError> {
+    pub fn in_dir(dir: &Path, server: VsockServer, guest_cid: u32) -> Result<Self, VmError> {
         let v = Vsock {
+            server,
             guest_cid,
             vhost_user: dir.join("vhu.sock"),
             uds: dir.join("vm.vsock"),
@@ -109,25 +113,38 @@ impl Device for Vsock {
     }
 
     fn backend(&self) -> Result<Option<BackendSpec>, VmError> {
-        let bin = vhost_vsock_binary()?;
         let log = |name: &str| {
             let p = self.log_dir.join(name);
             File::create(&p).map_err(|e| VmError::Setup(format!("create {}: {e}", p.display())))
         };
-        let mut command = Command::new(bin);
+        let (name, mut command) = match self.server {
+            VsockServer::Joey => {
+                let mut c = Command::new(crate::binaries::vmm().map_err(VmError::Setup)?);
+                c.args(["vhost-user", "vsock", "--socket"])
+                    .arg(&self.vhost_user)
+                    .arg("--uds")
+                    .arg(&self.uds)
+                    .arg("--guest-cid")
+                    .arg(self.guest_cid.to_string());
+                ("joey-vmm vsock", c)
+            }
+            VsockServer::VhostDeviceVsock => {
+                let mut c = Command::new(vhost_vsock_binary()?);
+                c.arg("--vm").arg(format!(
+                    "guest-cid={},socket={},uds-path={}",
+                    self.guest_cid,
+                    self.vhost_user.display(),
+                    self.uds.display()
+                ));
+                ("vhost-device-vsock", c)
+            }
+        };
         command
-            .arg("--vm")
-            .arg(format!(
-                "guest-cid={},socket={},uds-path={}",
-                self.guest_cid,
-                self.vhost_user.display(),
-                self.uds.display()
-            ))
             .stdin(Stdio::null())
             .stdout(log("vsock.log")?)
             .stderr(log("vsock.err")?);
         Ok(Some(BackendSpec {
-            name: "vhost-device-vsock",
+            name,
             command,
             ready: self.vhost_user.clone(),
         }))
@@ -175,7 +192,7 @@ mod tests {
         assert!(!disk.shares_memory() && disk.backend().unwrap().is_none());
 
         let tmp = tempfile::tempdir().unwrap();
-        let vsock = Vsock::in_dir(tmp.path(), 3).unwrap();
+        let vsock = Vsock::in_dir(tmp.path(), VsockServer::VhostDeviceVsock, 3).unwrap();
         assert!(vsock.shares_memory());
         assert!(vsock.qemu_args()[1].ends_with("vhu.sock"));
         if let Ok(Some(b)) = vsock.backend() {
@@ -187,6 +204,6 @@ mod tests {
             );
         }
         let long = Path::new("/").join("d".repeat(100));
-        assert!(Vsock::in_dir(&long, 3).is_err());
+        assert!(Vsock::in_dir(&long, VsockServer::Joey, 3).is_err());
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use joey_protocols::contract::{runtime_dir, AGENT_VSOCK_PORT, INIT_START_MARKER};
 
-use super::config::{cmdline, Backend, VmOptions};
+use super::config::{cmdline, Backend, VmOptions, VsockServer};
 use super::devices::{BackendSpec, Device, Disk, SerialConsole, Vsock};
 use super::error::VmError;
 use crate::addr::AgentAddr;
@@ -82,12 +82,14 @@ impl Backends {
         }
     }
 
-    /// Why a backend has ended, if one has.
+    /// Why a backend has failed, if one has: it exited with an error or a signal. One
+    /// that exits cleanly saw QEMU close its socket, which is how a VM ends.
     fn dead(&mut self) -> Option<String> {
         self.0.iter_mut().find_map(|(name, c)| {
             c.try_wait()
                 .ok()
                 .flatten()
+                .filter(|status| !status.success())
                 .map(|status| format!("{name} exited ({status})"))
         })
     }
@@ -117,6 +119,7 @@ pub struct VmSandbox {
     qemu: Child,
     backends: Backends,
     vsock: AgentAddr,
+    vsock_server: VsockServer,
     exit: Option<i32>,
     /// Why the VM was ended from the host (a device's backend died).
     failure: Option<String>,
@@ -181,7 +184,7 @@ impl VmSandbox {
     }
 
     fn launch(opts: &VmOptions, qemu_bin: &Path, id: String, dir: &Path) -> Result<Self, VmError> {
-        let vsock = Vsock::in_dir(dir, GUEST_CID)?;
+        let vsock = Vsock::in_dir(dir, opts.vsock, GUEST_CID)?;
         let agent = AgentAddr::Hybrid(vsock.uds.clone(), AGENT_VSOCK_PORT);
         let mut devices: Vec<Box<dyn Device>> = vec![Box::new(SerialConsole {
             file: dir.join(CONSOLE_FILE),
@@ -226,6 +229,7 @@ impl VmSandbox {
             qemu,
             backends,
             vsock: agent,
+            vsock_server: opts.vsock,
             exit: None,
             failure: None,
             started,
@@ -234,6 +238,19 @@ impl VmSandbox {
 
     pub fn agent_addr(&self) -> AgentAddr {
         self.vsock.clone()
+    }
+
+    /// Whether the host may dial the agent yet. joey's vsock device queues a host
+    /// connection until the guest's driver is up, so it may be dialled at once.
+    /// vhost-device-vsock 0.3.0 stops serving for good when a host connection arrives
+    /// while the guest driver is still setting up its queues (its worker thread ends on
+    /// the queue error; seen as a run hanging about one boot in ten): drivers are up once
+    /// init runs, so with it a VM is dialled only after joey-init's marker.
+    pub fn may_dial(&self) -> bool {
+        match self.vsock_server {
+            VsockServer::Joey => true,
+            VsockServer::VhostDeviceVsock => self.init_started().is_some(),
+        }
     }
 
     /// QEMU's exit status once the VM has ended (the guest's reboot ends it). A VM

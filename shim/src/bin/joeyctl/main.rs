@@ -209,6 +209,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                     rootfs_image: Some(rootfs_image),
                     initrd: None,
                     memory_mib: memory,
+                    vsock: joey_shim::vm::config::VsockServer::Joey,
                     backend,
                     kernel_args: if debug {
                         vec!["JOEY_LOG=debug".into()]
@@ -270,6 +271,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                     rootfs_image: None,
                     initrd: None,
                     memory_mib: 256,
+                    vsock: joey_shim::vm::config::VsockServer::Joey,
                     backend,
                     kernel_args: vec![],
                     quiet: true,

@@ -1,0 +1,66 @@
+//! joey-vmm: joey's VMM in the Firecracker mould. Today it holds the virtio-vsock device
+//! every joey VM needs (`vsock`), served to QEMU as a vhost-user backend
+//! (`joey-vmm vhost-user vsock`); the VMM that boots guests on KVM comes with its own
+//! issue.
+
+mod vhost_user;
+mod vsock;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "joey-vmm", version, about = "joey's VMM and its devices")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve a device to QEMU over vhost-user.
+    #[command(name = "vhost-user", subcommand)]
+    VhostUser(Device),
+}
+
+#[derive(Subcommand)]
+enum Device {
+    /// virtio-vsock, with hybrid vsock (Unix sockets) on the host side.
+    Vsock {
+        /// The vhost-user socket QEMU connects to (`-chardev socket,path=…`).
+        #[arg(long)]
+        socket: PathBuf,
+        /// The host end: host processes connect here and write `CONNECT <port>\n`;
+        /// guest connections to host port P reach `<uds>_P`.
+        #[arg(long)]
+        uds: PathBuf,
+        /// The guest's CID (3 or more).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(3..0xffff_ffff))]
+        guest_cid: u64,
+    },
+}
+
+fn main() {
+    let level = std::env::var("JOEY_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::VhostUser(Device::Vsock {
+            socket,
+            uds,
+            guest_cid,
+        }) => vhost_user::serve(&socket, &uds, guest_cid),
+    };
+    if let Err(e) = r {
+        eprintln!("joey-vmm: {e:#}");
+        std::process::exit(1);
+    }
+}
