@@ -13,39 +13,77 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use ttrpc::r#async::transport::Listener;
 
-/// Counts successful writes over every connection.
+/// Counts successful writes over every connection, and the connections open.
 #[derive(Clone)]
-pub struct WriteCounter(Arc<watch::Sender<u64>>);
+pub struct WriteCounter {
+    writes: Arc<watch::Sender<u64>>,
+    open: Arc<watch::Sender<usize>>,
+}
 
 impl Default for WriteCounter {
     fn default() -> Self {
-        WriteCounter(Arc::new(watch::Sender::new(0)))
+        WriteCounter {
+            writes: Arc::new(watch::Sender::new(0)),
+            open: Arc::new(watch::Sender::new(0)),
+        }
     }
 }
 
 impl WriteCounter {
     pub fn get(&self) -> u64 {
-        *self.0.borrow()
+        *self.writes.borrow()
     }
 
     fn add(&self) {
-        self.0.send_modify(|n| *n += 1);
+        self.writes.send_modify(|n| *n += 1);
     }
 
     /// Waits until a write happens after `since` was read, or `timeout` passes.
     pub async fn wait_past(&self, since: u64, timeout: Duration) -> bool {
-        let mut rx = self.0.subscribe();
+        let mut rx = self.writes.subscribe();
         let passed = tokio::time::timeout(timeout, rx.wait_for(|n| *n > since))
             .await
             .is_ok_and(|r| r.is_ok());
         passed
     }
+
+    /// Waits until every connection is closed, or `timeout` passes. A reply is only
+    /// known to have arrived once the host closed the connection it came on (a VM
+    /// that powers off right after writing it could lose what is still queued).
+    pub async fn wait_all_closed(&self, timeout: Duration) -> bool {
+        let mut rx = self.open.subscribe();
+        let closed = tokio::time::timeout(timeout, rx.wait_for(|n| *n == 0))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        closed
+    }
+
+    fn opened(&self) {
+        self.open.send_modify(|n| *n += 1);
+    }
+
+    fn closed(&self) {
+        self.open.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
-/// A connection that counts its writes.
+/// A connection that counts its writes, and itself among the open connections.
 pub struct Counted<S> {
     inner: S,
     writes: WriteCounter,
+}
+
+impl<S> Counted<S> {
+    fn new(inner: S, writes: WriteCounter) -> Self {
+        writes.opened();
+        Counted { inner, writes }
+    }
+}
+
+impl<S> Drop for Counted<S> {
+    fn drop(&mut self) {
+        self.writes.closed();
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
@@ -153,10 +191,7 @@ impl Accept for tokio_vsock::VsockListener {
 /// The ttrpc listener over `l`, whose connections count their writes in `writes`.
 fn counted<L: Accept>(l: L, writes: WriteCounter) -> Listener {
     Listener::new(futures::stream::unfold((l, writes), |(l, w)| async move {
-        let r = l.next_conn().await.map(|s| Counted {
-            inner: s,
-            writes: w.clone(),
-        });
+        let r = l.next_conn().await.map(|s| Counted::new(s, w.clone()));
         Some((r, (l, w)))
     }))
 }
@@ -186,13 +221,13 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         let counter = WriteCounter::default();
         let (a, _b) = tokio::net::UnixStream::pair().unwrap();
-        let mut c = Counted {
-            inner: a,
-            writes: counter.clone(),
-        };
+        let mut c = Counted::new(a, counter.clone());
         let before = counter.get();
         assert!(!counter.wait_past(before, Duration::from_millis(5)).await);
         c.write_all(b"reply").await.unwrap();
         assert!(counter.wait_past(before, Duration::from_millis(5)).await);
+        assert!(!counter.wait_all_closed(Duration::from_millis(5)).await);
+        drop(c);
+        assert!(counter.wait_all_closed(Duration::from_millis(5)).await);
     }
 }

@@ -3,6 +3,8 @@
 //! applies the RPC's deadline and names the method and its object in its error; nothing
 //! outside this module builds a request for those RPCs.
 
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use joey_protocols::agent_ttrpc::AgentServiceClient;
@@ -105,16 +107,24 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one connect-and-Check attempt of [`AgentClient::connect_ready`] may take.
 const READY_ATTEMPT: Duration = Duration::from_secs(1);
 
-/// Opens a byte stream to the agent.
-pub async fn dial(addr: &AgentAddr) -> Result<Socket, ClientError> {
+/// A duplicate of a connection's socket, kept to shut the connection down.
+fn dup_socket(fd: std::os::fd::BorrowedFd<'_>) -> Option<Arc<OwnedFd>> {
+    fd.try_clone_to_owned().ok().map(Arc::new)
+}
+
+/// Opens a byte stream to the agent; also returns a duplicate of its socket, with
+/// which [`AgentClient::close`] ends the connection.
+pub async fn dial(addr: &AgentAddr) -> Result<(Socket, Option<Arc<OwnedFd>>), ClientError> {
     let err = |source| ClientError::Connect {
         addr: addr.to_string(),
         source,
     };
     match addr {
-        AgentAddr::Unix(p) => Ok(Socket::new(
-            tokio::net::UnixStream::connect(p).await.map_err(err)?,
-        )),
+        AgentAddr::Unix(p) => {
+            let s = tokio::net::UnixStream::connect(p).await.map_err(err)?;
+            let dup = dup_socket(s.as_fd());
+            Ok((Socket::new(s), dup))
+        }
         AgentAddr::Hybrid(p, port) => {
             let mut s = tokio::net::UnixStream::connect(p).await.map_err(err)?;
             s.write_all(format!("CONNECT {port}\n").as_bytes())
@@ -134,13 +144,16 @@ pub async fn dial(addr: &AgentAddr) -> Result<Socket, ClientError> {
                     msg: format!("unexpected reply {line:?}"),
                 });
             }
-            Ok(Socket::new(s))
+            let dup = dup_socket(s.as_fd());
+            Ok((Socket::new(s), dup))
         }
         AgentAddr::Vsock(cid, port) => {
             let s = tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(*cid, *port))
                 .await
                 .map_err(err)?;
-            Ok(Socket::new(s))
+            // SAFETY: the stream owns this fd and outlives the borrow, used only to dup it.
+            let dup = dup_socket(unsafe { std::os::fd::BorrowedFd::borrow_raw(s.as_raw_fd()) });
+            Ok((Socket::new(s), dup))
         }
     }
 }
@@ -173,6 +186,8 @@ pub struct AgentClient {
     pub agent: AgentServiceClient,
     pub health: HealthClient,
     pub addr: AgentAddr,
+    /// The connection's socket, to shut it down ([`AgentClient::close`]).
+    socket: Option<Arc<OwnedFd>>,
 }
 
 /// The default deadline of one RPC; long waits (WaitProcess, reads) pass none.
@@ -203,13 +218,23 @@ fn process_target(cid: &str, eid: &str) -> String {
 
 impl AgentClient {
     pub async fn connect(addr: &AgentAddr) -> Result<Self, ClientError> {
-        let raw = ttrpc::r#async::Client::new(dial(addr).await?);
+        let (socket, dup) = dial(addr).await?;
+        let raw = ttrpc::r#async::Client::new(socket);
         Ok(AgentClient {
             agent: AgentServiceClient::new(raw.clone()),
             health: HealthClient::new(raw.clone()),
             raw,
             addr: addr.clone(),
+            socket: dup,
         })
+    }
+
+    /// Ends the connection (every clone of this client with it). The agent takes the
+    /// close after DestroySandbox as the host's receipt of its reply.
+    pub fn close(&self) {
+        if let Some(fd) = &self.socket {
+            let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        }
     }
 
     /// Connects and waits for Health.Check to answer, retrying until `deadline`

@@ -413,6 +413,8 @@ impl Pod {
             self.sandbox.kill();
             return Err(e.into());
         }
+        // The reply is in: closing the connection tells the agent so, and it ends.
+        self.client.close();
         match self.sandbox.wait_exit(DESTROY_DEADLINE).await {
             Some(code) => Ok(code),
             None => {

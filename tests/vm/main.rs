@@ -161,6 +161,7 @@ fn main() {
         vm::kvm_probe_answers_within_its_deadline,
         vm::a_vm_outlives_the_thread_that_started_it,
         vm::interop_with_vhost_device_vsock,
+        vm::a_dead_vsock_backend_is_reported,
     ];
     run_tier("vm", tests, detect().err(), true);
 }

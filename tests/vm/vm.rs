@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::ensure;
+use anyhow::{ensure, Context};
 use joey_shim::client::Stream;
 use joey_shim::pod::{Pod, RootfsSource};
 use joey_shim::spec::ProcessSpec;
@@ -285,5 +285,43 @@ pub async fn interop_with_vhost_device_vsock() -> anyhow::Result<()> {
         pod.destroy().await? == 0,
         "QEMU exit after the guest's reboot"
     );
+    no_vm_leftovers()
+}
+
+/// The vsock backend dying mid-run ends `joeyctl run` within 2 s with exit 125 and
+/// an error naming the backend, and leaves nothing running.
+pub async fn a_dead_vsock_backend_is_reported() -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let image = env().image.display().to_string();
+    let mut child = tokio::process::Command::new(&env().joeyctl)
+        .args(["run", "--vm", "--image", &image, "--"])
+        .args(["/bin/sh", "-c", "echo started; exec sleep 1000"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut out = tokio::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let first = tokio::time::timeout(BOOT_DEADLINE, out.next_line()).await??;
+    ensure!(first.as_deref() == Some("started"), "first line {first:?}");
+    let backend = joey_tests::process_cmdlines()
+        .into_iter()
+        .find(|(_, cmd)| cmd.contains("joey-vmm") && cmd.contains("vhost-user"))
+        .map(|(pid, _)| pid)
+        .context("no joey-vmm vsock backend running")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(backend),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let killed = Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await??;
+    let took = killed.elapsed();
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        tokio::io::AsyncReadExt::read_to_string(&mut e, &mut err).await?;
+    }
+    ensure!(status.code() == Some(125), "exit {status}; stderr {err}");
+    ensure!(err.contains("joey-vmm vsock exited"), "stderr: {err}");
+    ensure!(took < Duration::from_secs(2), "noticed after {took:?}");
     no_vm_leftovers()
 }

@@ -4,9 +4,9 @@
 //!
 //! KVM on the development hosts is a nested PVM KVM that runs only paravirtualised
 //! guests, so the runner recognises it (any other KVM must first boot joey's kernel
-//! in a probe) and uses QEMU's software emulation (microvm machine) with a vhost-user
-//! vsock backend (`vhost-device-vsock`). joey-vmm takes over where KVM runs standard
-//! guests (its own issue).
+//! in a probe) and uses QEMU's software emulation (microvm machine) with joey's own
+//! vsock device as its vhost-user backend (`joey-vmm vhost-user vsock`). joey-vmm as
+//! the VMM takes over where KVM runs standard guests (its own issue).
 
 pub mod artifacts;
 pub mod backend;

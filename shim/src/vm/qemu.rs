@@ -1,8 +1,8 @@
 //! A microVM sandbox run by QEMU, as a list of devices ([`super::devices`]): the
 //! serial console, the shared guest image as a read-only virtio-blk root, an optional
 //! container image as a second read-only disk (found in the guest by its serial), and
-//! vsock through `vhost-device-vsock`, whose Unix socket is the hybrid-vsock host end
-//! the agent is dialled on. The processes serving devices start before QEMU and end
+//! vsock through a vhost-user backend (joey's own, or `vhost-device-vsock`), whose Unix
+//! socket is the hybrid-vsock host end the agent is dialled on. The processes serving devices start before QEMU and end
 //! with the VM; if one dies, the VM is ended and the console tail says why.
 
 use std::fs::File;
@@ -276,6 +276,23 @@ impl VmSandbox {
             w = w.process(pid);
         }
         w
+    }
+
+    /// The resident memory of each device backend process, in KiB.
+    pub fn backend_rss_kib(&self) -> Vec<u64> {
+        self.backends
+            .pids()
+            .filter_map(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .ok()?
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
     }
 
     /// Stops QEMU and the device backends.

@@ -151,7 +151,7 @@ impl Interrupts {
 }
 
 async fn run_pod(
-    pod: Pod,
+    mut pod: Pod,
     rootfs: RootfsSource,
     process: &ProcessSpec,
     signals: Interrupts,
@@ -161,11 +161,15 @@ async fn run_pod(
             pod.destroy().await?;
             Ok(status)
         }
-        Err(e) => Err(match console_context(&pod.sandbox) {
-            Some(console) => e.context(console),
-            None => e,
-        }),
-        // `pod` drops here on error: the sandbox is killed and its directory removed.
+        Err(e) => {
+            // Notice a sandbox (or a device backend) that died under the run, so the
+            // console tail says so.
+            pod.sandbox.try_wait();
+            Err(match console_context(&pod.sandbox) {
+                Some(console) => e.context(console),
+                None => e,
+            })
+        } // `pod` drops here on error: the sandbox is killed and its directory removed.
     }
 }
 

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use joey_shim::client::Stream;
-use joey_shim::pod::{Pod, RootfsSource};
+use joey_shim::pod::{Pod, RootfsSource, Sandbox};
 use joey_shim::spec::ProcessSpec;
+use joey_shim::vm::config::VsockServer;
 use joey_shim::vm::qemu::ROOTFS_SERIAL;
 use joey_shim::vm::{Artifacts, VmOptions, VmSandbox};
 
@@ -123,7 +124,8 @@ pub async fn bench_vm(o: &VmBenchOptions) -> anyhow::Result<()> {
         quiet: true,
         ..o.base.clone()
     };
-    let (mut joey, mut deb, mut ready) = (vec![], vec![], vec![]);
+    let (mut joey, mut deb, mut ready, mut ready_peer) = (vec![], vec![], vec![], vec![]);
+    let (mut joey_rss, mut peer_rss) = (vec![], vec![]);
     let (mut joey_host, mut deb_host) = (vec![], vec![]);
     for _ in 0..n {
         let (guest, host) = boot_to_init(&initrd_boot(&o.artifacts.kernel)).await?;
@@ -132,16 +134,32 @@ pub async fn bench_vm(o: &VmBenchOptions) -> anyhow::Result<()> {
         let (guest, host) = boot_to_init(&initrd_boot(&debian)).await?;
         deb.push(guest);
         deb_host.push(host);
-        let opts = VmOptions {
-            rootfs_image: None,
-            initrd: None,
-            quiet: true,
-            ..o.base.clone()
-        };
-        let t = Instant::now();
-        let pod = Pod::start_vm(&opts, Duration::from_secs(60)).await?;
-        ready.push(t.elapsed().as_secs_f64() * 1000.0);
-        pod.destroy().await?;
+        // VM launch to Check, with joey's vsock device (dialled from QEMU's start) and
+        // with its peer vhost-device-vsock (dialled after init's marker), and the
+        // memory each backend process uses once the agent answered.
+        for (server, ready, rss) in [
+            (VsockServer::Joey, &mut ready, &mut joey_rss),
+            (
+                VsockServer::VhostDeviceVsock,
+                &mut ready_peer,
+                &mut peer_rss,
+            ),
+        ] {
+            let opts = VmOptions {
+                rootfs_image: None,
+                initrd: None,
+                quiet: true,
+                vsock: server,
+                ..o.base.clone()
+            };
+            let t = Instant::now();
+            let pod = Pod::start_vm(&opts, Duration::from_secs(60)).await?;
+            ready.push(t.elapsed().as_secs_f64() * 1000.0);
+            if let Sandbox::Vm(vm) = &pod.sandbox {
+                rss.extend(vm.backend_rss_kib());
+            }
+            pod.destroy().await?;
+        }
     }
     // Guest memory in use after boot, read by a container from the guest's meminfo.
     let opts = VmOptions {
@@ -175,7 +193,15 @@ pub async fn bench_vm(o: &VmBenchOptions) -> anyhow::Result<()> {
             .unwrap_or(0)
     };
     let used = field("MemTotal:").saturating_sub(field("MemAvailable:"));
-    let (joey, deb, ready) = (median(joey), median(deb), median(ready));
+    let (joey, deb, ready, ready_peer) =
+        (median(joey), median(deb), median(ready), median(ready_peer));
+    let rss = |v: Vec<u64>| -> anyhow::Result<u64> {
+        v.iter()
+            .max()
+            .copied()
+            .context("no vsock backend's memory was read")
+    };
+    let (joey_rss, peer_rss) = (rss(joey_rss)?, rss(peer_rss)?);
     let (joey_host, deb_host) = (median(joey_host), median(deb_host));
     let dir = o.artifacts.guest_image.parent().unwrap_or(Path::new("."));
     let (img, vmlinux, initrd) = (
@@ -200,7 +226,15 @@ pub async fn bench_vm(o: &VmBenchOptions) -> anyhow::Result<()> {
         "  QEMU start to init, host clock: joey {joey_host:.1} ms, Debian {deb_host:.1} ms (ratio {:.2})",
         joey_host / deb_host
     );
-    println!("  VM launch to agent answering Check      {ready:8.1} ms");
+    println!("  VM launch to agent answering Check      {ready:8.1} ms  (joey's vsock device)");
+    println!(
+        "    the same through vhost-device-vsock   {ready_peer:8.1} ms  (ratio {:.2})",
+        ready / ready_peer
+    );
+    println!(
+        "  vsock backend RSS: joey-vmm {joey_rss} KiB, vhost-device-vsock {peer_rss} KiB (ratio {:.2})",
+        joey_rss as f64 / peer_rss as f64
+    );
     println!("  guest memory in use after boot          {used:8} KiB");
     let parts: Vec<String> = [
         "AnonPages:",
@@ -217,7 +251,7 @@ pub async fn bench_vm(o: &VmBenchOptions) -> anyhow::Result<()> {
     println!("    of which (KiB): {}", parts.join(", "));
     println!("  vmlinux {vmlinux} KiB, guest.img {img} KiB, initrd.img {initrd} KiB");
     println!(
-        "bench-vm: backend={} kernel_init_ms={joey:.1} debian_init_ms={deb:.1} boot_ratio_vs_debian={:.2} agent_ready_ms={ready:.1} guest_used_kib={used} guest_img_kib={img} vmlinux_kib={vmlinux}",
+        "bench-vm: backend={} kernel_init_ms={joey:.1} debian_init_ms={deb:.1} boot_ratio_vs_debian={:.2} agent_ready_ms={ready:.1} agent_ready_vhost_device_vsock_ms={ready_peer:.1} vsock_rss_kib={joey_rss} vhost_device_vsock_rss_kib={peer_rss} guest_used_kib={used} guest_img_kib={img} vmlinux_kib={vmlinux}",
         o.base.backend.name(),
         joey / deb
     );
