@@ -459,6 +459,53 @@ mod tests {
     }
 
     #[test]
+    fn a_guest_that_never_reads_gets_its_credit_and_no_more() {
+        let tmp = tempfile::tempdir().unwrap();
+        let uds = tmp.path().join("vm.vsock");
+        let mut m = Muxer::new(&uds, GUEST).unwrap();
+        let mut host = UnixStream::connect(&uds).unwrap();
+        host.write_all(b"CONNECT 1024\n").unwrap();
+        let mut req = None;
+        pump(&mut m, |m| {
+            req = m.recv_pkt(MAX_PAYLOAD);
+            req.is_some()
+        });
+        let local = req.unwrap().hdr.src_port;
+        // The guest offers 256 KiB and never reads (never sends a credit update).
+        m.send_pkt(guest_pkt(1024, local, op::RESPONSE, b""));
+        let mut ok = [0u8; 32];
+        let _ = host.read(&mut ok).unwrap();
+        host.set_nonblocking(true).unwrap();
+        // The host keeps offering data as fast as its socket takes it.
+        let chunk = vec![5u8; 64 * 1024];
+        let mut offered = 0;
+        let mut got = 0;
+        let mut asked = false;
+        pump(&mut m, |m| {
+            while let Ok(n) = host.write(&chunk) {
+                offered += n;
+            }
+            while let Some(p) = m.recv_pkt(MAX_PAYLOAD) {
+                match p.hdr.op {
+                    op::RW => got += p.data.len(),
+                    op::CREDIT_REQUEST => asked = true,
+                    other => panic!("unexpected op {other}"),
+                }
+            }
+            asked
+        });
+        assert_eq!(got, 256 * 1024, "more than the guest's buffer was sent");
+        assert!(offered > got, "the host did not offer more than the credit");
+        // Nothing is left to do until the guest reads: the muxer's fd stays quiet.
+        m.process();
+        assert!(m.recv_pkt(MAX_PAYLOAD).is_none());
+        let fd = m.as_fd();
+        let mut pfd = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+        let ready = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(50u16)).unwrap();
+        assert_eq!(ready, 0, "the muxer polls a stream it cannot forward");
+    }
+
+    #[test]
     fn bad_handshakes_are_dropped_and_64_streams_run_at_once() {
         let tmp = tempfile::tempdir().unwrap();
         let uds = tmp.path().join("vm.vsock");
