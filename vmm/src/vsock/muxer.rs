@@ -302,7 +302,7 @@ impl Muxer {
     /// The guest dials host port `dst_port`: connect to `<uds>_<port>`.
     fn guest_connect(&mut self, pkt: &Packet) {
         let path = PathBuf::from(format!("{}_{}", self.uds.display(), pkt.hdr.dst_port));
-        match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+        match connect_nonblocking(&path) {
             Ok(stream) => {
                 let c = Connection::peer_init(stream, &pkt.hdr);
                 self.insert((pkt.hdr.dst_port, pkt.hdr.src_port), c);
@@ -325,6 +325,20 @@ impl Drop for Muxer {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.uds);
     }
+}
+
+/// Connects to the Unix socket at `path` without blocking: a listener whose backlog is
+/// full refuses (EAGAIN) rather than stalling the device's thread.
+fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+    Ok(UnixStream::from(fd))
 }
 
 /// `CONNECT <port>` or `connect <port>` (kata's Go and Rust shims).
