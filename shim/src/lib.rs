@@ -6,6 +6,7 @@ pub mod addr;
 pub mod binaries;
 pub mod cache;
 pub mod client;
+pub mod image;
 pub mod nssandbox;
 pub mod pod;
 pub mod rootfs;
