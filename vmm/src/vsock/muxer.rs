@@ -398,6 +398,18 @@ mod tests {
         }
     }
 
+    /// A host stream that asked for guest port 1024, and the REQUEST it produced.
+    fn host_dial(m: &mut Muxer, uds: &Path) -> (UnixStream, Packet) {
+        let mut host = UnixStream::connect(uds).unwrap();
+        host.write_all(b"CONNECT 1024\n").unwrap();
+        let mut req = None;
+        pump(m, |m| {
+            req = m.recv_pkt(MAX_PAYLOAD);
+            req.is_some()
+        });
+        (host, req.unwrap())
+    }
+
     #[test]
     fn connect_lines_of_both_shims_parse() {
         assert_eq!(parse_connect(b"CONNECT 1024"), Ok(1024));
@@ -412,14 +424,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let uds = tmp.path().join("vm.vsock");
         let mut m = Muxer::new(&uds, GUEST).unwrap();
-        let mut host = UnixStream::connect(&uds).unwrap();
-        host.write_all(b"CONNECT 1024\n").unwrap();
-        let mut req = None;
-        pump(&mut m, |m| {
-            req = m.recv_pkt(MAX_PAYLOAD);
-            req.is_some()
-        });
-        let req = req.unwrap();
+        let (mut host, req) = host_dial(&mut m, &uds);
         assert_eq!(
             (req.hdr.op, req.hdr.dst_port, req.hdr.dst_cid),
             (op::REQUEST, 1024, GUEST)
@@ -477,14 +482,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let uds = tmp.path().join("vm.vsock");
         let mut m = Muxer::new(&uds, GUEST).unwrap();
-        let mut host = UnixStream::connect(&uds).unwrap();
-        host.write_all(b"CONNECT 1024\n").unwrap();
-        let mut req = None;
-        pump(&mut m, |m| {
-            req = m.recv_pkt(MAX_PAYLOAD);
-            req.is_some()
-        });
-        let local = req.unwrap().hdr.src_port;
+        let (mut host, req) = host_dial(&mut m, &uds);
+        let local = req.hdr.src_port;
         // The guest offers 256 KiB and never reads (never sends a credit update).
         m.send_pkt(guest_pkt(1024, local, op::RESPONSE, b""));
         let mut ok = [0u8; 32];
