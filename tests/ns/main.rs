@@ -4,6 +4,7 @@
 mod bad_input;
 mod cli;
 mod common;
+mod registry;
 mod restart;
 mod rpc;
 mod stale;
@@ -35,6 +36,7 @@ fn main() {
         bad_input::bad_requests_are_refused_and_the_agent_keeps_serving,
         bad_input::oversized_frames_and_garbage_keep_the_agent_serving,
         restart::agent_restart_reports_lost_containers,
+        registry::run_by_tag_digest_and_offline,
     ];
     // The vsock transport needs a host vsock device, which these machines lack: that
     // is a property of the machine, not of the tier, so it is skipped even in strict mode.

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::{Arguments, Failed, Trial};
 
+pub mod registry;
+
 pub const STRICT_ENV: &str = "JOEY_REQUIRE_ALL_TIERS";
 
 pub fn strict() -> bool {
@@ -158,10 +160,22 @@ pub async fn run_command(
     stdin: &[u8],
     deadline: Duration,
 ) -> anyhow::Result<Output> {
+    run_command_env(bin, args, &[], stdin, deadline).await
+}
+
+/// [`run_command`] with extra environment variables.
+pub async fn run_command_env(
+    bin: &Path,
+    args: &[&str],
+    env: &[(&str, &Path)],
+    stdin: &[u8],
+    deadline: Duration,
+) -> anyhow::Result<Output> {
     use anyhow::Context;
     use tokio::io::AsyncWriteExt;
     let mut child = tokio::process::Command::new(bin)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, *v)))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

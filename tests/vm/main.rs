@@ -162,6 +162,7 @@ fn main() {
         vm::a_vm_outlives_the_thread_that_started_it,
         vm::interop_with_vhost_device_vsock,
         vm::a_dead_vsock_backend_is_reported,
+        vm::run_by_reference,
     ];
     run_tier("vm", tests, detect().err(), true);
 }

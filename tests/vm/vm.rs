@@ -325,3 +325,41 @@ pub async fn a_dead_vsock_backend_is_reported() -> anyhow::Result<()> {
     ensure!(took < Duration::from_secs(2), "noticed after {took:?}");
     no_vm_leftovers()
 }
+
+/// An image from a real registry runs in a VM, by tag (the image config's command)
+/// and by digest.
+pub async fn run_by_reference() -> anyhow::Result<()> {
+    let reg = joey_tests::registry::TestRegistry::start().await?;
+    let config = serde_json::json!({"Cmd": ["/bin/echo", "vm-from-config"], "Env": ["PATH=/bin"]});
+    let digest = reg.push(&env().rootfs, "busybox:vm", config).await?;
+    let cache = tempfile::tempdir()?;
+    for (reference, cmd, want) in [
+        (format!("{}/busybox:vm", reg.addr), None, "vm-from-config\n"),
+        (
+            format!("{}/busybox@{digest}", reg.addr),
+            Some("by-digest"),
+            "by-digest\n",
+        ),
+    ] {
+        let mut args = vec!["run", "--vm", "--ref", reference.as_str()];
+        if let Some(word) = cmd {
+            args.extend(["--", "/bin/echo", word]);
+        }
+        let o = joey_tests::run_command_env(
+            &env().joeyctl,
+            &args,
+            &[("JOEY_CACHE", cache.path())],
+            b"",
+            Duration::from_secs(120),
+        )
+        .await?;
+        ensure!(
+            o.code == 0 && o.stdout == want,
+            "{reference}: {} {:?} {}",
+            o.code,
+            o.stdout,
+            o.stderr
+        );
+    }
+    no_vm_leftovers()
+}

@@ -1,6 +1,6 @@
-//! Container images from OCI registries. The pieces land as they are ready: image
-//! references ([`reference`]) and layer unpacking ([`unpack`]) come first; the registry
-//! client, the pull and the image cache build on them (issue 11).
+//! Container images from OCI registries: references ([`reference`]), layer unpacking
+//! ([`unpack`]) and the pull into joey's image cache ([`pull`]).
 
+pub mod pull;
 pub mod reference;
 pub mod unpack;

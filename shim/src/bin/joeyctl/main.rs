@@ -40,8 +40,17 @@ enum Cmd {
         #[arg(long)]
         vm: bool,
         /// The container's root filesystem (a directory; mounted read-only under a tmpfs overlay).
-        #[arg(long, required_unless_present = "image", conflicts_with = "image")]
+        #[arg(long, required_unless_present_any = ["image", "reference"], conflicts_with_all = ["image", "reference"])]
         rootfs: Option<PathBuf>,
+        /// An image in a registry, as `docker pull` names it
+        /// (`host[:port]/repo[:tag|@digest]`): pulled into joey's image cache, its
+        /// config's entrypoint, command, environment and working directory the defaults.
+        #[arg(long = "ref", value_name = "REF", conflicts_with = "image")]
+        reference: Option<String>,
+        /// A registry (`host:port`) reached over plain http (repeatable; also
+        /// `JOEY_INSECURE_REGISTRIES`; loopback always is).
+        #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+        insecure_registry: Vec<String>,
         /// For a microVM: an EROFS image of the container's rootfs.
         #[arg(long, conflicts_with = "ns")]
         image: Option<PathBuf>,
@@ -60,14 +69,14 @@ enum Cmd {
         /// Give the process a terminal.
         #[arg(long, short = 't')]
         tty: bool,
-        /// Working directory inside the container.
-        #[arg(long, default_value = "/")]
-        cwd: String,
+        /// Working directory inside the container (default: the image's, else /).
+        #[arg(long)]
+        cwd: Option<String>,
         /// Show the guest's console (init and agent logs) on stderr.
         #[arg(long)]
         debug: bool,
-        /// The command and its arguments.
-        #[arg(required = true, last = true)]
+        /// The command and its arguments (with --ref: replacing the image's command).
+        #[arg(last = true)]
         cmd: Vec<String>,
     },
     /// Send one raw agent RPC; request and reply in the proto3 JSON mapping.
@@ -163,26 +172,42 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
         Cmd::Run {
             ns,
             vm: _,
-            rootfs,
+            mut rootfs,
+            reference,
+            insecure_registry,
             image,
             kernel,
             guest_image,
             memory,
-            env,
+            mut env,
             tty,
-            cwd,
+            mut cwd,
             debug,
-            cmd,
+            mut cmd,
         } => {
             for e in &env {
                 if !e.contains('=') || e.starts_with('=') {
                     anyhow::bail!("--env {e:?}: expected K=V");
                 }
             }
+            if let Some(r) = reference {
+                let r = joey_shim::image::reference::Reference::parse(&r)?;
+                let settings =
+                    joey_shim::image::pull::RegistrySettings::from_env(&insecure_registry);
+                let pulled = joey_shim::image::pull::pull(&r, &settings).await?;
+                tracing::info!(image = %r, digest = %pulled.digest, "image ready");
+                (cmd, env) = pulled.config.process(&cmd, &env);
+                cwd = cwd.or(pulled.config.working_dir.clone());
+                rootfs = Some(pulled.rootfs());
+            }
+            anyhow::ensure!(
+                !cmd.is_empty(),
+                "no command: give one after `--` (or use an image whose config has one)"
+            );
             let process = ProcessSpec {
                 args: cmd,
                 env,
-                cwd,
+                cwd: cwd.unwrap_or_else(|| "/".into()),
                 terminal: tty,
             };
             if !ns {

@@ -1,0 +1,363 @@
+//! Pulling an image from an OCI registry into joey's image cache
+//! (`~/.cache/joey/images/<manifest digest>/`: `rootfs/`, `config.json`).
+//!
+//! The manifest (a list resolved to linux/amd64) and the config are fetched first;
+//! the layers download concurrently into the entry's scratch directory, then are
+//! applied in order, each checked against its digest as it streams. The entry is
+//! made under a temporary name and renamed into place only when whole, so a killed
+//! pull leaves nothing a later run would trust. A reference by digest whose image is
+//! cached needs no registry.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use futures::StreamExt;
+use oci_client::client::{linux_amd64_resolver, ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use oci_client::Client;
+use tokio::io::AsyncWriteExt;
+use tracing::info;
+
+use super::reference::Reference;
+use super::unpack::{apply_layer, Compression, UnpackError};
+use crate::cache::cache_dir;
+
+/// The registries joey may reach over plain http: loopback always, and those named
+/// in `JOEY_INSECURE_REGISTRIES` (comma-separated `host:port`) or `--insecure-registry`.
+/// One value for every fetcher (the lazy image service will take the same).
+#[derive(Debug, Clone, Default)]
+pub struct RegistrySettings {
+    pub insecure: Vec<String>,
+}
+
+pub const INSECURE_ENV: &str = "JOEY_INSECURE_REGISTRIES";
+
+impl RegistrySettings {
+    /// The settings from the environment plus `extra` insecure registries.
+    pub fn from_env(extra: &[String]) -> Self {
+        let mut insecure: Vec<String> = std::env::var(INSECURE_ENV)
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        insecure.extend(extra.iter().cloned());
+        RegistrySettings { insecure }
+    }
+
+    /// Whether `registry` (`host[:port]`) is reached over plain http.
+    pub fn plain_http(&self, registry: &str) -> bool {
+        let host = match registry.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(v6),
+            None => registry.split(':').next().unwrap_or(registry),
+        };
+        matches!(host, "localhost" | "127.0.0.1" | "::1")
+            || self.insecure.iter().any(|r| r == registry)
+    }
+}
+
+/// The defaults an image's config gives a container.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageConfig {
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub env: Vec<String>,
+    pub working_dir: Option<String>,
+}
+
+impl ImageConfig {
+    fn parse(json: &str) -> Result<Self, serde_json::Error> {
+        let v: serde_json::Value = serde_json::from_str(json)?;
+        let c = &v["config"];
+        let list = |k: &str| -> Vec<String> {
+            c[k].as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        Ok(ImageConfig {
+            entrypoint: list("Entrypoint"),
+            cmd: list("Cmd"),
+            env: list("Env"),
+            working_dir: c["WorkingDir"]
+                .as_str()
+                .filter(|s| !s.is_empty())
+                .map(str::to_string),
+        })
+    }
+
+    /// The process `docker run` would start: `args` replace the image's `Cmd` (its
+    /// `Entrypoint` stays), the image's `Env` comes first and `env` overrides it.
+    pub fn process(&self, args: &[String], env: &[String]) -> (Vec<String>, Vec<String>) {
+        let mut argv = self.entrypoint.clone();
+        argv.extend_from_slice(if args.is_empty() { &self.cmd } else { args });
+        let mut merged: Vec<String> = self
+            .env
+            .iter()
+            .filter(|e| {
+                let key = e.split('=').next().unwrap_or_default();
+                !env.iter().any(|o| o.split('=').next() == Some(key))
+            })
+            .cloned()
+            .collect();
+        merged.extend_from_slice(env);
+        (argv, merged)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error("{reference}: {source}")]
+    Registry {
+        reference: String,
+        #[source]
+        source: oci_client::errors::OciDistributionError,
+    },
+    #[error("{reference}: the image config: {source}")]
+    Config {
+        reference: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{reference}: layer {digest}: {source}")]
+    Layer {
+        reference: String,
+        digest: String,
+        #[source]
+        source: UnpackError,
+    },
+    #[error("{reference}: download layer {digest}: {source}")]
+    Download {
+        reference: String,
+        digest: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{reference}: image cache {path}: {source}")]
+    Cache {
+        reference: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A pulled image in the cache.
+#[derive(Debug, Clone)]
+pub struct PulledImage {
+    /// `sha256:…` of the image manifest.
+    pub digest: String,
+    pub dir: PathBuf,
+    pub config: ImageConfig,
+}
+
+impl PulledImage {
+    pub fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs")
+    }
+
+    fn load(dir: PathBuf, reference: &str) -> Result<Self, PullError> {
+        let cache_err = |path: &Path, source| PullError::Cache {
+            reference: reference.to_string(),
+            path: path.to_path_buf(),
+            source,
+        };
+        let digest_file = dir.join("digest");
+        let digest = std::fs::read_to_string(&digest_file)
+            .map_err(|e| cache_err(&digest_file, e))?
+            .trim()
+            .to_string();
+        let config_file = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_file).map_err(|e| cache_err(&config_file, e))?;
+        let config = ImageConfig::parse(&text).map_err(|source| PullError::Config {
+            reference: reference.to_string(),
+            source,
+        })?;
+        Ok(PulledImage {
+            digest,
+            dir,
+            config,
+        })
+    }
+}
+
+/// Where pulled images live.
+pub fn images_dir() -> PathBuf {
+    cache_dir().join("images")
+}
+
+fn hex(digest: &str) -> &str {
+    digest.strip_prefix("sha256:").unwrap_or(digest)
+}
+
+/// Removes a half-made cache entry unless it was kept.
+struct Scratch(Option<PathBuf>);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+/// Pulls `r` (or finds it in the cache, for a reference by digest).
+pub async fn pull(r: &Reference, settings: &RegistrySettings) -> Result<PulledImage, PullError> {
+    let shown = r.to_string();
+    let images = images_dir();
+    if let Some(d) = &r.digest {
+        let cached = images.join(hex(d));
+        if cached.join("digest").exists() {
+            return PulledImage::load(cached, &shown);
+        }
+    }
+    let cache_err = |path: &Path, source| PullError::Cache {
+        reference: shown.clone(),
+        path: path.to_path_buf(),
+        source,
+    };
+    let registry_err = |source| PullError::Registry {
+        reference: shown.clone(),
+        source,
+    };
+    let plain = if settings.plain_http(&r.registry) {
+        vec![r.registry.clone()]
+    } else {
+        vec![]
+    };
+    // rustls runs with ring as its crypto provider (see Cargo.toml); install it once.
+    static PROVIDER: std::sync::Once = std::sync::Once::new();
+    PROVIDER.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+    let client = Client::new(ClientConfig {
+        protocol: ClientProtocol::HttpsExcept(plain),
+        platform_resolver: Some(Box::new(linux_amd64_resolver)),
+        ..Default::default()
+    });
+    let oref: oci_client::Reference = shown.parse().map_err(|e: oci_client::ParseError| {
+        registry_err(oci_client::errors::OciDistributionError::GenericError(
+            Some(e.to_string()),
+        ))
+    })?;
+    let (manifest, digest, config) = client
+        .pull_manifest_and_config(&oref, &RegistryAuth::Anonymous)
+        .await
+        .map_err(registry_err)?;
+    let entry = images.join(hex(&digest));
+    if !entry.join("digest").exists() {
+        let scratch = images.join(format!(".pull-{}-{}", hex(&digest), std::process::id()));
+        let _ = std::fs::remove_dir_all(&scratch);
+        let mut guard = Scratch(Some(scratch.clone()));
+        let rootfs = scratch.join("rootfs");
+        let layers_dir = scratch.join("layers");
+        for d in [&rootfs, &layers_dir] {
+            std::fs::create_dir_all(d).map_err(|e| cache_err(d, e))?;
+        }
+        // Download every layer at once, each to its own file.
+        let downloads = manifest.layers.iter().enumerate().map(|(i, layer)| {
+            let (client, oref, path) = (&client, &oref, layers_dir.join(i.to_string()));
+            let dl_err = |source| PullError::Download {
+                reference: shown.clone(),
+                digest: layer.digest.clone(),
+                source,
+            };
+            async move {
+                let mut blob = client
+                    .pull_blob_stream(oref, layer)
+                    .await
+                    .map_err(|e| dl_err(io::Error::other(e.to_string())))?;
+                let mut f = tokio::fs::File::create(&path).await.map_err(dl_err)?;
+                while let Some(chunk) = blob.stream.next().await {
+                    f.write_all(&chunk.map_err(dl_err)?).await.map_err(dl_err)?;
+                }
+                f.flush().await.map_err(dl_err)?;
+                Ok::<_, PullError>(path)
+            }
+        });
+        let files = futures::future::try_join_all(downloads).await?;
+        // Apply them in order, each checked against its digest.
+        for (layer, file) in manifest.layers.iter().zip(files) {
+            let layer_err = |source| PullError::Layer {
+                reference: shown.clone(),
+                digest: layer.digest.clone(),
+                source,
+            };
+            let compression = Compression::from_media_type(&layer.media_type).map_err(layer_err)?;
+            let (root, digest) = (rootfs.clone(), layer.digest.clone());
+            let applied = tokio::task::spawn_blocking(move || {
+                let f = std::fs::File::open(&file).map_err(UnpackError::Read)?;
+                let r = apply_layer(&root, io::BufReader::new(f), compression, &digest);
+                let _ = std::fs::remove_file(&file);
+                r
+            })
+            .await
+            .map_err(|e| layer_err(UnpackError::Read(io::Error::other(e.to_string()))))?;
+            let stats = applied.map_err(layer_err)?;
+            info!(layer = %layer.digest, bytes = stats.bytes, entries = stats.entries, "layer applied");
+        }
+        let _ = std::fs::remove_dir(&layers_dir);
+        for (name, text) in [
+            ("config.json", config.as_str()),
+            ("digest", digest.as_str()),
+        ] {
+            let p = scratch.join(name);
+            std::fs::write(&p, text).map_err(|e| cache_err(&p, e))?;
+        }
+        match std::fs::rename(&scratch, &entry) {
+            Ok(()) => guard.0 = None,
+            // Another pull of the same image finished first: use its entry.
+            Err(_) if entry.join("digest").exists() => {}
+            Err(e) => return Err(cache_err(&entry, e)),
+        }
+    }
+    // A reference by an index's digest finds the entry of the manifest it resolved to.
+    if let Some(d) = r.digest.as_deref().filter(|d| *d != digest) {
+        let _ = std::os::unix::fs::symlink(hex(&digest), images.join(hex(d)));
+    }
+    PulledImage::load(entry, &shown)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_and_listed_registries_use_plain_http() {
+        let s = RegistrySettings {
+            insecure: vec!["reg.lan:5000".into()],
+        };
+        for yes in [
+            "127.0.0.1:5000",
+            "localhost",
+            "localhost:1",
+            "[::1]:5000",
+            "reg.lan:5000",
+        ] {
+            assert!(s.plain_http(yes), "{yes}");
+        }
+        for no in ["reg.lan", "ghcr.io", "docker.io", "127.0.0.2:5000"] {
+            assert!(!s.plain_http(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn the_image_config_supplies_what_the_command_line_leaves_out() {
+        let c = ImageConfig::parse(
+            r#"{"config":{"Entrypoint":["/bin/tini","--"],"Cmd":["serve"],"Env":["PATH=/bin","A=1"],"WorkingDir":"/srv"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.working_dir.as_deref(), Some("/srv"));
+        let (argv, env) = c.process(&[], &["A=2".into()]);
+        assert_eq!(argv, ["/bin/tini", "--", "serve"]);
+        assert_eq!(env, ["PATH=/bin", "A=2"]);
+        let (argv, _) = c.process(&["sh".into()], &[]);
+        assert_eq!(argv, ["/bin/tini", "--", "sh"]);
+        let empty = ImageConfig::parse("{}").unwrap();
+        assert_eq!(empty, ImageConfig::default());
+    }
+}
