@@ -248,6 +248,17 @@ pub async fn pull(r: &Reference, settings: &RegistrySettings) -> Result<PulledIm
         .pull_manifest_and_config(&oref, &RegistryAuth::Anonymous)
         .await
         .map_err(registry_err)?;
+    // The digest names a cache directory: only a well-formed one is used.
+    let well_formed = hex(&digest).len() == 64
+        && digest.starts_with("sha256:")
+        && hex(&digest).bytes().all(|b| b.is_ascii_hexdigit());
+    if !well_formed {
+        return Err(registry_err(
+            oci_client::errors::OciDistributionError::GenericError(Some(format!(
+                "the registry's manifest digest {digest:?} is not sha256:<64 hex digits>"
+            ))),
+        ));
+    }
     let entry = images.join(hex(&digest));
     if !entry.join("digest").exists() {
         let scratch = images.join(format!(".pull-{}-{}", hex(&digest), std::process::id()));
