@@ -361,5 +361,15 @@ pub async fn run_by_reference() -> anyhow::Result<()> {
             o.stderr
         );
     }
+    // The image's EROFS image was made once, into its cache entry.
+    let entry = cache
+        .path()
+        .join("images")
+        .join(digest.trim_start_matches("sha256:"));
+    ensure!(
+        entry.join("rootfs.erofs").is_file(),
+        "no EROFS image in {}",
+        entry.display()
+    );
     no_vm_leftovers()
 }

@@ -1,4 +1,5 @@
-//! Container rootfs images for VMs: EROFS, compressed with lz4hc.
+//! Container rootfs images for VMs: EROFS, compressed with lz4hc, made per run or once
+//! into an image cache entry.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,6 +33,27 @@ pub fn make_erofs(dir: &Path, out: &Path) -> Result<(), ImageError> {
         });
     }
     Ok(())
+}
+
+/// [`make_erofs`] for a cache: builds under a temporary name beside `out` and renames
+/// it into place, so a reader never finds half an image. An image already at `out` is
+/// kept.
+pub fn make_erofs_cached(dir: &Path, out: &Path) -> Result<(), ImageError> {
+    if out.is_file() {
+        return Ok(());
+    }
+    let name = out.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = out.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let built = make_erofs(dir, &tmp).and_then(|()| {
+        std::fs::rename(&tmp, out).map_err(|e| ImageError::Failed {
+            dir: dir.to_path_buf(),
+            stderr: format!("rename into {}: {e}", out.display()),
+        })
+    });
+    if built.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    built
 }
 
 #[cfg(test)]

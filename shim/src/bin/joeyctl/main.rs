@@ -190,6 +190,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                     anyhow::bail!("--env {e:?}: expected K=V");
                 }
             }
+            let mut pulled_image = None;
             if let Some(r) = reference {
                 let r = joey_shim::image::reference::Reference::parse(&r)?;
                 let settings =
@@ -199,6 +200,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                 (cmd, env) = pulled.config.process(&cmd, &env);
                 cwd = cwd.or(pulled.config.working_dir.clone());
                 rootfs = Some(pulled.rootfs());
+                pulled_image = Some(pulled);
             }
             anyhow::ensure!(
                 !cmd.is_empty(),
@@ -221,6 +223,16 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                 let tmp = tempfile_dir()?;
                 let rootfs_image = match (image, rootfs) {
                     (Some(img), _) => img,
+                    // A pulled image's EROFS image is made once and kept in its
+                    // cache entry.
+                    (None, Some(dir)) if pulled_image.is_some() => {
+                        let img = pulled_image
+                            .as_ref()
+                            .map(|p| p.dir.join("rootfs.erofs"))
+                            .unwrap_or_default();
+                        joey_shim::vm::image::make_erofs_cached(&dir, &img)?;
+                        img
+                    }
                     (None, Some(dir)) => {
                         let img = tmp.join("rootfs.erofs");
                         joey_shim::vm::image::make_erofs(&dir, &img)?;
