@@ -110,3 +110,104 @@ pub async fn run_by_tag_digest_and_offline() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The image cache: `image ls` lists what was pulled and by which reference; a cap
+/// evicts the least recently used image, never one a container runs from; `image
+/// prune` removes what no container uses.
+pub async fn image_cache_ls_cap_and_prune() -> anyhow::Result<()> {
+    use std::path::Path;
+    use tokio::io::AsyncBufReadExt;
+    let reg = TestRegistry::start().await?;
+    let a = reg
+        .push(
+            &env().rootfs,
+            "img:a",
+            serde_json::json!({"Cmd": ["/bin/echo", "a"]}),
+        )
+        .await?;
+    let b = reg
+        .push(
+            &env().rootfs,
+            "img:b",
+            serde_json::json!({"Cmd": ["/bin/echo", "b"]}),
+        )
+        .await?;
+    ensure!(a != b, "the two test images have one digest");
+    let cache = tempfile::tempdir()?;
+    let joeyctl = |args: Vec<String>, cap: Option<&'static str>| {
+        let cache = cache.path().to_path_buf();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut envs: Vec<(&str, &Path)> = vec![("JOEY_CACHE", cache.as_path())];
+            if let Some(c) = cap {
+                envs.push(("JOEY_IMAGE_CACHE_MAX", Path::new(c)));
+            }
+            joey_tests::run_command_env(&env().joeyctl, &args, &envs, b"", Duration::from_secs(120))
+                .await
+        }
+    };
+    let run = |tag: &str| {
+        vec![
+            "run".into(),
+            "--ns".into(),
+            "--ref".into(),
+            format!("{}/img:{tag}", reg.addr),
+        ]
+    };
+    let ls = || vec!["image".to_string(), "ls".to_string()];
+    let o = joeyctl(run("a"), None).await?;
+    ensure!(
+        o.code == 0 && o.stdout == "a\n",
+        "run a: {} {:?} {}",
+        o.code,
+        o.stdout,
+        o.stderr
+    );
+    let o = joeyctl(ls(), None).await?;
+    ensure!(
+        o.stdout.contains(&a) && o.stdout.contains(&format!("{}/img:a", reg.addr)),
+        "image ls: {}",
+        o.stdout
+    );
+    // A one-byte cap: pulling b evicts a, but not b, which is in use.
+    let o = joeyctl(run("b"), Some("1")).await?;
+    ensure!(
+        o.code == 0 && o.stdout == "b\n",
+        "run b: {} {:?} {}",
+        o.code,
+        o.stdout,
+        o.stderr
+    );
+    let o = joeyctl(ls(), None).await?;
+    ensure!(
+        o.stdout.contains(&b) && !o.stdout.contains(&a),
+        "after the cap: {}",
+        o.stdout
+    );
+    // A container running from b holds it against prune.
+    let mut child = tokio::process::Command::new(&env().joeyctl)
+        .args(["run", "--ns", "--ref", &format!("{}/img:b", reg.addr), "--"])
+        .args(["/bin/sh", "-c", "echo started; read x; exit 0"])
+        .env("JOEY_CACHE", cache.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await??;
+    ensure!(first.as_deref() == Some("started"), "first line {first:?}");
+    let o = joeyctl(vec!["image".into(), "prune".into()], None).await?;
+    ensure!(
+        o.code == 0 && !o.stdout.contains(&b),
+        "pruned an image in use: {}",
+        o.stdout
+    );
+    drop(child.stdin.take());
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await??;
+    ensure!(status.success(), "the holding run: {status}");
+    let o = joeyctl(vec!["image".into(), "prune".into()], None).await?;
+    ensure!(o.stdout.contains(&b), "prune: {}", o.stdout);
+    let o = joeyctl(ls(), None).await?;
+    ensure!(o.stdout.trim().is_empty(), "left after prune: {}", o.stdout);
+    Ok(())
+}

@@ -326,6 +326,9 @@ pub async fn pull(r: &Reference, settings: &RegistrySettings) -> Result<PulledIm
             Err(e) => return Err(cache_err(&entry, e)),
         }
     }
+    if let Err(e) = super::store::add_ref(&entry, &shown) {
+        tracing::warn!("{}: record the reference: {e}", entry.display());
+    }
     // A reference by an index's digest finds the entry of the manifest it resolved to.
     if let Some(d) = r.digest.as_deref().filter(|d| *d != digest) {
         let _ = std::os::unix::fs::symlink(hex(&digest), images.join(hex(d)));

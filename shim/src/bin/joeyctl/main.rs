@@ -112,11 +112,24 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         iterations: usize,
     },
+    /// The image cache (`~/.cache/joey/images`, or under `$JOEY_CACHE`).
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
     /// Build a container rootfs.
     Rootfs {
         #[command(subcommand)]
         kind: RootfsKind,
     },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// List cached images, most recently used first.
+    Ls,
+    /// Remove every cached image no running container uses.
+    Prune,
 }
 
 #[derive(Subcommand)]
@@ -191,6 +204,8 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                 }
             }
             let mut pulled_image = None;
+            // Held while the container runs: the cache does not evict an image in use.
+            let mut _in_use = None;
             if let Some(r) = reference {
                 let r = joey_shim::image::reference::Reference::parse(&r)?;
                 let settings =
@@ -200,6 +215,13 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                 (cmd, env) = pulled.config.process(&cmd, &env);
                 cwd = cwd.or(pulled.config.working_dir.clone());
                 rootfs = Some(pulled.rootfs());
+                _in_use = Some(
+                    joey_shim::image::store::use_image(&pulled.dir)
+                        .with_context(|| format!("hold {}", pulled.dir.display()))?,
+                );
+                for gone in joey_shim::image::store::enforce_cap() {
+                    tracing::info!(digest = %gone.digest, bytes = gone.bytes, "evicted from the image cache");
+                }
                 pulled_image = Some(pulled);
             }
             anyhow::ensure!(
@@ -332,6 +354,31 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
         } => {
             let bins = Binaries::locate().map_err(anyhow::Error::msg)?;
             bench::ns::bench_ns(&bins, &bench::ns::BenchOptions { rootfs, iterations }).await?;
+            Ok(0)
+        }
+        Cmd::Image { cmd } => {
+            use joey_shim::image::store;
+            let show = |i: &store::CachedImage| {
+                let age = i.last_used.elapsed().unwrap_or_default().as_secs();
+                format!(
+                    "{}  {:>8} KiB  used {age}s ago  {}",
+                    i.digest,
+                    i.bytes / 1024,
+                    i.refs.join(" ")
+                )
+            };
+            match cmd {
+                ImageCmd::Ls => {
+                    for i in store::list() {
+                        println!("{}", show(&i));
+                    }
+                }
+                ImageCmd::Prune => {
+                    for i in store::prune() {
+                        println!("removed {}", show(&i));
+                    }
+                }
+            }
             Ok(0)
         }
         Cmd::Rootfs {
