@@ -38,6 +38,7 @@ fn main() {
         restart::agent_restart_reports_lost_containers,
         registry::run_by_tag_digest_and_offline,
         registry::image_cache_ls_cap_and_prune,
+        registry::concurrent_pulls_download_each_layer_once,
     ];
     // The vsock transport needs a host vsock device, which these machines lack: that
     // is a property of the machine, not of the tier, so it is skipped even in strict mode.

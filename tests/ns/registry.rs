@@ -99,6 +99,41 @@ pub async fn run_by_tag_digest_and_offline() -> anyhow::Result<()> {
         o.code,
         o.stderr
     );
+    // --pull missing takes a tag from the cache; --pull never refuses what it lacks.
+    let pull_args = |policy: &str, reference: &str| {
+        vec![
+            "run".to_string(),
+            "--ns".into(),
+            "--pull".into(),
+            policy.into(),
+            "--ref".into(),
+            reference.into(),
+            "--".into(),
+            "/bin/echo".into(),
+            "cached".into(),
+        ]
+    };
+    for (policy, reference, code) in [("missing", &by_tag, 0), ("never", &unknown, 125)] {
+        let args = pull_args(policy, reference);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = joey_tests::run_command_env(
+            &env().joeyctl,
+            &args,
+            &[("JOEY_CACHE", cache.path())],
+            b"",
+            Duration::from_secs(120),
+        )
+        .await?;
+        ensure!(
+            o.code == code
+                && (code != 0 || o.stdout == "cached\n")
+                && (code == 0 || o.stderr.contains("--pull never")),
+            "--pull {policy} {reference}: {} {:?} {}",
+            o.code,
+            o.stdout,
+            o.stderr
+        );
+    }
     // Nothing half-made was left in the cache.
     let leftovers: Vec<_> = std::fs::read_dir(cache.path().join("images"))?
         .flatten()
@@ -209,5 +244,54 @@ pub async fn image_cache_ls_cap_and_prune() -> anyhow::Result<()> {
     ensure!(o.stdout.contains(&b), "prune: {}", o.stdout);
     let o = joeyctl(ls(), None).await?;
     ensure!(o.stdout.trim().is_empty(), "left after prune: {}", o.stdout);
+    Ok(())
+}
+
+/// Two runs of one image pulling at once download its layer once: the second waits
+/// for the first pull and uses its cache entry.
+pub async fn concurrent_pulls_download_each_layer_once() -> anyhow::Result<()> {
+    let reg = TestRegistry::start().await?;
+    reg.push(
+        &env().rootfs,
+        "conc:1",
+        serde_json::json!({"Cmd": ["/bin/echo", "c"]}),
+    )
+    .await?;
+    let cache = tempfile::tempdir()?;
+    let reference = format!("{}/conc:1", reg.addr);
+    let one = || {
+        let (cache, reference) = (cache.path().to_path_buf(), reference.clone());
+        async move {
+            joey_tests::run_command_env(
+                &env().joeyctl,
+                &["run", "--ns", "--ref", &reference],
+                &[("JOEY_CACHE", cache.as_path())],
+                b"",
+                Duration::from_secs(120),
+            )
+            .await
+        }
+    };
+    let (x, y) = tokio::join!(one(), one());
+    for o in [x?, y?] {
+        ensure!(
+            o.code == 0 && o.stdout == "c\n",
+            "{} {:?} {}",
+            o.code,
+            o.stdout,
+            o.stderr
+        );
+    }
+    // Each pull fetches the manifest and the config blob; only one fetches the layer.
+    let blob_gets = reg
+        .log()
+        .lines()
+        .filter(|l| l.contains("\"GET /v2/conc/blobs/sha256:") && l.contains("\" 200 "))
+        .count();
+    ensure!(
+        blob_gets == 3,
+        "{blob_gets} blob downloads (2 configs + 1 layer expected):\n{}",
+        reg.log()
+    );
     Ok(())
 }

@@ -69,7 +69,8 @@ impl TestRegistry {
         Ok(reg)
     }
 
-    fn log(&self) -> String {
+    /// What the registry logged (its access log included).
+    pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
     }
 

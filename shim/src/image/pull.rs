@@ -205,15 +205,88 @@ impl Drop for Scratch {
     }
 }
 
-/// Pulls `r` (or finds it in the cache, for a reference by digest).
-pub async fn pull(r: &Reference, settings: &RegistrySettings) -> Result<PulledImage, PullError> {
+/// Takes an exclusive `flock` on `path` (created if missing), waiting for it; held
+/// until the file is dropped.
+fn exclusive_lock(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    loop {
+        // SAFETY: flock on an fd this function owns.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            return Ok(f);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// When to ask the registry (`--pull`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PullPolicy {
+    /// Resolve a tag every time; a digest the cache has needs no registry.
+    #[default]
+    Default,
+    /// Only when the cache has nothing for the reference.
+    Missing,
+    /// Every time, also for a digest.
+    Always,
+    /// Never: the cache has it or the run fails.
+    Never,
+}
+
+impl std::str::FromStr for PullPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "missing" => Ok(PullPolicy::Missing),
+            "always" => Ok(PullPolicy::Always),
+            "never" => Ok(PullPolicy::Never),
+            other => Err(format!(
+                "--pull {other:?}: expected never, missing or always"
+            )),
+        }
+    }
+}
+
+/// The cache entry for `r` without asking the registry, if there is one.
+fn cached(r: &Reference) -> Option<PathBuf> {
+    match &r.digest {
+        Some(d) => Some(images_dir().join(hex(d))).filter(|e| e.join("digest").exists()),
+        None => super::store::find_by_ref(&r.to_string()),
+    }
+}
+
+/// Pulls `r`, or finds it in the cache as `policy` allows.
+pub async fn pull(
+    r: &Reference,
+    settings: &RegistrySettings,
+    policy: PullPolicy,
+) -> Result<PulledImage, PullError> {
     let shown = r.to_string();
     let images = images_dir();
-    if let Some(d) = &r.digest {
-        let cached = images.join(hex(d));
-        if cached.join("digest").exists() {
-            return PulledImage::load(cached, &shown);
-        }
+    let from_cache = match policy {
+        PullPolicy::Always => None,
+        PullPolicy::Default if r.digest.is_none() => None,
+        _ => cached(r),
+    };
+    if let Some(entry) = from_cache {
+        return PulledImage::load(entry, &shown);
+    }
+    if policy == PullPolicy::Never {
+        return Err(PullError::Cache {
+            reference: shown,
+            path: images,
+            source: io::Error::new(
+                io::ErrorKind::NotFound,
+                "not in the image cache, and --pull never forbids pulling it",
+            ),
+        });
     }
     let cache_err = |path: &Path, source| PullError::Cache {
         reference: shown.clone(),
@@ -260,6 +333,18 @@ pub async fn pull(r: &Reference, settings: &RegistrySettings) -> Result<PulledIm
         ));
     }
     let entry = images.join(hex(&digest));
+    std::fs::create_dir_all(&images).map_err(|e| cache_err(&images, e))?;
+    // One pull of an image at a time on this host: a second waits for the first and
+    // then finds its entry, so each layer is downloaded once.
+    let lock_path = images.join(format!(".{}.pulling", hex(&digest)));
+    let _pulling = {
+        let path = lock_path.clone();
+        tokio::task::spawn_blocking(move || exclusive_lock(&path))
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))
+            .and_then(|r| r)
+            .map_err(|e| cache_err(&lock_path, e))?
+    };
     if !entry.join("digest").exists() {
         let scratch = images.join(format!(".pull-{}-{}", hex(&digest), std::process::id()));
         let _ = std::fs::remove_dir_all(&scratch);

@@ -70,6 +70,25 @@ pub fn add_ref(entry: &Path, reference: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The cached image last pulled by `reference`, if any.
+pub fn find_by_ref(reference: &str) -> Option<PathBuf> {
+    std::fs::read_dir(images_dir())
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .filter(|dir| {
+            std::fs::read_to_string(dir.join("refs"))
+                .is_ok_and(|refs| refs.lines().any(|l| l == reference))
+        })
+        .max_by_key(|dir| {
+            std::fs::read_to_string(dir.join("last-used"))
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+}
+
 fn du(p: &Path) -> u64 {
     match p.symlink_metadata() {
         Ok(m) if m.is_dir() => std::fs::read_dir(p)

@@ -51,6 +51,11 @@ enum Cmd {
         /// `JOEY_INSECURE_REGISTRIES`; loopback always is).
         #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
         insecure_registry: Vec<String>,
+        /// With --ref: when to ask the registry: `missing` (only if the cache has
+        /// nothing for REF), `always`, or `never` (default: a tag is resolved every
+        /// time, a digest the cache has is not).
+        #[arg(long, value_name = "WHEN", requires = "reference")]
+        pull: Option<joey_shim::image::pull::PullPolicy>,
         /// For a microVM: an EROFS image of the container's rootfs.
         #[arg(long, conflicts_with = "ns")]
         image: Option<PathBuf>,
@@ -188,6 +193,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
             mut rootfs,
             reference,
             insecure_registry,
+            pull,
             image,
             kernel,
             guest_image,
@@ -210,7 +216,8 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                 let r = joey_shim::image::reference::Reference::parse(&r)?;
                 let settings =
                     joey_shim::image::pull::RegistrySettings::from_env(&insecure_registry);
-                let pulled = joey_shim::image::pull::pull(&r, &settings).await?;
+                let pulled =
+                    joey_shim::image::pull::pull(&r, &settings, pull.unwrap_or_default()).await?;
                 tracing::info!(image = %r, digest = %pulled.digest, "image ready");
                 (cmd, env) = pulled.config.process(&cmd, &env);
                 cwd = cwd.or(pulled.config.working_dir.clone());
