@@ -10,6 +10,8 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use futures::StreamExt;
 use oci_client::client::{linux_amd64_resolver, ClientConfig, ClientProtocol};
@@ -205,6 +207,18 @@ impl Drop for Scratch {
     }
 }
 
+/// One progress line: bytes downloaded of the total, in MiB, and the layer count.
+fn progress_line(done: u64, total: u64, layers: usize) -> String {
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let pct = done.saturating_mul(100).checked_div(total).unwrap_or(100);
+    format!(
+        "{:.1} of {:.1} MiB ({pct}%), {layers} layer{}",
+        mib(done),
+        mib(total),
+        if layers == 1 { "" } else { "s" }
+    )
+}
+
 /// Takes an exclusive `flock` on `path` (created if missing), waiting for it; held
 /// until the file is dropped.
 fn exclusive_lock(path: &Path) -> io::Result<std::fs::File> {
@@ -354,7 +368,25 @@ pub async fn pull(
         for d in [&rootfs, &layers_dir] {
             std::fs::create_dir_all(d).map_err(|e| cache_err(d, e))?;
         }
-        // Download every layer at once, each to its own file.
+        // Download every layer at once, each to its own file; show progress once the
+        // pull has taken a second.
+        let total: u64 = manifest.layers.iter().map(|l| l.size.max(0) as u64).sum();
+        let downloaded = AtomicU64::new(0);
+        let progress = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            loop {
+                eprintln!(
+                    "joeyctl: pulling {shown}: {}",
+                    progress_line(
+                        downloaded.load(Ordering::Relaxed),
+                        total,
+                        manifest.layers.len()
+                    )
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        };
+        let downloaded = &downloaded;
         let downloads = manifest.layers.iter().enumerate().map(|(i, layer)| {
             let (client, oref, path) = (&client, &oref, layers_dir.join(i.to_string()));
             let dl_err = |source| PullError::Download {
@@ -369,13 +401,18 @@ pub async fn pull(
                     .map_err(|e| dl_err(io::Error::other(e.to_string())))?;
                 let mut f = tokio::fs::File::create(&path).await.map_err(dl_err)?;
                 while let Some(chunk) = blob.stream.next().await {
-                    f.write_all(&chunk.map_err(dl_err)?).await.map_err(dl_err)?;
+                    let chunk = chunk.map_err(dl_err)?;
+                    downloaded.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    f.write_all(&chunk).await.map_err(dl_err)?;
                 }
                 f.flush().await.map_err(dl_err)?;
                 Ok::<_, PullError>(path)
             }
         });
-        let files = futures::future::try_join_all(downloads).await?;
+        let files = tokio::select! {
+            files = futures::future::try_join_all(downloads) => files?,
+            () = progress => unreachable!("progress reports until the downloads end"),
+        };
         // Apply them in order, each checked against its digest.
         for (layer, file) in manifest.layers.iter().zip(files) {
             let layer_err = |source| PullError::Layer {
@@ -424,6 +461,15 @@ pub async fn pull(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_lines_say_how_far_the_pull_is() {
+        assert_eq!(
+            progress_line(3 << 20, 12 << 20, 2),
+            "3.0 of 12.0 MiB (25%), 2 layers"
+        );
+        assert_eq!(progress_line(0, 0, 1), "0.0 of 0.0 MiB (100%), 1 layer");
+    }
 
     #[test]
     fn loopback_and_listed_registries_use_plain_http() {
