@@ -39,6 +39,7 @@ fn main() {
         registry::run_by_tag_digest_and_offline,
         registry::image_cache_ls_cap_and_prune,
         registry::concurrent_pulls_download_each_layer_once,
+        registry::a_corrupt_layer_is_refused,
     ];
     // The vsock transport needs a host vsock device, which these machines lack: that
     // is a property of the machine, not of the tier, so it is skipped even in strict mode.

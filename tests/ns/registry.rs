@@ -295,3 +295,53 @@ pub async fn concurrent_pulls_download_each_layer_once() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A layer the registry serves corrupted is refused, naming the image and the layer,
+/// and nothing of it is left in the cache.
+pub async fn a_corrupt_layer_is_refused() -> anyhow::Result<()> {
+    let reg = TestRegistry::start().await?;
+    let digest = reg
+        .push(
+            &env().rootfs,
+            "bad:1",
+            serde_json::json!({"Cmd": ["/bin/true"]}),
+        )
+        .await?;
+    // The manifest names the layer: flip bytes in the middle of the stored blob.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(reg.blob_file(&digest))?)?;
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("no layer in {manifest}"))?
+        .to_string();
+    let file = reg.blob_file(&layer);
+    let mut bytes = std::fs::read(&file)?;
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 16] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&file, bytes)?;
+    let cache = tempfile::tempdir()?;
+    let reference = format!("{}/bad:1", reg.addr);
+    let o = joey_tests::run_command_env(
+        &env().joeyctl,
+        &["run", "--ns", "--ref", &reference],
+        &[("JOEY_CACHE", cache.path())],
+        b"",
+        Duration::from_secs(120),
+    )
+    .await?;
+    ensure!(
+        o.code == 125 && o.stderr.contains(&reference) && o.stderr.contains(&layer),
+        "a corrupt layer: {} {}",
+        o.code,
+        o.stderr
+    );
+    let left: Vec<_> = std::fs::read_dir(cache.path().join("images"))?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name())
+        .collect();
+    ensure!(left.is_empty(), "left in the cache: {left:?}");
+    Ok(())
+}

@@ -74,6 +74,17 @@ impl TestRegistry {
         std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
     }
 
+    /// The file the registry serves blob `digest` (`sha256:…`) from.
+    pub fn blob_file(&self, digest: &str) -> std::path::PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.dir
+            .path()
+            .join("storage/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
     /// Stops the registry (later pulls find nothing listening).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
