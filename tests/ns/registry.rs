@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::ensure;
-use joey_tests::registry::TestRegistry;
+use joey_tests::registry::{ImageCache, TestRegistry};
 
 use crate::common::env;
 
@@ -19,23 +19,16 @@ pub async fn run_by_tag_digest_and_offline() -> anyhow::Result<()> {
         "WorkingDir": "/tmp",
     });
     let digest = reg.push(&env().rootfs, "busybox:1", config).await?;
-    let cache = tempfile::tempdir()?;
+    let cache = ImageCache::new()?;
     let run = |reference: String, cmd: &'static [&'static str]| {
-        let cache = cache.path().to_path_buf();
+        let cache = &cache;
         async move {
             let mut args = vec!["run", "--ns", "--ref", reference.as_str()];
             if !cmd.is_empty() {
                 args.push("--");
                 args.extend_from_slice(cmd);
             }
-            joey_tests::run_command_env(
-                &env().joeyctl,
-                &args,
-                &[("JOEY_CACHE", cache.as_path())],
-                b"",
-                Duration::from_secs(120),
-            )
-            .await
+            cache.joeyctl(&env().joeyctl, &args, &[]).await
         }
     };
     let by_tag = format!("{}/busybox:1", reg.addr);
@@ -64,10 +57,7 @@ pub async fn run_by_tag_digest_and_offline() -> anyhow::Result<()> {
         o.stdout,
         o.stderr
     );
-    let entry = cache
-        .path()
-        .join("images")
-        .join(digest.trim_start_matches("sha256:"));
+    let entry = cache.entry(&digest);
     ensure!(
         entry.join("rootfs/bin/sh").exists(),
         "no cache entry at {}",
@@ -116,14 +106,7 @@ pub async fn run_by_tag_digest_and_offline() -> anyhow::Result<()> {
     for (policy, reference, code) in [("missing", &by_tag, 0), ("never", &unknown, 125)] {
         let args = pull_args(policy, reference);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let o = joey_tests::run_command_env(
-            &env().joeyctl,
-            &args,
-            &[("JOEY_CACHE", cache.path())],
-            b"",
-            Duration::from_secs(120),
-        )
-        .await?;
+        let o = cache.joeyctl(&env().joeyctl, &args, &[]).await?;
         ensure!(
             o.code == code
                 && (code != 0 || o.stdout == "cached\n")
@@ -168,17 +151,16 @@ pub async fn image_cache_ls_cap_and_prune() -> anyhow::Result<()> {
         )
         .await?;
     ensure!(a != b, "the two test images have one digest");
-    let cache = tempfile::tempdir()?;
+    let cache = ImageCache::new()?;
     let joeyctl = |args: Vec<String>, cap: Option<&'static str>| {
-        let cache = cache.path().to_path_buf();
+        let cache = &cache;
         async move {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let mut envs: Vec<(&str, &Path)> = vec![("JOEY_CACHE", cache.as_path())];
-            if let Some(c) = cap {
-                envs.push(("JOEY_IMAGE_CACHE_MAX", Path::new(c)));
-            }
-            joey_tests::run_command_env(&env().joeyctl, &args, &envs, b"", Duration::from_secs(120))
-                .await
+            let extra: Vec<(&str, &Path)> = cap
+                .map(|c| ("JOEY_IMAGE_CACHE_MAX", Path::new(c)))
+                .into_iter()
+                .collect();
+            cache.joeyctl(&env().joeyctl, &args, &extra).await
         }
     };
     let run = |tag: &str| {
@@ -257,21 +239,10 @@ pub async fn concurrent_pulls_download_each_layer_once() -> anyhow::Result<()> {
         serde_json::json!({"Cmd": ["/bin/echo", "c"]}),
     )
     .await?;
-    let cache = tempfile::tempdir()?;
+    let cache = ImageCache::new()?;
     let reference = format!("{}/conc:1", reg.addr);
-    let one = || {
-        let (cache, reference) = (cache.path().to_path_buf(), reference.clone());
-        async move {
-            joey_tests::run_command_env(
-                &env().joeyctl,
-                &["run", "--ns", "--ref", &reference],
-                &[("JOEY_CACHE", cache.as_path())],
-                b"",
-                Duration::from_secs(120),
-            )
-            .await
-        }
-    };
+    let args = ["run", "--ns", "--ref", reference.as_str()];
+    let one = || cache.joeyctl(&env().joeyctl, &args, &[]);
     let (x, y) = tokio::join!(one(), one());
     for o in [x?, y?] {
         ensure!(
@@ -321,16 +292,11 @@ pub async fn a_corrupt_layer_is_refused() -> anyhow::Result<()> {
         *b ^= 0xff;
     }
     std::fs::write(&file, bytes)?;
-    let cache = tempfile::tempdir()?;
+    let cache = ImageCache::new()?;
     let reference = format!("{}/bad:1", reg.addr);
-    let o = joey_tests::run_command_env(
-        &env().joeyctl,
-        &["run", "--ns", "--ref", &reference],
-        &[("JOEY_CACHE", cache.path())],
-        b"",
-        Duration::from_secs(120),
-    )
-    .await?;
+    let o = cache
+        .joeyctl(&env().joeyctl, &["run", "--ns", "--ref", &reference], &[])
+        .await?;
     ensure!(
         o.code == 125 && o.stderr.contains(&reference) && o.stderr.contains(&layer),
         "a corrupt layer: {} {}",

@@ -3,13 +3,13 @@
 //! images pushed to it with `skopeo` from OCI layouts the test writes.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use sha2::{Digest, Sha256};
 
-use crate::wait_until;
+use crate::{run_command_env, wait_until, Output};
 
 pub struct TestRegistry {
     /// `127.0.0.1:<port>`.
@@ -174,4 +174,40 @@ fn write_layout(rootfs: &Path, layout: &Path, config: serde_json::Value) -> anyh
         br#"{"imageLayoutVersion":"1.0.0"}"#,
     )?;
     Ok(man)
+}
+
+/// An image cache of one test's own (`JOEY_CACHE` for the joeyctl runs it makes).
+pub struct ImageCache {
+    dir: tempfile::TempDir,
+}
+
+impl ImageCache {
+    pub fn new() -> anyhow::Result<Self> {
+        Ok(ImageCache {
+            dir: tempfile::tempdir()?,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The cache entry of the image whose manifest digest is `digest`.
+    pub fn entry(&self, digest: &str) -> PathBuf {
+        self.path()
+            .join("images")
+            .join(digest.trim_start_matches("sha256:"))
+    }
+
+    /// Runs `joeyctl ARGS` with this cache and the `extra` environment, with a deadline.
+    pub async fn joeyctl(
+        &self,
+        joeyctl: &Path,
+        args: &[&str],
+        extra: &[(&str, &Path)],
+    ) -> anyhow::Result<Output> {
+        let mut env = vec![("JOEY_CACHE", self.path())];
+        env.extend_from_slice(extra);
+        run_command_env(joeyctl, args, &env, b"", Duration::from_secs(120)).await
+    }
 }

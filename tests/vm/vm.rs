@@ -332,7 +332,7 @@ pub async fn run_by_reference() -> anyhow::Result<()> {
     let reg = joey_tests::registry::TestRegistry::start().await?;
     let config = serde_json::json!({"Cmd": ["/bin/echo", "vm-from-config"], "Env": ["PATH=/bin"]});
     let digest = reg.push(&env().rootfs, "busybox:vm", config).await?;
-    let cache = tempfile::tempdir()?;
+    let cache = joey_tests::registry::ImageCache::new()?;
     for (reference, cmd, want) in [
         (format!("{}/busybox:vm", reg.addr), None, "vm-from-config\n"),
         (
@@ -345,14 +345,7 @@ pub async fn run_by_reference() -> anyhow::Result<()> {
         if let Some(word) = cmd {
             args.extend(["--", "/bin/echo", word]);
         }
-        let o = joey_tests::run_command_env(
-            &env().joeyctl,
-            &args,
-            &[("JOEY_CACHE", cache.path())],
-            b"",
-            Duration::from_secs(120),
-        )
-        .await?;
+        let o = cache.joeyctl(&env().joeyctl, &args, &[]).await?;
         ensure!(
             o.code == 0 && o.stdout == want,
             "{reference}: {} {:?} {}",
@@ -362,10 +355,7 @@ pub async fn run_by_reference() -> anyhow::Result<()> {
         );
     }
     // The image's EROFS image was made once, into its cache entry.
-    let entry = cache
-        .path()
-        .join("images")
-        .join(digest.trim_start_matches("sha256:"));
+    let entry = cache.entry(&digest);
     ensure!(
         entry.join("rootfs.erofs").is_file(),
         "no EROFS image in {}",
