@@ -13,5 +13,6 @@ pub mod rootfs;
 pub mod spawner;
 pub mod spec;
 pub mod streams;
+pub mod user;
 pub mod vm;
 pub mod watch;

@@ -61,6 +61,7 @@ pub struct ProcessSpec {
     pub env: Vec<String>,
     pub cwd: String,
     pub terminal: bool,
+    pub user: crate::user::User,
 }
 
 pub fn process(p: &ProcessSpec) -> oci::Process {
@@ -81,7 +82,11 @@ pub fn process(p: &ProcessSpec) -> oci::Process {
         p.cwd.clone()
     };
     proc_.Terminal = p.terminal;
-    proc_.User = Some(oci::User::new()).into();
+    let mut user = oci::User::new();
+    user.UID = p.user.uid;
+    user.GID = p.user.gid;
+    user.AdditionalGids = p.user.additional_gids.clone();
+    proc_.User = Some(user).into();
     let caps: Vec<String> = DEFAULT_CAPS.iter().map(|s| s.to_string()).collect();
     let mut c = oci::LinuxCapabilities::new();
     c.Bounding = caps.clone();

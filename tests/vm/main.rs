@@ -61,7 +61,7 @@ fn detect() -> Result<(), String> {
     }
     let image = bin_dir().join("test-rootfs-busybox.erofs");
     let _ = std::fs::remove_file(&image);
-    joey_shim::vm::image::make_erofs(&rootfs, &image)
+    joey_shim::vm::image::make_erofs(&rootfs, &image, joey_shim::vm::image::Compression::None)
         .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
     eprintln!(
         "vm tier: backend {}, kernel {}",

@@ -14,50 +14,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use oci_client::client::{linux_amd64_resolver, ClientConfig, ClientProtocol};
-use oci_client::secrets::RegistryAuth;
-use oci_client::Client;
+use std::time::Instant;
+
+use oci_client::errors::OciDistributionError;
 use tokio::io::AsyncWriteExt;
 use tracing::info;
 
+use super::digest::{Digest, Verifier};
 use super::reference::Reference;
+use super::registry::RegistrySettings;
 use super::unpack::{apply_layer, Compression, UnpackError};
 use crate::cache::cache_dir;
-
-/// The registries joey may reach over plain http: loopback always, and those named
-/// in `JOEY_INSECURE_REGISTRIES` (comma-separated `host:port`) or `--insecure-registry`.
-/// One value for every fetcher (the lazy image service will take the same).
-#[derive(Debug, Clone, Default)]
-pub struct RegistrySettings {
-    pub insecure: Vec<String>,
-}
-
-pub const INSECURE_ENV: &str = "JOEY_INSECURE_REGISTRIES";
-
-impl RegistrySettings {
-    /// The settings from the environment plus `extra` insecure registries.
-    pub fn from_env(extra: &[String]) -> Self {
-        let mut insecure: Vec<String> = std::env::var(INSECURE_ENV)
-            .unwrap_or_default()
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .collect();
-        insecure.extend(extra.iter().cloned());
-        RegistrySettings { insecure }
-    }
-
-    /// Whether `registry` (`host[:port]`) is reached over plain http.
-    pub fn plain_http(&self, registry: &str) -> bool {
-        let host = match registry.strip_prefix('[') {
-            Some(v6) => v6.split(']').next().unwrap_or(v6),
-            None => registry.split(':').next().unwrap_or(registry),
-        };
-        matches!(host, "localhost" | "127.0.0.1" | "::1")
-            || self.insecure.iter().any(|r| r == registry)
-    }
-}
 
 /// The defaults an image's config gives a container.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -66,6 +33,8 @@ pub struct ImageConfig {
     pub cmd: Vec<String>,
     pub env: Vec<String>,
     pub working_dir: Option<String>,
+    /// `user`, `user:group`, `uid` or `uid:gid`.
+    pub user: Option<String>,
 }
 
 impl ImageConfig {
@@ -86,6 +55,10 @@ impl ImageConfig {
             cmd: list("Cmd"),
             env: list("Env"),
             working_dir: c["WorkingDir"]
+                .as_str()
+                .filter(|s| !s.is_empty())
+                .map(str::to_string),
+            user: c["User"]
                 .as_str()
                 .filter(|s| !s.is_empty())
                 .map(str::to_string),
@@ -155,6 +128,7 @@ pub struct PulledImage {
     pub digest: String,
     pub dir: PathBuf,
     pub config: ImageConfig,
+    pub report: PullReport,
 }
 
 impl PulledImage {
@@ -162,7 +136,7 @@ impl PulledImage {
         self.dir.join("rootfs")
     }
 
-    fn load(dir: PathBuf, reference: &str) -> Result<Self, PullError> {
+    fn load(dir: PathBuf, reference: &str, report: PullReport) -> Result<Self, PullError> {
         let cache_err = |path: &Path, source| PullError::Cache {
             reference: reference.to_string(),
             path: path.to_path_buf(),
@@ -183,6 +157,7 @@ impl PulledImage {
             digest,
             dir,
             config,
+            report,
         })
     }
 }
@@ -190,10 +165,6 @@ impl PulledImage {
 /// Where pulled images live.
 pub fn images_dir() -> PathBuf {
     cache_dir().join("images")
-}
-
-fn hex(digest: &str) -> &str {
-    digest.strip_prefix("sha256:").unwrap_or(digest)
 }
 
 /// Removes a half-made cache entry unless it was kept.
@@ -271,9 +242,27 @@ impl std::str::FromStr for PullPolicy {
 /// The cache entry for `r` without asking the registry, if there is one.
 fn cached(r: &Reference) -> Option<PathBuf> {
     match &r.digest {
-        Some(d) => Some(images_dir().join(hex(d))).filter(|e| e.join("digest").exists()),
+        Some(d) => Some(images_dir().join(d.hex())).filter(|e| e.join("digest").exists()),
         None => super::store::find_by_ref(&r.to_string()),
     }
+}
+
+/// Where a pull's time went (zero for an image found in the cache).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PullReport {
+    /// Fetching the manifest (a list resolved to linux/amd64) and the config.
+    pub resolve: Duration,
+    /// From the first layer request to the last layer's last byte, all concurrent.
+    pub download: Duration,
+    /// Hashing the layers as they arrived (part of `download`, summed over layers).
+    pub verify: Duration,
+    /// Applying the layers in order.
+    pub unpack: Duration,
+    /// Compressed layer bytes downloaded.
+    pub bytes: u64,
+    pub layers: usize,
+    /// Whether the image came from the cache without a download.
+    pub cached: bool,
 }
 
 /// Pulls `r`, or finds it in the cache as `policy` allows.
@@ -290,7 +279,7 @@ pub async fn pull(
         _ => cached(r),
     };
     if let Some(entry) = from_cache {
-        return PulledImage::load(entry, &shown);
+        return PulledImage::load(entry, &shown, cached_report());
     }
     if policy == PullPolicy::Never {
         return Err(PullError::Cache {
@@ -311,46 +300,45 @@ pub async fn pull(
         reference: shown.clone(),
         source,
     };
-    let plain = if settings.plain_http(&r.registry) {
-        vec![r.registry.clone()]
-    } else {
-        vec![]
-    };
-    // rustls runs with ring as its crypto provider (see Cargo.toml); install it once.
-    static PROVIDER: std::sync::Once = std::sync::Once::new();
-    PROVIDER.call_once(|| {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    });
-    let client = Client::new(ClientConfig {
-        protocol: ClientProtocol::HttpsExcept(plain),
-        platform_resolver: Some(Box::new(linux_amd64_resolver)),
-        ..Default::default()
-    });
-    let oref: oci_client::Reference = shown.parse().map_err(|e: oci_client::ParseError| {
-        registry_err(oci_client::errors::OciDistributionError::GenericError(
-            Some(e.to_string()),
-        ))
-    })?;
+    let generic = |why: String| registry_err(OciDistributionError::GenericError(Some(why)));
+    let auth = settings
+        .auth(&r.registry)
+        .map_err(|e| generic(e.to_string()))?;
+    let client = settings.client(&r.registry);
+    let oref: oci_client::Reference = shown
+        .parse()
+        .map_err(|e: oci_client::ParseError| generic(e.to_string()))?;
+    let mut report = PullReport::default();
+    let started = Instant::now();
     let (manifest, digest, config) = client
-        .pull_manifest_and_config(&oref, &RegistryAuth::Anonymous)
+        .pull_manifest_and_config(&oref, &auth)
         .await
         .map_err(registry_err)?;
+    report.resolve = started.elapsed();
     // The digest names a cache directory: only a well-formed one is used.
-    let well_formed = hex(&digest).len() == 64
-        && digest.starts_with("sha256:")
-        && hex(&digest).bytes().all(|b| b.is_ascii_hexdigit());
-    if !well_formed {
-        return Err(registry_err(
-            oci_client::errors::OciDistributionError::GenericError(Some(format!(
-                "the registry's manifest digest {digest:?} is not sha256:<64 hex digits>"
-            ))),
-        ));
-    }
-    let entry = images.join(hex(&digest));
+    let digest = Digest::parse(&digest)
+        .map_err(|e| generic(format!("the registry's manifest digest: {e}")))?;
+    // Every layer is one joey can unpack, named by a well-formed digest.
+    let layers = manifest
+        .layers
+        .iter()
+        .map(|layer| {
+            let layer_err = |source| PullError::Layer {
+                reference: shown.clone(),
+                digest: layer.digest.clone(),
+                source,
+            };
+            let compression = Compression::from_media_type(&layer.media_type).map_err(layer_err)?;
+            let d = Digest::parse(&layer.digest)
+                .map_err(|e| layer_err(UnpackError::Read(io::Error::other(e))))?;
+            Ok((layer, d, compression))
+        })
+        .collect::<Result<Vec<_>, PullError>>()?;
+    let entry = images.join(digest.hex());
     std::fs::create_dir_all(&images).map_err(|e| cache_err(&images, e))?;
     // One pull of an image at a time on this host: a second waits for the first and
     // then finds its entry, so each layer is downloaded once.
-    let lock_path = images.join(format!(".{}.pulling", hex(&digest)));
+    let lock_path = images.join(format!(".{}.pulling", digest.hex()));
     let _pulling = {
         let path = lock_path.clone();
         tokio::task::spawn_blocking(move || exclusive_lock(&path))
@@ -359,8 +347,10 @@ pub async fn pull(
             .and_then(|r| r)
             .map_err(|e| cache_err(&lock_path, e))?
     };
-    if !entry.join("digest").exists() {
-        let scratch = images.join(format!(".pull-{}-{}", hex(&digest), std::process::id()));
+    if entry.join("digest").exists() {
+        report.cached = true;
+    } else {
+        let scratch = images.join(format!(".pull-{}-{}", digest.hex(), std::process::id()));
         let _ = std::fs::remove_dir_all(&scratch);
         let mut guard = Scratch(Some(scratch.clone()));
         let rootfs = scratch.join("rootfs");
@@ -368,10 +358,11 @@ pub async fn pull(
         for d in [&rootfs, &layers_dir] {
             std::fs::create_dir_all(d).map_err(|e| cache_err(d, e))?;
         }
-        // Download every layer at once, each to its own file; show progress once the
-        // pull has taken a second.
+        // Download every layer at once, each to its own file, each checked against its
+        // digest as it streams; show progress once the pull has taken a second.
         let total: u64 = manifest.layers.iter().map(|l| l.size.max(0) as u64).sum();
         let downloaded = AtomicU64::new(0);
+        let hashing_ns = AtomicU64::new(0);
         let progress = async {
             tokio::time::sleep(Duration::from_secs(1)).await;
             loop {
@@ -386,8 +377,8 @@ pub async fn pull(
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         };
-        let downloaded = &downloaded;
-        let downloads = manifest.layers.iter().enumerate().map(|(i, layer)| {
+        let (downloaded, hashing_ns) = (&downloaded, &hashing_ns);
+        let downloads = layers.iter().enumerate().map(|(i, (layer, d, _))| {
             let (client, oref, path) = (&client, &oref, layers_dir.join(i.to_string()));
             let dl_err = |source| PullError::Download {
                 reference: shown.clone(),
@@ -396,48 +387,58 @@ pub async fn pull(
             };
             async move {
                 let mut blob = client
-                    .pull_blob_stream(oref, layer)
+                    .pull_blob_stream(oref, *layer)
                     .await
                     .map_err(|e| dl_err(io::Error::other(e.to_string())))?;
                 let mut f = tokio::fs::File::create(&path).await.map_err(dl_err)?;
+                let mut verifier = Verifier::new(d.clone());
                 while let Some(chunk) = blob.stream.next().await {
                     let chunk = chunk.map_err(dl_err)?;
                     downloaded.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    let t = Instant::now();
+                    verifier.update(&chunk);
+                    hashing_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
                     f.write_all(&chunk).await.map_err(dl_err)?;
                 }
                 f.flush().await.map_err(dl_err)?;
+                verifier
+                    .finish()
+                    .map_err(|e| dl_err(io::Error::new(io::ErrorKind::InvalidData, e)))?;
                 Ok::<_, PullError>(path)
             }
         });
+        let started = Instant::now();
         let files = tokio::select! {
             files = futures::future::try_join_all(downloads) => files?,
             () = progress => unreachable!("progress reports until the downloads end"),
         };
-        // Apply them in order, each checked against its digest.
-        for (layer, file) in manifest.layers.iter().zip(files) {
+        report.download = started.elapsed();
+        report.verify = Duration::from_nanos(hashing_ns.load(Ordering::Relaxed));
+        report.bytes = downloaded.load(Ordering::Relaxed);
+        report.layers = layers.len();
+        // Apply them in order.
+        let started = Instant::now();
+        for ((layer, _, compression), file) in layers.iter().zip(files) {
             let layer_err = |source| PullError::Layer {
                 reference: shown.clone(),
                 digest: layer.digest.clone(),
                 source,
             };
-            let compression = Compression::from_media_type(&layer.media_type).map_err(layer_err)?;
-            let (root, digest) = (rootfs.clone(), layer.digest.clone());
+            let (root, compression) = (rootfs.clone(), *compression);
             let applied = tokio::task::spawn_blocking(move || {
                 let f = std::fs::File::open(&file).map_err(UnpackError::Read)?;
-                let r = apply_layer(&root, io::BufReader::new(f), compression, &digest);
+                let r = apply_layer(&root, io::BufReader::new(f), compression);
                 let _ = std::fs::remove_file(&file);
                 r
             })
             .await
             .map_err(|e| layer_err(UnpackError::Read(io::Error::other(e.to_string()))))?;
             let stats = applied.map_err(layer_err)?;
-            info!(layer = %layer.digest, bytes = stats.bytes, entries = stats.entries, "layer applied");
+            info!(layer = %layer.digest, entries = stats.entries, whiteouts = stats.whiteouts, "layer applied");
         }
+        report.unpack = started.elapsed();
         let _ = std::fs::remove_dir(&layers_dir);
-        for (name, text) in [
-            ("config.json", config.as_str()),
-            ("digest", digest.as_str()),
-        ] {
+        for (name, text) in [("config.json", config.as_str()), ("digest", digest.as_str())] {
             let p = scratch.join(name);
             std::fs::write(&p, text).map_err(|e| cache_err(&p, e))?;
         }
@@ -448,14 +449,23 @@ pub async fn pull(
             Err(e) => return Err(cache_err(&entry, e)),
         }
     }
+    drop(_pulling);
+    let _ = std::fs::remove_file(&lock_path);
     if let Err(e) = super::store::add_ref(&entry, &shown) {
         tracing::warn!("{}: record the reference: {e}", entry.display());
     }
     // A reference by an index's digest finds the entry of the manifest it resolved to.
-    if let Some(d) = r.digest.as_deref().filter(|d| *d != digest) {
-        let _ = std::os::unix::fs::symlink(hex(&digest), images.join(hex(d)));
+    if let Some(d) = r.digest.as_ref().filter(|d| **d != digest) {
+        let _ = std::os::unix::fs::symlink(digest.hex(), images.join(d.hex()));
     }
-    PulledImage::load(entry, &shown)
+    PulledImage::load(entry, &shown, report)
+}
+
+fn cached_report() -> PullReport {
+    PullReport {
+        cached: true,
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]
@@ -472,31 +482,13 @@ mod tests {
     }
 
     #[test]
-    fn loopback_and_listed_registries_use_plain_http() {
-        let s = RegistrySettings {
-            insecure: vec!["reg.lan:5000".into()],
-        };
-        for yes in [
-            "127.0.0.1:5000",
-            "localhost",
-            "localhost:1",
-            "[::1]:5000",
-            "reg.lan:5000",
-        ] {
-            assert!(s.plain_http(yes), "{yes}");
-        }
-        for no in ["reg.lan", "ghcr.io", "docker.io", "127.0.0.2:5000"] {
-            assert!(!s.plain_http(no), "{no}");
-        }
-    }
-
-    #[test]
     fn the_image_config_supplies_what_the_command_line_leaves_out() {
         let c = ImageConfig::parse(
-            r#"{"config":{"Entrypoint":["/bin/tini","--"],"Cmd":["serve"],"Env":["PATH=/bin","A=1"],"WorkingDir":"/srv"}}"#,
+            r#"{"config":{"Entrypoint":["/bin/tini","--"],"Cmd":["serve"],"Env":["PATH=/bin","A=1"],"WorkingDir":"/srv","User":"app"}}"#,
         )
         .unwrap();
         assert_eq!(c.working_dir.as_deref(), Some("/srv"));
+        assert_eq!(c.user.as_deref(), Some("app"));
         let (argv, env) = c.process(&[], &["A=2".into()]);
         assert_eq!(argv, ["/bin/tini", "--", "serve"]);
         assert_eq!(env, ["PATH=/bin", "A=2"]);

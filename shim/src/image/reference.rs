@@ -5,6 +5,8 @@
 
 use std::fmt;
 
+use super::digest::Digest;
+
 pub const DEFAULT_REGISTRY: &str = "docker.io";
 pub const DEFAULT_TAG: &str = "latest";
 
@@ -15,8 +17,7 @@ pub struct Reference {
     /// `path/to/repo`, lower case.
     pub repository: String,
     pub tag: Option<String>,
-    /// `sha256:<64 hex>`.
-    pub digest: Option<String>,
+    pub digest: Option<Digest>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -39,14 +40,9 @@ impl Reference {
             Some((n, d)) => (n, Some(d)),
             None => (s, None),
         };
-        if let Some(d) = digest {
-            let hex = d
-                .strip_prefix("sha256:")
-                .ok_or_else(|| err("a digest must be sha256:<64 hex digits>"))?;
-            if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-                return Err(err("a digest must be sha256:<64 lower-case hex digits>"));
-            }
-        }
+        let digest = digest
+            .map(|d| Digest::parse(d).map_err(|e| err(&e.to_string())))
+            .transpose()?;
         // A tag follows the last ':' after the last '/' (a ':' before it is a port).
         let last_slash = name.rfind('/').map_or(0, |i| i + 1);
         let (name, tag) = match name[last_slash..].rfind(':') {
@@ -100,14 +96,15 @@ impl Reference {
             registry,
             repository,
             tag: tag.map(str::to_string),
-            digest: digest.map(str::to_string),
+            digest,
         })
     }
 
     /// What to ask the registry for: the digest if there is one, else the tag.
     pub fn object(&self) -> &str {
         self.digest
-            .as_deref()
+            .as_ref()
+            .map(Digest::as_str)
             .or(self.tag.as_deref())
             .unwrap_or(DEFAULT_TAG)
     }
@@ -144,7 +141,7 @@ mod tests {
             (r.registry.as_str(), r.repository.as_str()),
             ("localhost:5000", "a/b")
         );
-        assert_eq!((r.tag.as_deref(), r.digest.as_deref()), (None, Some(D)));
+        assert_eq!((r.tag.as_deref(), r.digest.as_ref().map(Digest::as_str)), (None, Some(D)));
         assert_eq!(r.object(), D);
         let r = Reference::parse("busybox").unwrap();
         assert_eq!(r.to_string(), "docker.io/library/busybox");

@@ -3,10 +3,9 @@
 //! layers below it; `.wh.<name>` deletes `<name>` from the layers below, and
 //! `.wh..wh..opq` empties its directory of what the layers below put there.
 //!
-//! The layer's bytes are hashed as they stream in, and a layer whose digest is not the
-//! one the manifest named is an error: its entries may already be on disk, so the
-//! caller unpacks into a directory of its own and keeps it only if every layer passed.
-//! No entry can reach outside the root: `..` is refused, and symbolic links met on the
+//! An entry's mode, owner, modification time and extended attributes are kept. A
+//! layer that fails part-way may have left entries on disk, so the caller unpacks
+//! into a directory of its own and keeps it only if every layer applied. No entry can reach outside the root: `..` is refused, and symbolic links met on the
 //! way to an entry are followed inside the root, as if the root were `/`.
 
 use std::collections::HashSet;
@@ -14,8 +13,6 @@ use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-
-use sha2::{Digest, Sha256};
 
 /// How deep symbolic links may nest on the way to an entry (as Linux's `MAXSYMLINKS`).
 const MAX_LINK_HOPS: usize = 40;
@@ -45,10 +42,6 @@ impl Compression {
 pub enum UnpackError {
     #[error("layer media type {0:?} is not a tar layer joey can unpack")]
     MediaType(String),
-    #[error("digest {0:?} is not sha256:<64 hex digits>")]
-    BadDigest(String),
-    #[error("layer {expected}: its bytes hash to {actual}")]
-    DigestMismatch { expected: String, actual: String },
     #[error("layer entry {0:?} reaches outside the image root")]
     Escapes(String),
     #[error("layer entry {path:?}: {source}")]
@@ -64,66 +57,24 @@ pub enum UnpackError {
 /// What a layer did, for logs and progress.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct LayerStats {
-    /// Compressed bytes read (what the digest covers).
-    pub bytes: u64,
     pub entries: u64,
     pub whiteouts: u64,
 }
 
-/// Hashes what passes through.
-struct Hashing<R> {
-    inner: R,
-    hash: Sha256,
-    bytes: u64,
-}
-
-impl<R: Read> Read for Hashing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hash.update(&buf[..n]);
-        self.bytes += n as u64;
-        Ok(n)
-    }
-}
-
-/// Applies one layer, read from `layer`, to `root`, and checks that its bytes hash to
-/// `digest` (`sha256:…`).
+/// Applies one layer, read from `layer` (its digest already checked), to `root`.
 pub fn apply_layer(
     root: &Path,
     layer: impl Read,
     compression: Compression,
-    digest: &str,
 ) -> Result<LayerStats, UnpackError> {
-    let expected = digest
-        .strip_prefix("sha256:")
-        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-        .ok_or_else(|| UnpackError::BadDigest(digest.to_string()))?;
-    let mut hashing = Hashing {
-        inner: layer,
-        hash: Sha256::new(),
-        bytes: 0,
+    let decompressed: Box<dyn Read + '_> = match compression {
+        Compression::None => Box::new(layer),
+        Compression::Gzip => Box::new(flate2::read::GzDecoder::new(layer)),
+        Compression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::new(layer).map_err(UnpackError::Read)?)
+        }
     };
-    let mut stats = {
-        let decompressed: Box<dyn Read + '_> = match compression {
-            Compression::None => Box::new(&mut hashing),
-            Compression::Gzip => Box::new(flate2::read::GzDecoder::new(&mut hashing)),
-            Compression::Zstd => {
-                Box::new(zstd::stream::read::Decoder::new(&mut hashing).map_err(UnpackError::Read)?)
-            }
-        };
-        apply_tar(root, decompressed)?
-    };
-    // The digest covers every byte, also any after the tar's end.
-    io::copy(&mut hashing, &mut io::sink()).map_err(UnpackError::Read)?;
-    let actual = format!("{:x}", hashing.hash.finalize());
-    if !actual.eq_ignore_ascii_case(expected) {
-        return Err(UnpackError::DigestMismatch {
-            expected: digest.to_string(),
-            actual: format!("sha256:{actual}"),
-        });
-    }
-    stats.bytes = hashing.bytes;
-    Ok(stats)
+    apply_tar(root, decompressed)
 }
 
 fn apply_tar(root: &Path, input: impl Read) -> Result<LayerStats, UnpackError> {
@@ -132,6 +83,7 @@ fn apply_tar(root: &Path, input: impl Read) -> Result<LayerStats, UnpackError> {
     // What this layer made: a whiteout or an opaque directory only removes what the
     // layers below made.
     let mut made: HashSet<PathBuf> = HashSet::new();
+    let mut dir_times: Vec<(PathBuf, u64)> = Vec::new();
     let entries = archive.entries().map_err(UnpackError::Read)?;
     for entry in entries {
         let mut entry = entry.map_err(UnpackError::Read)?;
@@ -172,12 +124,10 @@ fn apply_tar(root: &Path, input: impl Read) -> Result<LayerStats, UnpackError> {
                 if !target.is_dir() {
                     fs::create_dir(&target).map_err(e)?;
                 }
-                fs::set_permissions(&target, fs::Permissions::from_mode(mode)).map_err(e)?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let mut f = fs::File::create(&target).map_err(e)?;
                 io::copy(&mut entry, &mut f).map_err(e)?;
-                fs::set_permissions(&target, fs::Permissions::from_mode(mode)).map_err(e)?;
             }
             tar::EntryType::Symlink => {
                 let link = entry
@@ -198,6 +148,10 @@ fn apply_tar(root: &Path, input: impl Read) -> Result<LayerStats, UnpackError> {
                     .map_err(e)?
                     .join(link_rel.file_name().unwrap_or_default());
                 fs::hard_link(&source, &target).map_err(e)?;
+                // A hard link shares its target's inode and metadata.
+                made.insert(target);
+                stats.entries += 1;
+                continue;
             }
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
                 make_node(&entry, &target, mode).map_err(e)?;
@@ -206,9 +160,20 @@ fn apply_tar(root: &Path, input: impl Read) -> Result<LayerStats, UnpackError> {
             // else (sockets, old GNU types) has no place in an image.
             _ => continue,
         }
-        own(&entry, &target);
+        set_metadata(&mut entry, &target, mode).map_err(e)?;
+        if kind.is_dir() {
+            // Entries added below a directory change its time: set it at the end.
+            if let Ok(t) = entry.header().mtime() {
+                dir_times.push((target.clone(), t));
+            }
+        } else {
+            set_mtime(&entry, &target).map_err(e)?;
+        }
         made.insert(target);
         stats.entries += 1;
+    }
+    for (dir, t) in dir_times.iter().rev() {
+        let _ = set_time(dir, *t);
     }
     Ok(stats)
 }
@@ -321,19 +286,73 @@ fn make_node<R: Read>(entry: &tar::Entry<'_, R>, target: &Path, mode: u32) -> io
     mknod(target, kind, Mode::from_bits_truncate(mode), dev).map_err(io::Error::from)
 }
 
-/// Gives the entry its owner when running as root (otherwise the files stay the
-/// unpacking user's, which only matters to a rootless unpack).
-fn own<R: Read>(entry: &tar::Entry<'_, R>, target: &Path) {
-    if !nix::unistd::geteuid().is_root() {
-        return;
-    }
+/// Gives `target` the entry's owner (as root; otherwise the files stay the unpacking
+/// user's, which only matters to a rootless unpack), then its mode (after the owner:
+/// a change of owner clears set-user-ID bits) and its extended attributes (PAX
+/// `SCHILY.xattr.*` records, file capabilities among them).
+fn set_metadata<R: Read>(entry: &mut tar::Entry<'_, R>, target: &Path, mode: u32) -> io::Result<()> {
     let h = entry.header();
-    if let (Ok(uid), Ok(gid)) = (h.uid(), h.gid()) {
-        let (Ok(uid), Ok(gid)) = (u32::try_from(uid), u32::try_from(gid)) else {
-            return;
-        };
-        let _ = std::os::unix::fs::lchown(target, Some(uid), Some(gid));
+    let symlink = h.entry_type() == tar::EntryType::Symlink;
+    if nix::unistd::geteuid().is_root() {
+        if let (Ok(uid), Ok(gid)) = (h.uid(), h.gid()) {
+            if let (Ok(uid), Ok(gid)) = (u32::try_from(uid), u32::try_from(gid)) {
+                std::os::unix::fs::lchown(target, Some(uid), Some(gid))?;
+            }
+        }
     }
+    if !symlink {
+        fs::set_permissions(target, fs::Permissions::from_mode(mode))?;
+    }
+    let Some(pax) = entry.pax_extensions()? else {
+        return Ok(());
+    };
+    for ext in pax {
+        let ext = ext?;
+        let Some(name) = ext.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) else {
+            continue;
+        };
+        set_xattr(target, name, ext.value_bytes())?;
+    }
+    Ok(())
+}
+
+fn set_xattr(target: &Path, name: &str, value: &[u8]) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let path = CString::new(target.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let key = CString::new(name).map_err(io::Error::other)?;
+    // SAFETY: both strings are NUL-terminated and the value slice is valid for its
+    // length.
+    let r = unsafe {
+        libc::lsetxattr(
+            path.as_ptr(),
+            key.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        let e = io::Error::last_os_error();
+        Err(io::Error::new(e.kind(), format!("set xattr {name}: {e}")))
+    }
+}
+
+fn set_mtime<R: Read>(entry: &tar::Entry<'_, R>, target: &Path) -> io::Result<()> {
+    match entry.header().mtime() {
+        Ok(t) => set_time(target, t),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Sets the access and modification times of `p` (not following a link) to `secs`.
+fn set_time(p: &Path, secs: u64) -> io::Result<()> {
+    use nix::sys::stat::{utimensat, UtimensatFlags};
+    use nix::sys::time::TimeSpec;
+    let t = TimeSpec::new(i64::try_from(secs).unwrap_or(i64::MAX), 0);
+    utimensat(None, p, &t, &t, UtimensatFlags::NoFollowSymlink).map_err(io::Error::from)
 }
 
 #[cfg(test)]
@@ -381,12 +400,8 @@ mod tests {
         b.into_inner().unwrap()
     }
 
-    fn digest(bytes: &[u8]) -> String {
-        format!("sha256:{:x}", Sha256::digest(bytes))
-    }
-
     fn apply(root: &Path, bytes: &[u8], c: Compression) -> Result<LayerStats, UnpackError> {
-        apply_layer(root, bytes, c, &digest(bytes))
+        apply_layer(root, bytes, c)
     }
 
     fn gzip(b: &[u8]) -> Vec<u8> {
@@ -476,7 +491,7 @@ mod tests {
     }
 
     #[test]
-    fn escapes_bad_digests_and_corrupt_layers_are_errors() {
+    fn escapes_and_corrupt_layers_are_errors() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
         let mut b = tar::Builder::new(Vec::new());
@@ -493,16 +508,6 @@ mod tests {
         assert!(!tmp.path().parent().unwrap().join("evil").exists());
 
         let good = layer(&[E::File("f", b"1")]);
-        let wrong = digest(b"something else");
-        let r = apply_layer(root, &good[..], Compression::None, &wrong);
-        assert!(
-            matches!(r, Err(UnpackError::DigestMismatch { .. })),
-            "{r:?}"
-        );
-        assert!(matches!(
-            apply_layer(root, &good[..], Compression::None, "sha256:12"),
-            Err(UnpackError::BadDigest(_))
-        ));
         let gz = gzip(&good);
         let truncated = &gz[..gz.len() / 2];
         assert!(apply(root, truncated, Compression::Gzip).is_err());

@@ -2,7 +2,7 @@
 //! returned, and everything torn down afterwards.
 
 use std::os::fd::AsFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -12,13 +12,171 @@ use joey_shim::nssandbox::NsOptions;
 use joey_shim::pod::{console_context, Pod, RootfsSource, Sandbox};
 use joey_shim::spec::ProcessSpec;
 use joey_shim::streams::{pump_input, pump_output};
-use joey_shim::vm::{VmOptions, VmSandbox};
+use joey_shim::vm::{Artifacts, VmOptions, VmSandbox};
 use joey_shim::watch::Watch;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
+use crate::image::RegistryOpts;
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Use a namespace sandbox on this host instead of a microVM (needs root).
+    #[arg(long, conflicts_with = "vm")]
+    ns: bool,
+    /// Use a microVM sandbox (the default).
+    #[arg(long)]
+    vm: bool,
+    /// The container's root filesystem (a directory; mounted read-only under a tmpfs overlay).
+    #[arg(long, required_unless_present_any = ["image", "reference"], conflicts_with_all = ["image", "reference"])]
+    rootfs: Option<PathBuf>,
+    /// An image in a registry, as `docker pull` names it
+    /// (`host[:port]/repo[:tag|@digest]`): pulled into joey's image cache, its
+    /// config's entrypoint, command, environment, working directory and user the
+    /// defaults.
+    #[arg(long = "ref", value_name = "REF", conflicts_with = "image")]
+    reference: Option<String>,
+    #[command(flatten)]
+    registry: RegistryOpts,
+    /// With --ref: when to ask the registry: `missing` (only if the cache has
+    /// nothing for REF), `always`, or `never` (default: a tag is resolved every
+    /// time, a digest the cache has is not).
+    #[arg(long, value_name = "WHEN", requires = "reference")]
+    pull: Option<joey_shim::image::pull::PullPolicy>,
+    /// For a microVM: an EROFS image of the container's rootfs.
+    #[arg(long, conflicts_with = "ns")]
+    image: Option<PathBuf>,
+    /// With --vm: the guest kernel (default: vmlinux in images/out or $JOEY_ARTIFACTS).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// With --vm: the shared guest image (default: guest.img beside the kernel).
+    #[arg(long)]
+    guest_image: Option<PathBuf>,
+    /// With --vm: guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u32,
+    /// Environment variable for the process (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "K=V")]
+    env: Vec<String>,
+    /// Give the process a terminal.
+    #[arg(long, short = 't')]
+    tty: bool,
+    /// Working directory inside the container (default: the image's, else /).
+    #[arg(long)]
+    cwd: Option<String>,
+    /// The user to run as: USER[:GROUP], names looked up in the container's
+    /// /etc/passwd and /etc/group (default: the image's, else root).
+    #[arg(long, short = 'u', value_name = "USER[:GROUP]")]
+    user: Option<String>,
+    /// Show the guest's console (init and agent logs) on stderr.
+    #[arg(long)]
+    debug: bool,
+    /// The command and its arguments (with --ref: replacing the image's command).
+    #[arg(last = true)]
+    cmd: Vec<String>,
+}
+
+/// `joeyctl run`: pulls the image if one is named, then runs the container in the
+/// sandbox kind asked for; returns the container's exit status.
+pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
+    let RunArgs {
+        ns,
+        vm: _,
+        mut rootfs,
+        reference,
+        registry,
+        pull,
+        image,
+        kernel,
+        guest_image,
+        memory,
+        mut env,
+        tty,
+        mut cwd,
+        mut user,
+        debug,
+        mut cmd,
+    } = args;
+    for e in &env {
+        if !e.contains('=') || e.starts_with('=') {
+            anyhow::bail!("--env {e:?}: expected K=V");
+        }
+    }
+    let mut pulled_image = None;
+    // Held while the container runs: the cache does not evict an image in use.
+    let mut _in_use = None;
+    if let Some(r) = reference {
+        let (pulled, in_use) = crate::image::pull_for_run(&r, &registry, pull.unwrap_or_default()).await?;
+        (cmd, env) = pulled.config.process(&cmd, &env);
+        cwd = cwd.or(pulled.config.working_dir.clone());
+        user = user.or(pulled.config.user.clone());
+        rootfs = Some(pulled.rootfs());
+        _in_use = Some(in_use);
+        pulled_image = Some(pulled);
+    }
+    anyhow::ensure!(
+        !cmd.is_empty(),
+        "no command: give one after `--` (or use an image whose config has one)"
+    );
+    let user = joey_shim::user::resolve(user.as_deref().unwrap_or_default(), rootfs.as_deref())?;
+    let process = ProcessSpec {
+        args: cmd,
+        env,
+        cwd: cwd.unwrap_or_else(|| "/".into()),
+        terminal: tty,
+        user,
+    };
+    if !ns {
+        let artifacts = Artifacts::find(kernel.as_deref(), guest_image.as_deref())
+            .map_err(anyhow::Error::msg)?;
+        let (backend, why) = joey_shim::vm::backend::choose(&artifacts);
+        tracing::info!("VM backend {} ({why})", backend.name());
+        if debug {
+            eprintln!("joeyctl: VM backend {} ({why})", backend.name());
+        }
+        let tmp = crate::tempfile_dir()?;
+        let rootfs_image = match (image, rootfs, &pulled_image) {
+            (Some(img), _, _) => img,
+            // A pulled image's EROFS image is made once and kept in its cache entry.
+            (None, Some(_), Some(pulled)) => joey_shim::vm::image::erofs_of_pulled(pulled)?,
+            (None, Some(dir), None) => {
+                let img = tmp.join("rootfs.erofs");
+                joey_shim::vm::image::make_erofs(&dir, &img, joey_shim::vm::image::Compression::None)?;
+                img
+            }
+            (None, None, _) => anyhow::bail!("--vm needs --rootfs DIR or --image FILE"),
+        };
+        let opts = VmOptions {
+            kernel: artifacts.kernel,
+            guest_image: artifacts.guest_image,
+            rootfs_image: Some(rootfs_image),
+            initrd: None,
+            memory_mib: memory,
+            vsock: joey_shim::vm::config::VsockServer::Joey,
+            backend,
+            kernel_args: if debug {
+                vec!["JOEY_LOG=debug".into()]
+            } else {
+                vec![]
+            },
+            quiet: !debug,
+        };
+        let r = run_vm(&opts, &process, debug).await;
+        let _ = std::fs::remove_dir_all(&tmp);
+        return r;
+    }
+    let rootfs = rootfs.ok_or_else(|| anyhow::anyhow!("--ns needs --rootfs DIR"))?;
+    let bins = Binaries::locate().map_err(anyhow::Error::msg)?;
+    let ns = NsOptions {
+        console_to_stderr: debug,
+        log: debug.then(|| "debug".to_string()),
+        sandbox_pidns: false,
+    };
+    run_ns(&bins, &rootfs, &ns, &process).await
+}
+
 /// Runs the container in a namespace sandbox from a host directory; returns its exit
 /// status (128 + signal if it was killed).
-pub async fn run_ns(
+async fn run_ns(
     bins: &Binaries,
     rootfs: &Path,
     ns: &NsOptions,
@@ -38,7 +196,7 @@ pub async fn run_ns(
 
 /// Runs the container in a microVM whose `rootfs_image` is the container's rootfs.
 /// With `show_console` the guest's console is copied to stderr as it is written.
-pub async fn run_vm(
+async fn run_vm(
     vm: &VmOptions,
     process: &ProcessSpec,
     show_console: bool,
