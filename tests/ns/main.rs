@@ -5,6 +5,7 @@ mod bad_input;
 mod cli;
 mod common;
 mod registry;
+mod registry_auth;
 mod restart;
 mod rpc;
 mod stale;
@@ -40,6 +41,8 @@ fn main() {
         registry::image_cache_ls_cap_and_prune,
         registry::concurrent_pulls_download_each_layer_once,
         registry::a_corrupt_layer_is_refused,
+        registry_auth::https_with_basic_auth,
+        registry_auth::bearer_token_auth,
     ];
     // The vsock transport needs a host vsock device, which these machines lack: that
     // is a property of the machine, not of the tier, so it is skipped even in strict mode.

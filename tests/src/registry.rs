@@ -11,11 +11,38 @@ use sha2::{Digest, Sha256};
 
 use crate::{run_command_env, wait_until, Output};
 
+/// Who may pull and push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    Anonymous,
+    /// The registry asks for basic auth (an htpasswd file, bcrypt).
+    Basic { user: String, password: String },
+    /// The registry asks for a bearer token from the harness's token issuer, which
+    /// gives one to these credentials only.
+    Token { user: String, password: String },
+}
+
+impl Auth {
+    fn creds(&self) -> Option<String> {
+        match self {
+            Auth::Anonymous => None,
+            Auth::Basic { user, password } | Auth::Token { user, password } => {
+                Some(format!("{user}:{password}"))
+            }
+        }
+    }
+}
+
 pub struct TestRegistry {
-    /// `127.0.0.1:<port>`.
+    /// `127.0.0.1:<port>` (`127.0.0.2:<port>` with TLS: loopback is always plain
+    /// http to joey).
     pub addr: String,
+    /// With TLS: the CA that signed the registry's certificate.
+    pub ca: Option<PathBuf>,
+    auth: Auth,
     dir: tempfile::TempDir,
     child: Option<std::process::Child>,
+    _issuer: Option<TokenIssuer>,
 }
 
 fn installed(program: &str) -> anyhow::Result<()> {
@@ -28,28 +55,120 @@ fn installed(program: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A free TCP port on `ip`: bound, noted, released for the server.
+fn free_port(ip: &str) -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
+}
+
+fn openssl(args: &[&str], dir: &Path) -> anyhow::Result<()> {
+    installed("openssl")?;
+    let o = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .context("run openssl")?;
+    ensure!(
+        o.status.success(),
+        "openssl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(())
+}
+
+/// A self-signed certificate and its key: `<name>.pem`, `<name>.key` in `dir`.
+fn self_signed(dir: &Path, name: &str) -> anyhow::Result<()> {
+    openssl(
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+            &format!("/CN={name}"), "-keyout", &format!("{name}.key"), "-out",
+            &format!("{name}.pem"),
+        ],
+        dir,
+    )
+}
+
+/// A CA (`ca.pem`) and a server certificate it signed for IP `ip` (`server.pem`,
+/// `server.key`) in `dir`.
+fn server_certificate(dir: &Path, ip: &str) -> anyhow::Result<()> {
+    self_signed(dir, "ca")?;
+    std::fs::write(
+        dir.join("server.ext"),
+        format!("subjectAltName=IP:{ip}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"),
+    )?;
+    openssl(
+        &[
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", &format!("/CN={ip}"), "-keyout",
+            "server.key", "-out", "server.csr",
+        ],
+        dir,
+    )?;
+    openssl(
+        &[
+            "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", "server.ext", "-out", "server.pem",
+        ],
+        dir,
+    )
+}
+
 impl TestRegistry {
+    /// An anonymous plain-http registry on 127.0.0.1.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(false, Auth::Anonymous).await
+    }
+
+    /// A registry served over TLS (on 127.0.0.2, certificate from a CA of the test's)
+    /// or plain http (on 127.0.0.1), asking for `auth`.
+    pub async fn start_with(tls: bool, auth: Auth) -> anyhow::Result<Self> {
         installed("docker-registry")?;
         installed("skopeo")?;
         let dir = tempfile::tempdir()?;
-        // A free port: bound, noted, released for the registry.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let addr = format!("127.0.0.1:{port}");
-        let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-                dir.path().join("storage").display()
-            ),
-        )?;
+        let ip = if tls { "127.0.0.2" } else { "127.0.0.1" };
+        let addr = format!("{ip}:{}", free_port(ip)?);
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.path().join("storage").display()
+        );
+        let mut ca = None;
+        if tls {
+            server_certificate(dir.path(), ip)?;
+            config += &format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                dir.path().join("server.pem").display(),
+                dir.path().join("server.key").display()
+            );
+            ca = Some(dir.path().join("ca.pem"));
+        }
+        let mut issuer = None;
+        match &auth {
+            Auth::Anonymous => {}
+            Auth::Basic { user, password } => {
+                let hash = bcrypt::hash(password, 5)?;
+                let htpasswd = dir.path().join("htpasswd");
+                std::fs::write(&htpasswd, format!("{user}:{hash}\n"))?;
+                config += &format!(
+                    "auth:\n  htpasswd:\n    realm: joey-test\n    path: {}\n",
+                    htpasswd.display()
+                );
+            }
+            Auth::Token { user, password } => {
+                self_signed(dir.path(), "token")?;
+                let i = TokenIssuer::start(dir.path(), user, password)?;
+                config += &format!(
+                    "auth:\n  token:\n    realm: http://{}/token\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
+                    i.addr,
+                    dir.path().join("token.pem").display()
+                );
+                issuer = Some(i);
+            }
+        }
+        let config_file = dir.path().join("config.yml");
+        std::fs::write(&config_file, config)?;
         let log = std::fs::File::create(dir.path().join("registry.log"))?;
         let child = std::process::Command::new("docker-registry")
             .arg("serve")
-            .arg(&config)
+            .arg(&config_file)
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -57,8 +176,11 @@ impl TestRegistry {
             .context("start docker-registry")?;
         let reg = TestRegistry {
             addr,
+            ca,
+            auth,
             dir,
             child: Some(child),
+            _issuer: issuer,
         };
         let a = reg.addr.clone();
         wait_until("the registry to listen", Duration::from_secs(20), || {
@@ -93,21 +215,44 @@ impl TestRegistry {
         }
     }
 
-    /// Pushes `rootfs` as a one-layer image `repo:tag` whose config carries `config`
-    /// (the image config's `config` object). Returns the manifest digest.
+    /// The OCI layout `push` wrote for `repo_tag` (its image tagged `latest`).
+    pub fn layout(&self, repo_tag: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join(format!("layout-{}", repo_tag.replace([':', '/'], "-")))
+    }
+
+    /// Pushes `rootfs` as a one-layer (gzip) image `repo:tag` whose config carries
+    /// `config` (the image config's `config` object). Returns the manifest digest.
     pub async fn push(
         &self,
         rootfs: &Path,
         repo_tag: &str,
         config: serde_json::Value,
     ) -> anyhow::Result<String> {
-        let layout = self
-            .dir
-            .path()
-            .join(format!("layout-{}", repo_tag.replace(':', "-")));
-        let digest = write_layout(rootfs, &layout, config)?;
-        let out = tokio::process::Command::new("skopeo")
-            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        let layer = Layer {
+            tar: tar_dir(rootfs)?,
+            compression: LayerCompression::Gzip,
+        };
+        self.push_layers(&[layer], repo_tag, config).await
+    }
+
+    /// Pushes an image of `layers` (bottom first) as `repo:tag`. Returns the manifest
+    /// digest.
+    pub async fn push_layers(
+        &self,
+        layers: &[Layer],
+        repo_tag: &str,
+        config: serde_json::Value,
+    ) -> anyhow::Result<String> {
+        let layout = self.layout(repo_tag);
+        let digest = write_layout(layers, &layout, config)?;
+        let mut cmd = tokio::process::Command::new("skopeo");
+        cmd.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+        if let Some(c) = self.auth.creds() {
+            cmd.arg("--dest-creds").arg(c);
+        }
+        let out = cmd
             .arg(format!("oci:{}:latest", layout.display()))
             .arg(format!("docker://{}/{repo_tag}", self.addr))
             .output()
@@ -115,8 +260,9 @@ impl TestRegistry {
             .context("run skopeo copy")?;
         ensure!(
             out.status.success(),
-            "skopeo copy: {}",
-            String::from_utf8_lossy(&out.stderr)
+            "skopeo copy: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
         );
         Ok(digest)
     }
@@ -128,9 +274,212 @@ impl Drop for TestRegistry {
     }
 }
 
-/// Writes an OCI image layout holding one image: `rootfs` as a gzip layer and a
+const SERVICE: &str = "joey-test-registry";
+const ISSUER: &str = "joey-test-issuer";
+
+/// A token service for a registry in `auth: token` mode: `GET /token?service=…&scope=…`
+/// with the right basic credentials gets a JWT (RS256, signed by `token.key`, its
+/// certificate in the `x5c` header) granting the scopes asked for; anything else is
+/// refused with 401.
+struct TokenIssuer {
+    addr: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TokenIssuer {
+    fn start(dir: &Path, user: &str, password: &str) -> anyhow::Result<Self> {
+        use base64::Engine as _;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?.to_string();
+        let der = std::process::Command::new("openssl")
+            .args(["x509", "-outform", "DER", "-in"])
+            .arg(dir.join("token.pem"))
+            .output()?;
+        ensure!(der.status.success(), "openssl x509 -outform DER failed");
+        let x5c = base64::engine::general_purpose::STANDARD.encode(&der.stdout);
+        let expected = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+        );
+        let key = dir.join("token.key");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                if let Ok(mut c) = conn {
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                    let reply = match read_request(&mut c) {
+                        Some((target, auth)) if auth.as_deref() == Some(expected.as_str()) => {
+                            match sign_token(&key, &x5c, &target) {
+                                Ok(token) => http_reply(
+                                    "200 OK",
+                                    &serde_json::json!({"token": token, "access_token": token})
+                                        .to_string(),
+                                ),
+                                Err(e) => http_reply("500 Internal Server Error", &e.to_string()),
+                            }
+                        }
+                        _ => http_reply("401 Unauthorized", ""),
+                    };
+                    let _ = c.write_all(reply.as_bytes());
+                }
+            }
+        });
+        Ok(TokenIssuer {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for TokenIssuer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wake the accept.
+        let _ = std::net::TcpStream::connect(&self.addr);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn http_reply(status: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// The request target and `Authorization` header of one HTTP request.
+fn read_request(c: &mut std::net::TcpStream) -> Option<(String, Option<String>)> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = c.read(&mut chunk).ok()?;
+        if n == 0 || buf.len() > 64 * 1024 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let mut lines = text.lines();
+    let target = lines.next()?.split(' ').nth(1)?.to_string();
+    let auth = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+        .map(|(_, v)| v.trim().to_string());
+    Some((target, auth))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let hex = (b[i] == b'%')
+            .then(|| b.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (hex, b[i]) {
+            (Some(v), _) => {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+            (None, b'+') => out.push(b' '),
+            (None, c) => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A JWT granting the `scope`s of the request `target`, signed with `key`.
+fn sign_token(key: &Path, x5c: &str, target: &str) -> anyhow::Result<String> {
+    use base64::Engine as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let query = target.split_once('?').map(|(_, q)| q).unwrap_or_default();
+    let access: Vec<serde_json::Value> = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, _)| *k == "scope")
+        .filter_map(|(_, v)| {
+            let scope = percent_decode(v);
+            let mut parts = scope.splitn(3, ':');
+            let (kind, name, actions) = (parts.next()?, parts.next()?, parts.next()?);
+            Some(serde_json::json!({
+                "type": kind, "name": name,
+                "actions": actions.split(',').collect::<Vec<_>>(),
+            }))
+        })
+        .collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "x5c": [x5c]});
+    let claims = serde_json::json!({
+        "iss": ISSUER, "aud": SERVICE, "sub": "joey-test",
+        "exp": now + 600, "nbf": now - 10, "iat": now, "jti": format!("{now}-{}", std::process::id()),
+        "access": access,
+    });
+    let input = format!(
+        "{}.{}",
+        b64(header.to_string().as_bytes()),
+        b64(claims.to_string().as_bytes())
+    );
+    let mut child = std::process::Command::new("openssl")
+        .args(["dgst", "-sha256", "-sign"])
+        .arg(key)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("openssl stdin")?
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(out.status.success(), "openssl dgst -sign failed");
+    Ok(format!("{input}.{}", b64(&out.stdout)))
+}
+
+/// How a test layer is compressed (its media type follows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerCompression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+/// One image layer: an uncompressed tar stream and how to compress it.
+pub struct Layer {
+    pub tar: Vec<u8>,
+    pub compression: LayerCompression,
+}
+
+/// `rootfs` as a tar stream (links kept as links).
+pub fn tar_dir(rootfs: &Path) -> anyhow::Result<Vec<u8>> {
+    let mut tar = tar::Builder::new(Vec::new());
+    tar.follow_symlinks(false);
+    tar.append_dir_all(".", rootfs)
+        .with_context(|| format!("tar {}", rootfs.display()))?;
+    Ok(tar.into_inner()?)
+}
+
+/// Writes an OCI image layout holding one image, tagged `latest`, of `layers` and a
 /// config with `config`. Returns the manifest's digest.
-fn write_layout(rootfs: &Path, layout: &Path, config: serde_json::Value) -> anyhow::Result<String> {
+fn write_layout(
+    layers: &[Layer],
+    layout: &Path,
+    config: serde_json::Value,
+) -> anyhow::Result<String> {
     let blobs = layout.join("blobs/sha256");
     std::fs::create_dir_all(&blobs)?;
     let put = |bytes: &[u8]| -> anyhow::Result<(String, usize)> {
@@ -138,26 +487,38 @@ fn write_layout(rootfs: &Path, layout: &Path, config: serde_json::Value) -> anyh
         std::fs::write(blobs.join(&hex), bytes)?;
         Ok((format!("sha256:{hex}"), bytes.len()))
     };
-    let mut tar = tar::Builder::new(Vec::new());
-    tar.follow_symlinks(false);
-    tar.append_dir_all(".", rootfs)
-        .with_context(|| format!("tar {}", rootfs.display()))?;
-    let raw = tar.into_inner()?;
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&raw)?;
-    let (layer, layer_size) = put(&gz.finish()?)?;
+    let mut descriptors = Vec::new();
+    let mut diff_ids = Vec::new();
+    for l in layers {
+        let (bytes, media_type) = match l.compression {
+            LayerCompression::None => (l.tar.clone(), "application/vnd.oci.image.layer.v1.tar"),
+            LayerCompression::Gzip => {
+                let mut gz =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                gz.write_all(&l.tar)?;
+                (gz.finish()?, "application/vnd.oci.image.layer.v1.tar+gzip")
+            }
+            LayerCompression::Zstd => (
+                zstd::encode_all(&l.tar[..], 3)?,
+                "application/vnd.oci.image.layer.v1.tar+zstd",
+            ),
+        };
+        let (digest, size) = put(&bytes)?;
+        descriptors.push(serde_json::json!({"mediaType": media_type, "digest": digest, "size": size}));
+        diff_ids.push(format!("sha256:{:x}", Sha256::digest(&l.tar)));
+    }
     let image_config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
         "config": config,
-        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{:x}", Sha256::digest(&raw))]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
     });
     let (cfg, cfg_size) = put(&serde_json::to_vec(&image_config)?)?;
     let manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg, "size": cfg_size},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer, "size": layer_size}],
+        "layers": descriptors,
     });
     let (man, man_size) = put(&serde_json::to_vec(&manifest)?)?;
     let index = serde_json::json!({

@@ -86,39 +86,62 @@ impl ImageConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
-    #[error("{reference}: {source}")]
+    #[error("{reference}{}", registry_hint(source))]
     Registry {
         reference: String,
         #[source]
         source: oci_client::errors::OciDistributionError,
     },
-    #[error("{reference}: the image config: {source}")]
+    #[error("{reference}: the image config")]
     Config {
         reference: String,
         #[source]
         source: serde_json::Error,
     },
-    #[error("{reference}: layer {digest}: {source}")]
+    #[error("{reference}: layer {digest}")]
     Layer {
         reference: String,
         digest: String,
         #[source]
         source: UnpackError,
     },
-    #[error("{reference}: download layer {digest}: {source}")]
+    #[error("{reference}: download layer {digest}")]
     Download {
         reference: String,
         digest: String,
         #[source]
         source: io::Error,
     },
-    #[error("{reference}: image cache {path}: {source}")]
+    #[error("{reference}: image cache {path}")]
     Cache {
         reference: String,
         path: PathBuf,
         #[source]
         source: io::Error,
     },
+}
+
+/// What to do about a registry error, where joey can tell.
+fn registry_hint(e: &OciDistributionError) -> &'static str {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text += &format!(": {s}");
+        source = s.source();
+    }
+    if matches!(
+        e,
+        OciDistributionError::UnauthorizedError { .. }
+            | OciDistributionError::AuthenticationFailure(_)
+    ) {
+        " (refused: give credentials with --creds USER:PASSWORD or in $DOCKER_CONFIG/config.json)"
+    } else if text.contains("invalid peer certificate") {
+        " (the registry's certificate is not trusted: trust its CA with --ca FILE)"
+    } else if text.contains("(Connect)") {
+        " (cannot connect to the registry)"
+    } else {
+        ""
+    }
 }
 
 /// A pulled image in the cache.

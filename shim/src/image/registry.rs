@@ -30,7 +30,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
-    #[error("--ca {}: {source}", path.display())]
+    #[error("--ca {}", path.display())]
     Ca {
         path: PathBuf,
         #[source]

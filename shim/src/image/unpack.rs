@@ -44,13 +44,13 @@ pub enum UnpackError {
     MediaType(String),
     #[error("layer entry {0:?} reaches outside the image root")]
     Escapes(String),
-    #[error("layer entry {path:?}: {source}")]
+    #[error("layer entry {path:?}")]
     Entry {
         path: String,
         #[source]
         source: io::Error,
     },
-    #[error("read the layer: {0}")]
+    #[error("read the layer")]
     Read(#[source] io::Error),
 }
 
