@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod registry;
 mod registry_auth;
+mod registry_layers;
 mod restart;
 mod rpc;
 mod stale;
@@ -40,9 +41,10 @@ fn main() {
         registry::run_by_tag_digest_and_offline,
         registry::image_cache_ls_cap_and_prune,
         registry::concurrent_pulls_download_each_layer_once,
-        registry::a_corrupt_layer_is_refused,
+        registry::bad_images_are_refused,
         registry_auth::https_with_basic_auth,
         registry_auth::bearer_token_auth,
+        registry_layers::multi_layer_image_matches_umoci,
     ];
     // The vsock transport needs a host vsock device, which these machines lack: that
     // is a property of the machine, not of the tier, so it is skipped even in strict mode.

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::ensure;
-use joey_tests::registry::{ImageCache, TestRegistry};
+use joey_tests::registry::{tar_dir, ImageCache, Layer, LayerCompression, TestRegistry};
 
 use crate::common::env;
 
@@ -267,47 +267,96 @@ pub async fn concurrent_pulls_download_each_layer_once() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A layer the registry serves corrupted is refused, naming the image and the layer,
-/// and nothing of it is left in the cache.
-pub async fn a_corrupt_layer_is_refused() -> anyhow::Result<()> {
+/// Bad images are refused with exit code 125, naming the reference (and the layer,
+/// for a bad layer), and nothing of them is left in the cache: a layer the registry
+/// serves corrupted or truncated, a layer with an entry outside the root, an unknown
+/// repository and a digest the registry does not have.
+pub async fn bad_images_are_refused() -> anyhow::Result<()> {
     let reg = TestRegistry::start().await?;
-    let digest = reg
-        .push(
-            &env().rootfs,
-            "bad:1",
-            serde_json::json!({"Cmd": ["/bin/true"]}),
-        )
-        .await?;
-    // The manifest names the layer: flip bytes in the middle of the stored blob.
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(reg.blob_file(&digest))?)?;
-    let layer = manifest["layers"][0]["digest"]
-        .as_str()
-        .ok_or_else(|| anyhow::anyhow!("no layer in {manifest}"))?
-        .to_string();
-    let file = reg.blob_file(&layer);
+    let config = serde_json::json!({"Cmd": ["/bin/true"]});
+    let mut layers = Vec::new();
+    // Two images whose layers differ (gzip and zstd), so each is spoiled on its own.
+    for (tag, compression) in [
+        ("corrupt", LayerCompression::Gzip),
+        ("truncated", LayerCompression::Zstd),
+    ] {
+        let layer = Layer {
+            tar: tar_dir(&env().rootfs)?,
+            compression,
+        };
+        let digest = reg
+            .push_layers(&[layer], &format!("bad:{tag}"), config.clone())
+            .await?;
+        layers.push(first_layer(&reg, &digest)?);
+    }
+    // Flip bytes in the middle of one stored blob, cut the other in half.
+    let file = reg.blob_file(&layers[0]);
     let mut bytes = std::fs::read(&file)?;
     let mid = bytes.len() / 2;
     for b in &mut bytes[mid..mid + 16] {
         *b ^= 0xff;
     }
     std::fs::write(&file, bytes)?;
+    let file = reg.blob_file(&layers[1]);
+    let len = std::fs::metadata(&file)?.len();
+    std::fs::OpenOptions::new().write(true).open(&file)?.set_len(len / 2)?;
+    // A layer whose entry climbs out of the root (the tar crate refuses to write `..`,
+    // so the header is made by hand).
+    let mut h = tar::Header::new_gnu();
+    h.set_size(1);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.as_gnu_mut().expect("a GNU header").name[..12].copy_from_slice(b"../../escape");
+    h.set_cksum();
+    let mut b = tar::Builder::new(Vec::new());
+    b.append(&h, &b"e"[..])?;
+    let escaping = Layer {
+        tar: b.into_inner()?,
+        compression: LayerCompression::Gzip,
+    };
+    let digest = reg.push_layers(&[escaping], "bad:escape", config).await?;
+    layers.push(first_layer(&reg, &digest)?);
+
     let cache = ImageCache::new()?;
-    let reference = format!("{}/bad:1", reg.addr);
-    let o = cache
-        .joeyctl(&env().joeyctl, &["run", "--ns", "--ref", &reference], &[])
-        .await?;
-    ensure!(
-        o.code == 125 && o.stderr.contains(&reference) && o.stderr.contains(&layer),
-        "a corrupt layer: {} {}",
-        o.code,
-        o.stderr
-    );
+    let cases = [
+        ("bad:corrupt", Some(&layers[0])),
+        ("bad:truncated", Some(&layers[1])),
+        ("bad:escape", Some(&layers[2])),
+        ("nosuchrepo:1", None),
+        ("bad@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef", None),
+    ];
+    for (name, layer) in cases {
+        let reference = format!("{}/{name}", reg.addr);
+        let o = cache
+            .joeyctl(&env().joeyctl, &["run", "--ns", "--ref", &reference], &[])
+            .await?;
+        ensure!(
+            o.code == 125
+                && o.stderr.contains(&reference)
+                && layer.is_none_or(|l| o.stderr.contains(l.as_str())),
+            "{name}: expected exit 125 naming the reference and layer {layer:?}: {} {}",
+            o.code,
+            o.stderr
+        );
+    }
     let left: Vec<_> = std::fs::read_dir(cache.path().join("images"))?
         .flatten()
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .map(|e| e.file_name())
         .collect();
     ensure!(left.is_empty(), "left in the cache: {left:?}");
+    ensure!(
+        !std::path::Path::new("/tmp/escape").exists() && !cache.path().join("escape").exists(),
+        "the escaping entry was written"
+    );
     Ok(())
+}
+
+/// The digest of the first layer of the pushed image whose manifest is `digest`.
+fn first_layer(reg: &TestRegistry, digest: &str) -> anyhow::Result<String> {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(reg.blob_file(digest))?)?;
+    Ok(manifest["layers"][0]["digest"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("no layer in {manifest}"))?
+        .to_string())
 }

@@ -248,7 +248,7 @@ impl TestRegistry {
         let layout = self.layout(repo_tag);
         let digest = write_layout(layers, &layout, config)?;
         let mut cmd = tokio::process::Command::new("skopeo");
-        cmd.args(["copy", "--quiet", "--dest-tls-verify=false"]);
+        cmd.args(["copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false"]);
         if let Some(c) = self.auth.creds() {
             cmd.arg("--dest-creds").arg(c);
         }
@@ -459,6 +459,7 @@ pub enum LayerCompression {
 }
 
 /// One image layer: an uncompressed tar stream and how to compress it.
+#[derive(Clone)]
 pub struct Layer {
     pub tar: Vec<u8>,
     pub compression: LayerCompression,
@@ -475,7 +476,7 @@ pub fn tar_dir(rootfs: &Path) -> anyhow::Result<Vec<u8>> {
 
 /// Writes an OCI image layout holding one image, tagged `latest`, of `layers` and a
 /// config with `config`. Returns the manifest's digest.
-fn write_layout(
+pub fn write_layout(
     layers: &[Layer],
     layout: &Path,
     config: serde_json::Value,
