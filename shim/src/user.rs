@@ -41,10 +41,7 @@ fn read_table(rootfs: &Path, file: &str) -> Result<Vec<Entry>, String> {
     for p in [&etc, &path] {
         match p.symlink_metadata() {
             Ok(m) if m.file_type().is_symlink() => {
-                return Err(format!(
-                    "{} is a symbolic link; not followed",
-                    p.display()
-                ))
+                return Err(format!("{} is a symbolic link; not followed", p.display()))
             }
             Ok(_) => {}
             Err(_) => return Ok(Vec::new()),
@@ -62,7 +59,12 @@ fn read_table(rootfs: &Path, file: &str) -> Result<Vec<Entry>, String> {
                 gid: f.get(3).and_then(|g| g.parse().ok()).unwrap_or(0),
                 members: f
                     .get(3)
-                    .map(|m| m.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect())
+                    .map(|m| {
+                        m.split(',')
+                            .filter(|s| !s.is_empty())
+                            .map(str::to_string)
+                            .collect()
+                    })
                     .unwrap_or_default(),
             })
         })
@@ -111,10 +113,10 @@ pub fn resolve(spec: &str, rootfs: Option<&Path>) -> Result<User, UserError> {
         let uid = user
             .parse::<u32>()
             .map_err(|_| bad(format!("uid {user} is out of range")))?;
-        passwd.iter().find(|e| e.id == uid).map_or(
-            (uid, 0, None),
-            |e| (uid, e.gid, Some(e.name.as_str())),
-        )
+        passwd
+            .iter()
+            .find(|e| e.id == uid)
+            .map_or((uid, 0, None), |e| (uid, e.gid, Some(e.name.as_str())))
     } else {
         let e = passwd
             .iter()
@@ -195,7 +197,10 @@ mod tests {
         assert_eq!(r("4242"), Ok(user(4242, 0, &[])));
         assert_eq!(r("4242:7"), Ok(user(4242, 7, &[])));
         assert!(matches!(r("nobody"), Err(UserError::NoSuchUser { .. })));
-        assert!(matches!(r("app:nogroup"), Err(UserError::NoSuchGroup { .. })));
+        assert!(matches!(
+            r("app:nogroup"),
+            Err(UserError::NoSuchGroup { .. })
+        ));
         assert!(matches!(r("app:"), Err(UserError::Bad { .. })));
         assert!(matches!(r("99999999999"), Err(UserError::Bad { .. })));
     }
@@ -204,7 +209,10 @@ mod tests {
     fn without_a_rootfs_only_numbers_resolve() {
         assert_eq!(resolve("5:6", None), Ok(user(5, 6, &[])));
         assert_eq!(resolve("5", None), Ok(user(5, 0, &[])));
-        assert!(matches!(resolve("app", None), Err(UserError::NoRootfs { .. })));
+        assert!(matches!(
+            resolve("app", None),
+            Err(UserError::NoRootfs { .. })
+        ));
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Pulling an image from an OCI registry into joey's image cache
-//! (`~/.cache/joey/images/<manifest digest>/`: `rootfs/`, `config.json`).
+//! Pulling an image from an OCI registry into joey's image cache ([`ImageStore`]:
+//! `~/.cache/joey/images/<manifest digest>/` with `rootfs/` and `config.json`).
 //!
 //! The manifest (a list resolved to linux/amd64) and the config are fetched first;
 //! the layers download concurrently into the entry's scratch directory, then are
@@ -24,8 +24,8 @@ use tracing::info;
 use super::digest::{Digest, Verifier};
 use super::reference::Reference;
 use super::registry::RegistrySettings;
+use super::store::ImageStore;
 use super::unpack::{apply_layer, Compression, UnpackError};
-use crate::cache::cache_dir;
 
 /// The defaults an image's config gives a container.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -186,11 +186,6 @@ impl PulledImage {
     }
 }
 
-/// Where pulled images live.
-pub fn images_dir() -> PathBuf {
-    cache_dir().join("images")
-}
-
 /// Removes a half-made cache entry unless it was kept.
 struct Scratch(Option<PathBuf>);
 
@@ -264,10 +259,10 @@ impl std::str::FromStr for PullPolicy {
 }
 
 /// The cache entry for `r` without asking the registry, if there is one.
-fn cached(r: &Reference) -> Option<PathBuf> {
+fn cached(store: &ImageStore, r: &Reference) -> Option<PathBuf> {
     match &r.digest {
-        Some(d) => Some(images_dir().join(d.hex())).filter(|e| e.join("digest").exists()),
-        None => super::store::find_by_ref(&r.to_string()),
+        Some(d) => Some(store.root().join(d.hex())).filter(|e| e.join("digest").exists()),
+        None => store.find_by_ref(&r.to_string()),
     }
 }
 
@@ -289,18 +284,19 @@ pub struct PullReport {
     pub cached: bool,
 }
 
-/// Pulls `r`, or finds it in the cache as `policy` allows.
+/// Pulls `r` into `store`, or finds it there as `policy` allows.
 pub async fn pull(
+    store: &ImageStore,
     r: &Reference,
     settings: &RegistrySettings,
     policy: PullPolicy,
 ) -> Result<PulledImage, PullError> {
     let shown = r.to_string();
-    let images = images_dir();
+    let images = store.root().to_path_buf();
     let from_cache = match policy {
         PullPolicy::Always => None,
         PullPolicy::Default if r.digest.is_none() => None,
-        _ => cached(r),
+        _ => cached(store, r),
     };
     if let Some(entry) = from_cache {
         return PulledImage::load(entry, &shown, cached_report());
@@ -465,7 +461,10 @@ pub async fn pull(
         }
         report.unpack = started.elapsed();
         let _ = std::fs::remove_dir(&layers_dir);
-        for (name, text) in [("config.json", config.as_str()), ("digest", digest.as_str())] {
+        for (name, text) in [
+            ("config.json", config.as_str()),
+            ("digest", digest.as_str()),
+        ] {
             let p = scratch.join(name);
             std::fs::write(&p, text).map_err(|e| cache_err(&p, e))?;
         }

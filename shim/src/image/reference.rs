@@ -141,7 +141,10 @@ mod tests {
             (r.registry.as_str(), r.repository.as_str()),
             ("localhost:5000", "a/b")
         );
-        assert_eq!((r.tag.as_deref(), r.digest.as_ref().map(Digest::as_str)), (None, Some(D)));
+        assert_eq!(
+            (r.tag.as_deref(), r.digest.as_ref().map(Digest::as_str)),
+            (None, Some(D))
+        );
         assert_eq!(r.object(), D);
         let r = Reference::parse("busybox").unwrap();
         assert_eq!(r.to_string(), "docker.io/library/busybox");

@@ -330,6 +330,9 @@ mod tests {
         );
         assert!(":pw".parse::<Credentials>().is_err());
         assert!("nopassword".parse::<Credentials>().is_err());
-        assert_eq!(format!("{:?}", "u:secret".parse::<Credentials>().unwrap()), "Credentials(u, ***)");
+        assert_eq!(
+            format!("{:?}", "u:secret".parse::<Credentials>().unwrap()),
+            "Credentials(u, ***)"
+        );
     }
 }

@@ -69,7 +69,9 @@ pub fn apply_layer(
 ) -> Result<LayerStats, UnpackError> {
     let decompressed: Box<dyn Read + '_> = match compression {
         Compression::None => Box::new(layer),
-        Compression::Gzip => Box::new(flate2::read::GzDecoder::new(layer)),
+        // Possibly many members: parallel compressors (pgzip, which umoci uses) write
+        // one per block.
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(layer)),
         Compression::Zstd => {
             Box::new(zstd::stream::read::Decoder::new(layer).map_err(UnpackError::Read)?)
         }
@@ -290,7 +292,11 @@ fn make_node<R: Read>(entry: &tar::Entry<'_, R>, target: &Path, mode: u32) -> io
 /// user's, which only matters to a rootless unpack), then its mode (after the owner:
 /// a change of owner clears set-user-ID bits) and its extended attributes (PAX
 /// `SCHILY.xattr.*` records, file capabilities among them).
-fn set_metadata<R: Read>(entry: &mut tar::Entry<'_, R>, target: &Path, mode: u32) -> io::Result<()> {
+fn set_metadata<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    target: &Path,
+    mode: u32,
+) -> io::Result<()> {
     let h = entry.header();
     let symlink = h.entry_type() == tar::EntryType::Symlink;
     if nix::unistd::geteuid().is_root() {
@@ -412,6 +418,19 @@ mod tests {
 
     fn read(root: &Path, p: &str) -> Option<String> {
         fs::read_to_string(root.join(p)).ok()
+    }
+
+    #[test]
+    fn a_gzip_layer_of_many_members_is_read_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bytes = layer(&[E::File("a", b"1"), E::File("b", b"2"), E::File("c", b"3")]);
+        // Three gzip members, split inside the second entry.
+        let (x, rest) = bytes.split_at(700);
+        let (y, z) = rest.split_at(600);
+        let members: Vec<u8> = [gzip(x), gzip(y), gzip(z)].concat();
+        let s = apply(tmp.path(), &members, Compression::Gzip).unwrap();
+        assert_eq!(s.entries, 3);
+        assert_eq!(read(tmp.path(), "c").as_deref(), Some("3"));
     }
 
     #[test]

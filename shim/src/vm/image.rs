@@ -59,11 +59,7 @@ pub fn make_erofs(dir: &Path, out: &Path, compression: Compression) -> Result<()
             cmd.arg("-zlz4hc");
         }
     }
-    let o = cmd
-        .arg(out)
-        .arg(dir)
-        .output()
-        .map_err(ImageError::Spawn)?;
+    let o = cmd.arg(out).arg(dir).output().map_err(ImageError::Spawn)?;
     if !o.status.success() {
         return Err(ImageError::Failed {
             dir: dir.to_path_buf(),

@@ -1,5 +1,125 @@
 //! `joeyctl bench`: what joey's sandboxes cost, each against a peer run by this same
 //! process.
 
+use std::path::PathBuf;
+use std::time::Duration;
+
+use joey_shim::binaries::Binaries;
+use joey_shim::vm::{Artifacts, VmOptions};
+
+use crate::image::RegistryOpts;
+
 pub mod ns;
+pub mod pull;
 pub mod vm;
+
+#[derive(clap::Args)]
+#[group(id = "kind", required = true, multiple = false, args = ["ns", "vm", "pull"])]
+pub struct BenchArgs {
+    /// Benchmark namespace sandboxes against crun.
+    #[arg(long)]
+    ns: bool,
+    /// Benchmark microVMs: boot time against Debian's cloud kernel, agent readiness,
+    /// guest memory, artifact sizes.
+    #[arg(long)]
+    vm: bool,
+    /// Benchmark a cold `run --ref` phase by phase, against streaming the layers and
+    /// against skopeo copy + umoci unpack.
+    #[arg(long, requires = "reference")]
+    pull: bool,
+    /// With --ns or --vm: the container rootfs (a busybox rootfs: `joeyctl rootfs
+    /// busybox DIR`).
+    #[arg(long, required_unless_present = "pull")]
+    rootfs: Option<PathBuf>,
+    /// With --pull: the image (it needs /bin/echo).
+    #[arg(long = "ref", value_name = "REF")]
+    reference: Option<String>,
+    #[command(flatten)]
+    registry: RegistryOpts,
+    /// Iterations (default: 20, 3 with --pull).
+    #[arg(long)]
+    iterations: Option<usize>,
+}
+
+/// The microVM every VM bench starts from: joey's kernel and guest image, 256 MiB,
+/// joey's vsock device, quiet.
+fn vm_base() -> anyhow::Result<(VmOptions, Artifacts)> {
+    let artifacts = Artifacts::find(None, None).map_err(anyhow::Error::msg)?;
+    let (backend, why) = joey_shim::vm::backend::choose(&artifacts);
+    eprintln!("bench: VM backend {} ({why})", backend.name());
+    let base = VmOptions {
+        kernel: artifacts.kernel.clone(),
+        guest_image: artifacts.guest_image.clone(),
+        rootfs_image: None,
+        initrd: None,
+        memory_mib: 256,
+        vsock: joey_shim::vm::config::VsockServer::Joey,
+        backend,
+        kernel_args: vec![],
+        quiet: true,
+    };
+    Ok((base, artifacts))
+}
+
+pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if args.pull {
+        let bins = Binaries::locate().map_err(anyhow::Error::msg)?;
+        let (vm, _) = vm_base()?;
+        let o = pull::PullBenchOptions {
+            reference: args.reference.unwrap_or_default(),
+            registry: args.registry,
+            iterations: args.iterations.unwrap_or(3),
+            vm,
+        };
+        return pull::bench_pull(&bins, &o).await;
+    }
+    let iterations = args.iterations.unwrap_or(20);
+    let rootfs = args.rootfs.unwrap_or_default();
+    if args.ns {
+        let bins = Binaries::locate().map_err(anyhow::Error::msg)?;
+        return ns::bench_ns(&bins, &ns::BenchOptions { rootfs, iterations }).await;
+    }
+    let (base, artifacts) = vm_base()?;
+    let tmp = crate::tempfile_dir()?;
+    let image = tmp.join("rootfs.erofs");
+    let r = async {
+        joey_shim::vm::image::make_erofs(
+            &rootfs,
+            &image,
+            joey_shim::vm::image::Compression::Lz4hc,
+        )?;
+        let o = vm::VmBenchOptions {
+            base,
+            initrd: artifacts.guest_image.with_file_name("initrd.img"),
+            artifacts,
+            rootfs_image: image,
+            cache: joey_shim::cache::cache_dir(),
+            iterations,
+        };
+        vm::bench_vm(&o).await
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&tmp);
+    r
+}
+
+/// The median of `v` (every bench runs at least one iteration, so `v` is not empty).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    assert!(!v.is_empty(), "a median of no samples");
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The median of durations, in milliseconds.
+pub fn median_ms(v: Vec<Duration>) -> f64 {
+    median(v.into_iter().map(ms).collect())
+}

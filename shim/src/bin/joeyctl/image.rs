@@ -7,7 +7,7 @@ use clap::Subcommand;
 use joey_shim::image::pull::{pull, PullPolicy, PulledImage};
 use joey_shim::image::reference::Reference;
 use joey_shim::image::registry::{RegistryArgs, RegistrySettings};
-use joey_shim::image::store;
+use joey_shim::image::store::{self, ImageStore};
 
 /// How to reach registries.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -45,11 +45,12 @@ pub async fn pull_for_run(
     policy: PullPolicy,
 ) -> anyhow::Result<(PulledImage, store::InUse)> {
     let r = Reference::parse(reference)?;
-    let pulled = pull(&r, &opts.settings(&r)?, policy).await?;
+    let images = ImageStore::default();
+    let pulled = pull(&images, &r, &opts.settings(&r)?, policy).await?;
     tracing::info!(image = %r, digest = %pulled.digest, report = ?pulled.report, "image ready");
-    let in_use = store::use_image(&pulled.dir)
-        .with_context(|| format!("hold {}", pulled.dir.display()))?;
-    for gone in store::enforce_cap() {
+    let in_use =
+        store::use_image(&pulled.dir).with_context(|| format!("hold {}", pulled.dir.display()))?;
+    for gone in images.enforce_cap() {
         tracing::info!(digest = %gone.digest, bytes = gone.bytes, "evicted from the image cache");
     }
     Ok((pulled, in_use))
@@ -75,12 +76,12 @@ pub fn image(cmd: ImageCmd) {
     };
     match cmd {
         ImageCmd::Ls => {
-            for i in store::list() {
+            for i in ImageStore::default().list() {
                 println!("{}", show(&i));
             }
         }
         ImageCmd::Prune => {
-            for i in store::prune() {
+            for i in ImageStore::default().prune() {
                 println!("removed {}", show(&i));
             }
         }

@@ -12,8 +12,6 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use joey_protocols::contract::runtime_dir;
 use joey_shim::addr::AgentAddr;
-use joey_shim::binaries::Binaries;
-use joey_shim::vm::{Artifacts, VmOptions};
 
 #[derive(Parser)]
 #[command(
@@ -50,20 +48,7 @@ enum Cmd {
     },
     /// Measure sandbox and container costs against crun (prints medians and a
     /// machine-readable `bench-ns:` line).
-    Bench {
-        /// Benchmark namespace sandboxes against crun.
-        #[arg(long, conflicts_with = "vm", required_unless_present = "vm")]
-        ns: bool,
-        /// Benchmark microVMs: boot time against Debian's cloud kernel, agent readiness,
-        /// guest memory, artifact sizes.
-        #[arg(long)]
-        vm: bool,
-        /// The container rootfs (a busybox rootfs: `joeyctl rootfs busybox DIR`).
-        #[arg(long)]
-        rootfs: PathBuf,
-        #[arg(long, default_value_t = 20)]
-        iterations: usize,
-    },
+    Bench(bench::BenchArgs),
     /// The image cache (`~/.cache/joey/images`, or under `$JOEY_CACHE`).
     Image {
         #[command(subcommand)]
@@ -146,53 +131,7 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
             println!("{out}");
             Ok(0)
         }
-        Cmd::Bench {
-            ns: _,
-            vm: true,
-            rootfs,
-            iterations,
-        } => {
-            let artifacts = Artifacts::find(None, None).map_err(anyhow::Error::msg)?;
-            let (backend, why) = joey_shim::vm::backend::choose(&artifacts);
-            eprintln!("bench: VM backend {} ({why})", backend.name());
-            let tmp = tempfile_dir()?;
-            let image = tmp.join("rootfs.erofs");
-            joey_shim::vm::image::make_erofs(&rootfs, &image, joey_shim::vm::image::Compression::Lz4hc)?;
-            let initrd = artifacts.guest_image.with_file_name("initrd.img");
-            let cache = joey_shim::cache::cache_dir();
-            let o = bench::vm::VmBenchOptions {
-                base: VmOptions {
-                    kernel: artifacts.kernel.clone(),
-                    guest_image: artifacts.guest_image.clone(),
-                    rootfs_image: None,
-                    initrd: None,
-                    memory_mib: 256,
-                    vsock: joey_shim::vm::config::VsockServer::Joey,
-                    backend,
-                    kernel_args: vec![],
-                    quiet: true,
-                },
-                artifacts,
-                rootfs_image: image,
-                initrd,
-                cache,
-                iterations,
-            };
-            let r = bench::vm::bench_vm(&o).await;
-            let _ = std::fs::remove_dir_all(&tmp);
-            r?;
-            Ok(0)
-        }
-        Cmd::Bench {
-            ns: _,
-            vm: false,
-            rootfs,
-            iterations,
-        } => {
-            let bins = Binaries::locate().map_err(anyhow::Error::msg)?;
-            bench::ns::bench_ns(&bins, &bench::ns::BenchOptions { rootfs, iterations }).await?;
-            Ok(0)
-        }
+        Cmd::Bench(args) => bench::bench(args).await.map(|()| 0),
         Cmd::Image { cmd } => {
             image::image(cmd);
             Ok(0)

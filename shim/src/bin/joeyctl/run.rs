@@ -105,7 +105,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
     // Held while the container runs: the cache does not evict an image in use.
     let mut _in_use = None;
     if let Some(r) = reference {
-        let (pulled, in_use) = crate::image::pull_for_run(&r, &registry, pull.unwrap_or_default()).await?;
+        let (pulled, in_use) =
+            crate::image::pull_for_run(&r, &registry, pull.unwrap_or_default()).await?;
         (cmd, env) = pulled.config.process(&cmd, &env);
         cwd = cwd.or(pulled.config.working_dir.clone());
         user = user.or(pulled.config.user.clone());
@@ -140,7 +141,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
             (None, Some(_), Some(pulled)) => joey_shim::vm::image::erofs_of_pulled(pulled)?,
             (None, Some(dir), None) => {
                 let img = tmp.join("rootfs.erofs");
-                joey_shim::vm::image::make_erofs(&dir, &img, joey_shim::vm::image::Compression::None)?;
+                joey_shim::vm::image::make_erofs(
+                    &dir,
+                    &img,
+                    joey_shim::vm::image::Compression::None,
+                )?;
                 img
             }
             (None, None, _) => anyhow::bail!("--vm needs --rootfs DIR or --image FILE"),
@@ -196,11 +201,7 @@ async fn run_ns(
 
 /// Runs the container in a microVM whose `rootfs_image` is the container's rootfs.
 /// With `show_console` the guest's console is copied to stderr as it is written.
-async fn run_vm(
-    vm: &VmOptions,
-    process: &ProcessSpec,
-    show_console: bool,
-) -> anyhow::Result<i32> {
+async fn run_vm(vm: &VmOptions, process: &ProcessSpec, show_console: bool) -> anyhow::Result<i32> {
     anyhow::ensure!(
         vm.rootfs_image.is_some(),
         "a VM run needs a container rootfs image"

@@ -24,15 +24,7 @@ use joey_shim::nssandbox::NsOptions;
 use joey_shim::pod::Pod;
 use joey_shim::spec::ProcessSpec;
 
-fn median(mut v: Vec<Duration>) -> f64 {
-    v.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => ms(v[n / 2]),
-        n => (ms(v[n / 2 - 1]) + ms(v[n / 2])) / 2.0,
-    }
-}
+use super::median_ms;
 
 fn true_process() -> ProcessSpec {
     ProcessSpec {
@@ -176,11 +168,11 @@ pub async fn bench_ns(bins: &Binaries, opts: &BenchOptions) -> anyhow::Result<()
     let _ = std::fs::remove_dir_all(&crun_dir);
     result?;
     let (ready, container, crun, launcher, run) = (
-        median(ready),
-        median(container),
-        median(crun),
-        median(launcher),
-        median(run),
+        median_ms(ready),
+        median_ms(container),
+        median_ms(crun),
+        median_ms(launcher),
+        median_ms(run),
     );
     println!(
         "joey namespace-sandbox benchmark, medians over {n} iterations (/bin/true, busybox rootfs)"

@@ -15,6 +15,8 @@ use joey_shim::vm::config::VsockServer;
 use joey_shim::vm::qemu::ROOTFS_SERIAL;
 use joey_shim::vm::{Artifacts, VmOptions, VmSandbox};
 
+use super::median;
+
 /// Boots `opts` until joey-init prints its marker; returns the kernel's boot-to-init
 /// time in ms (the guest's own clock) and the host's time from QEMU's start to the
 /// marker on the console (read as the console is written).
@@ -90,15 +92,6 @@ fn find_vmlinuz(dir: &Path) -> Option<PathBuf> {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with("vmlinuz-"))
         })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 fn kib(p: &Path) -> u64 {
