@@ -18,10 +18,12 @@ use std::time::Instant;
 
 use oci_client::client::BlobResponse;
 use oci_client::errors::OciDistributionError;
+use oci_client::manifest::OciDescriptor;
 use tokio::io::AsyncWriteExt;
 use tracing::info;
 
 use super::digest::{Digest, Verifier};
+use super::spool::{self, SpoolReader};
 use super::reference::Reference;
 use super::registry::RegistrySettings;
 use super::store::ImageStore;
@@ -378,88 +380,13 @@ pub async fn pull(
         for d in [&rootfs, &layers_dir] {
             std::fs::create_dir_all(d).map_err(|e| cache_err(d, e))?;
         }
-        // Download every layer at once, each to its own file, each checked against its
-        // digest as it streams; show progress once the pull has taken a second.
-        let total: u64 = manifest.layers.iter().map(|l| l.size.max(0) as u64).sum();
-        let downloaded = AtomicU64::new(0);
-        let hashing_ns = AtomicU64::new(0);
-        let progress = async {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            loop {
-                eprintln!(
-                    "joeyctl: pulling {shown}: {}",
-                    progress_line(
-                        downloaded.load(Ordering::Relaxed),
-                        total,
-                        manifest.layers.len()
-                    )
-                );
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
+        let fetch = Fetch {
+            client: &client,
+            oref: &oref,
+            shown: &shown,
+            layers: &layers,
         };
-        let (downloaded, hashing_ns) = (&downloaded, &hashing_ns);
-        let downloads = layers.iter().enumerate().map(|(i, (layer, d, _))| {
-            let (client, oref, path) = (&client, &oref, layers_dir.join(i.to_string()));
-            let dl_err = |source| PullError::Download {
-                reference: shown.clone(),
-                digest: layer.digest.clone(),
-                source,
-            };
-            async move {
-                // Asked as a range from byte 0, which a registry answers with the
-                // whole blob: the client then leaves the digest to the verifier here
-                // rather than hashing every byte a second time.
-                let mut blob = match client.pull_blob_stream_partial(oref, *layer, 0, None).await {
-                    Ok(BlobResponse::Full(s) | BlobResponse::Partial(s)) => s,
-                    Err(e) => return Err(dl_err(io::Error::other(e.to_string()))),
-                };
-                let mut f = tokio::fs::File::create(&path).await.map_err(dl_err)?;
-                let mut verifier = Verifier::new(d.clone());
-                while let Some(chunk) = blob.stream.next().await {
-                    let chunk = chunk.map_err(dl_err)?;
-                    downloaded.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                    let t = Instant::now();
-                    verifier.update(&chunk);
-                    hashing_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                    f.write_all(&chunk).await.map_err(dl_err)?;
-                }
-                f.flush().await.map_err(dl_err)?;
-                verifier
-                    .finish()
-                    .map_err(|e| dl_err(io::Error::new(io::ErrorKind::InvalidData, e)))?;
-                Ok::<_, PullError>(path)
-            }
-        });
-        let started = Instant::now();
-        let files = tokio::select! {
-            files = futures::future::try_join_all(downloads) => files?,
-            () = progress => unreachable!("progress reports until the downloads end"),
-        };
-        report.download = started.elapsed();
-        report.verify = Duration::from_nanos(hashing_ns.load(Ordering::Relaxed));
-        report.bytes = downloaded.load(Ordering::Relaxed);
-        report.layers = layers.len();
-        // Apply them in order.
-        let started = Instant::now();
-        for ((layer, _, compression), file) in layers.iter().zip(files) {
-            let layer_err = |source| PullError::Layer {
-                reference: shown.clone(),
-                digest: layer.digest.clone(),
-                source,
-            };
-            let (root, compression) = (rootfs.clone(), *compression);
-            let applied = tokio::task::spawn_blocking(move || {
-                let f = std::fs::File::open(&file).map_err(UnpackError::Read)?;
-                let r = apply_layer(&root, io::BufReader::new(f), compression);
-                let _ = std::fs::remove_file(&file);
-                r
-            })
-            .await
-            .map_err(|e| layer_err(UnpackError::Read(io::Error::other(e.to_string()))))?;
-            let stats = applied.map_err(layer_err)?;
-            info!(layer = %layer.digest, entries = stats.entries, whiteouts = stats.whiteouts, "layer applied");
-        }
-        report.unpack = started.elapsed();
+        fetch.run(&rootfs, &layers_dir, &mut report).await?;
         let _ = std::fs::remove_dir(&layers_dir);
         for (name, text) in [
             ("config.json", config.as_str()),
@@ -485,6 +412,168 @@ pub async fn pull(
         let _ = std::os::unix::fs::symlink(digest.hex(), images.join(d.hex()));
     }
     PulledImage::load(entry, &shown, report)
+}
+
+/// The layers of one image, downloaded and applied.
+struct Fetch<'a> {
+    client: &'a oci_client::Client,
+    oref: &'a oci_client::Reference,
+    shown: &'a str,
+    layers: &'a [(&'a OciDescriptor, Digest, Compression)],
+}
+
+impl Fetch<'_> {
+    /// Downloads every layer at once, each spooled to its own file in `spool_dir` and
+    /// checked against its digest as it streams, while the layers are applied to
+    /// `rootfs` in order as their bytes arrive. Shows progress once the pull has
+    /// taken a second. Fills in `report`'s download and unpack phases.
+    async fn run(
+        &self,
+        rootfs: &Path,
+        spool_dir: &Path,
+        report: &mut PullReport,
+    ) -> Result<(), PullError> {
+        let shown = self.shown;
+        if self.layers.is_empty() {
+            return Ok(());
+        }
+        let layer_err = |layer: &OciDescriptor, source| PullError::Layer {
+            reference: shown.to_string(),
+            digest: layer.digest.clone(),
+            source,
+        };
+        let dl_err = |layer: &OciDescriptor, source| PullError::Download {
+            reference: shown.to_string(),
+            digest: layer.digest.clone(),
+            source,
+        };
+        let mut spools = Vec::new();
+        let mut readers = Vec::new();
+        for (i, (layer, _, _)) in self.layers.iter().enumerate() {
+            let path = spool_dir.join(i.to_string());
+            let (spool, reader) = spool::create(&path).map_err(|e| dl_err(layer, e))?;
+            spools.push((path, spool));
+            readers.push(reader);
+        }
+        let total: u64 = self.layers.iter().map(|(l, _, _)| l.size.max(0) as u64).sum();
+        let downloaded = AtomicU64::new(0);
+        let hashing_ns = AtomicU64::new(0);
+        let progress = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            loop {
+                eprintln!(
+                    "joeyctl: pulling {shown}: {}",
+                    progress_line(downloaded.load(Ordering::Relaxed), total, self.layers.len())
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        };
+        let (downloaded, hashing_ns) = (&downloaded, &hashing_ns);
+        let downloads = self.layers.iter().zip(spools).map(|((layer, d, _), (path, spool))| {
+            let err = move |e| dl_err(layer, e);
+            async move {
+                // Asked as a range from byte 0, which a registry answers with the
+                // whole blob: the client then leaves the digest to the verifier here
+                // rather than hashing every byte a second time.
+                let mut blob = match self.client.pull_blob_stream_partial(self.oref, *layer, 0, None).await {
+                    Ok(BlobResponse::Full(s) | BlobResponse::Partial(s)) => s,
+                    Err(e) => return Err(err(io::Error::other(e.to_string()))),
+                };
+                let mut f = tokio::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&path)
+                    .await
+                    .map_err(err)?;
+                let mut verifier = Verifier::new(d.clone());
+                while let Some(chunk) = blob.stream.next().await {
+                    let chunk = chunk.map_err(err)?;
+                    downloaded.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    let t = Instant::now();
+                    verifier.update(&chunk);
+                    hashing_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    // Flushed before the unpacker is told: tokio's file writes
+                    // complete in the background.
+                    f.write_all(&chunk).await.map_err(err)?;
+                    f.flush().await.map_err(err)?;
+                    spool.wrote(chunk.len() as u64);
+                }
+                let checked = verifier.finish();
+                spool.finish(checked.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                checked.map_err(|e| err(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+                Ok::<_, PullError>(path)
+            }
+        });
+        // The layers are applied in order, each as its bytes arrive.
+        let plan: Vec<(Compression, SpoolReader)> = self
+            .layers
+            .iter()
+            .map(|(_, _, c)| *c)
+            .zip(readers)
+            .collect();
+        let root = rootfs.to_path_buf();
+        let apply = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            for (i, (compression, mut reader)) in plan.into_iter().enumerate() {
+                let applied = apply_layer(&root, io::BufReader::new(&mut reader), compression);
+                // A layer counts only once its download has checked out.
+                let outcome = reader.outcome();
+                match (applied, outcome) {
+                    (Ok(stats), Ok(())) => info!(layer = i, entries = stats.entries, whiteouts = stats.whiteouts, "layer applied"),
+                    // The download's failure is the cause: it is reported.
+                    (_, Err(_)) => return (i, None, started.elapsed()),
+                    (Err(e), Ok(())) => return (i, Some(e), started.elapsed()),
+                }
+            }
+            (usize::MAX, None, started.elapsed())
+        });
+        let started = Instant::now();
+        let mut downloads = Box::pin(futures::future::try_join_all(downloads));
+        let mut apply = apply;
+        let mut progress = std::pin::pin!(progress);
+        let mut files = None;
+        // Until the layers are applied; a failed download ends the pull at once (its
+        // spool tells the unpacker, which stops), and a failed unpack ends the
+        // downloads.
+        let applied = loop {
+            tokio::select! {
+                r = &mut downloads, if files.is_none() => match r {
+                    Ok(f) => {
+                        report.download = started.elapsed();
+                        files = Some(f);
+                    }
+                    Err(e) => {
+                        drop(downloads);
+                        let _ = apply.await;
+                        return Err(e);
+                    }
+                },
+                a = &mut apply => break a,
+                () = &mut progress => unreachable!("progress reports until the pull ends"),
+            }
+        };
+        let (failed, error, unpack) = applied.map_err(|e| {
+            layer_err(self.layers[0].0, UnpackError::Read(io::Error::other(e.to_string())))
+        })?;
+        if let Some(e) = error {
+            return Err(layer_err(self.layers[failed].0, e));
+        }
+        let files = match files {
+            Some(f) => f,
+            None => {
+                let f = downloads.await?;
+                report.download = started.elapsed();
+                f
+            }
+        };
+        for f in &files {
+            let _ = std::fs::remove_file(f);
+        }
+        report.unpack = unpack;
+        report.verify = Duration::from_nanos(hashing_ns.load(Ordering::Relaxed));
+        report.bytes = downloaded.load(Ordering::Relaxed);
+        report.layers = self.layers.len();
+        Ok(())
+    }
 }
 
 fn cached_report() -> PullReport {
