@@ -514,7 +514,11 @@ impl Fetch<'_> {
         let apply = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             for (i, (compression, mut reader)) in plan.into_iter().enumerate() {
-                let applied = apply_layer(&root, io::BufReader::new(&mut reader), compression);
+                let applied = apply_layer(
+                    &root,
+                    io::BufReader::with_capacity(256 << 10, &mut reader),
+                    compression,
+                );
                 // A layer counts only once its download has checked out.
                 let outcome = reader.outcome();
                 match (applied, outcome) {
