@@ -42,6 +42,7 @@ fn main() {
         registry::image_cache_ls_cap_and_prune,
         registry::concurrent_pulls_download_each_layer_once,
         registry::bad_images_are_refused,
+        registry::a_manifest_list_resolves_to_linux_amd64,
         registry_auth::https_with_basic_auth,
         registry_auth::bearer_token_auth,
         registry_layers::multi_layer_image_matches_umoci,

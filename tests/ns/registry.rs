@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::ensure;
-use joey_tests::registry::{tar_dir, ImageCache, Layer, LayerCompression, TestRegistry};
+use joey_tests::registry::{tar_dir, Image, ImageCache, Layer, LayerCompression, TestRegistry};
 
 use crate::common::env;
 
@@ -233,13 +233,20 @@ pub async fn image_cache_ls_cap_and_prune() -> anyhow::Result<()> {
 /// for the first pull and uses its cache entry.
 pub async fn concurrent_pulls_download_each_layer_once() -> anyhow::Result<()> {
     let reg = TestRegistry::start().await?;
-    reg.push(
-        &env().rootfs,
-        "conc:1",
-        serde_json::json!({"Cmd": ["/bin/echo", "c"]}),
-    )
-    .await?;
+    let digest = reg
+        .push(
+            &env().rootfs,
+            "conc:1",
+            serde_json::json!({"Cmd": ["/bin/echo", "c"]}),
+        )
+        .await?;
     let cache = ImageCache::new()?;
+    // What a pull killed earlier left: the next pull of the image removes it.
+    let stale = cache.path().join(format!(
+        "images/.pull-{}-4194304",
+        digest.trim_start_matches("sha256:")
+    ));
+    std::fs::create_dir_all(stale.join("rootfs/half-made"))?;
     let reference = format!("{}/conc:1", reg.addr);
     let args = ["run", "--ns", "--ref", reference.as_str()];
     let one = || cache.joeyctl(&env().joeyctl, &args, &[]);
@@ -253,6 +260,12 @@ pub async fn concurrent_pulls_download_each_layer_once() -> anyhow::Result<()> {
             o.stderr
         );
     }
+    let left: Vec<_> = std::fs::read_dir(cache.path().join("images"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    ensure!(left.is_empty(), "left in the cache: {left:?}");
     // Each pull fetches the manifest and the config blob; only one fetches the layer.
     let blob_gets = reg
         .log()
@@ -267,6 +280,75 @@ pub async fn concurrent_pulls_download_each_layer_once() -> anyhow::Result<()> {
         blob_gets == 3,
         "{blob_gets} blob downloads (2 configs + 1 layer expected):\n{}",
         reg.log()
+    );
+    Ok(())
+}
+
+/// A manifest list resolves to its linux/amd64 image, by tag and by the list's digest
+/// (which then works offline too).
+pub async fn a_manifest_list_resolves_to_linux_amd64() -> anyhow::Result<()> {
+    let mut reg = TestRegistry::start().await?;
+    let marker = |arch: &str| -> anyhow::Result<Layer> {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(arch.len() as u64);
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_data(&mut h, "arch", arch.as_bytes())?;
+        Ok(Layer {
+            tar: b.into_inner()?,
+            compression: LayerCompression::Gzip,
+        })
+    };
+    let base = Layer {
+        tar: tar_dir(&env().rootfs)?,
+        compression: LayerCompression::Gzip,
+    };
+    let (arm, amd) = ([base.clone(), marker("arm64")?], [base, marker("amd64")?]);
+    let cmd = serde_json::json!({"Cmd": ["/bin/cat", "/arch"]});
+    let images = [
+        Image {
+            layers: &arm,
+            config: cmd.clone(),
+            architecture: "arm64",
+        },
+        Image {
+            layers: &amd,
+            config: cmd,
+            architecture: "amd64",
+        },
+    ];
+    let (list, manifests) = reg.push_index(&images, "multi:1").await?;
+    let cache = ImageCache::new()?;
+    let by_tag = format!("{}/multi:1", reg.addr);
+    let by_digest = format!("{}/multi@{list}", reg.addr);
+    for (reference, what) in [(&by_tag, "by tag"), (&by_digest, "by the list's digest")] {
+        let o = cache
+            .joeyctl(&env().joeyctl, &["run", "--ns", "--ref", reference], &[])
+            .await?;
+        ensure!(
+            o.code == 0 && o.stdout == "amd64",
+            "{what}: {} {:?} {}",
+            o.code,
+            o.stdout,
+            o.stderr
+        );
+    }
+    ensure!(
+        cache.entry(&manifests[1]).join("rootfs/arch").exists()
+            && !cache.entry(&manifests[0]).exists(),
+        "the cache holds another image than the amd64 one"
+    );
+    reg.stop();
+    let o = cache
+        .joeyctl(&env().joeyctl, &["run", "--ns", "--ref", &by_digest], &[])
+        .await?;
+    ensure!(
+        o.code == 0 && o.stdout == "amd64",
+        "offline by the list's digest: {} {:?} {}",
+        o.code,
+        o.stdout,
+        o.stderr
     );
     Ok(())
 }
@@ -303,7 +385,10 @@ pub async fn bad_images_are_refused() -> anyhow::Result<()> {
     std::fs::write(&file, bytes)?;
     let file = reg.blob_file(&layers[1]);
     let len = std::fs::metadata(&file)?.len();
-    std::fs::OpenOptions::new().write(true).open(&file)?.set_len(len / 2)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)?
+        .set_len(len / 2)?;
     // A layer whose entry climbs out of the root (the tar crate refuses to write `..`,
     // so the header is made by hand).
     let mut h = tar::Header::new_gnu();
@@ -326,7 +411,10 @@ pub async fn bad_images_are_refused() -> anyhow::Result<()> {
         ("bad:truncated", Some(&layers[1])),
         ("bad:escape", Some(&layers[2])),
         ("nosuchrepo:1", None),
-        ("bad@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef", None),
+        (
+            "bad@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            None,
+        ),
     ];
     for (name, layer) in cases {
         let reference = format!("{}/{name}", reg.addr);

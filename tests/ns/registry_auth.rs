@@ -86,10 +86,21 @@ pub async fn https_with_basic_auth() -> anyhow::Result<()> {
     refused(&o, &reference, "--ca FILE", "without the CA")?;
     let o = run(&cache, &reference, &["--ca", ca], &[]).await?;
     refused(&o, &reference, "--creds", "without credentials")?;
-    let o = run(&cache, &reference, &["--ca", ca, "--creds", "joey:wrong"], &[]).await?;
+    let o = run(
+        &cache,
+        &reference,
+        &["--ca", ca, "--creds", "joey:wrong"],
+        &[],
+    )
+    .await?;
     refused(&o, &reference, "--creds", "with a wrong password")?;
     let o = run(&cache, &reference, &["--ca", "/nonexistent/ca.pem"], &[]).await?;
-    refused(&o, "/nonexistent/ca.pem", "No such file", "with a missing CA file")?;
+    refused(
+        &o,
+        "/nonexistent/ca.pem",
+        "No such file",
+        "with a missing CA file",
+    )?;
     nothing_cached(&cache)?;
 
     let o = run(&cache, &reference, &["--ca", ca, "--creds", &creds], &[]).await?;
@@ -104,8 +115,7 @@ pub async fn https_with_basic_auth() -> anyhow::Result<()> {
     };
     std::fs::write(
         docker.path().join("config.json"),
-        serde_json::json!({"auths": {format!("https://{}", reg.addr): {"auth": auth}}})
-            .to_string(),
+        serde_json::json!({"auths": {format!("https://{}", reg.addr): {"auth": auth}}}).to_string(),
     )?;
     let o = run(
         &cache,

@@ -171,7 +171,10 @@ pub async fn multi_layer_image_matches_umoci() -> anyhow::Result<()> {
             E::Link("data/link", "a"),
             E::Hard("data/hard", "data/b"),
             E::Dir("etc"),
-            E::File("etc/passwd", "root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/:/bin/sh\n"),
+            E::File(
+                "etc/passwd",
+                "root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/:/bin/sh\n",
+            ),
             E::File("etc/group", "root:x:0:\napp:x:1000:\nextra:x:2000:app\n"),
         ],
         LayerCompression::Zstd,

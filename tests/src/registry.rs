@@ -16,10 +16,16 @@ use crate::{run_command_env, wait_until, Output};
 pub enum Auth {
     Anonymous,
     /// The registry asks for basic auth (an htpasswd file, bcrypt).
-    Basic { user: String, password: String },
+    Basic {
+        user: String,
+        password: String,
+    },
     /// The registry asks for a bearer token from the harness's token issuer, which
     /// gives one to these credentials only.
-    Token { user: String, password: String },
+    Token {
+        user: String,
+        password: String,
+    },
 }
 
 impl Auth {
@@ -80,8 +86,18 @@ fn openssl(args: &[&str], dir: &Path) -> anyhow::Result<()> {
 fn self_signed(dir: &Path, name: &str) -> anyhow::Result<()> {
     openssl(
         &[
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-            &format!("/CN={name}"), "-keyout", &format!("{name}.key"), "-out",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
             &format!("{name}.pem"),
         ],
         dir,
@@ -98,15 +114,36 @@ fn server_certificate(dir: &Path, ip: &str) -> anyhow::Result<()> {
     )?;
     openssl(
         &[
-            "req", "-newkey", "rsa:2048", "-nodes", "-subj", &format!("/CN={ip}"), "-keyout",
-            "server.key", "-out", "server.csr",
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            &format!("/CN={ip}"),
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
         ],
         dir,
     )?;
     openssl(
         &[
-            "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "2", "-extfile", "server.ext", "-out", "server.pem",
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.pem",
         ],
         dir,
     )
@@ -247,8 +284,34 @@ impl TestRegistry {
     ) -> anyhow::Result<String> {
         let layout = self.layout(repo_tag);
         let digest = write_layout(layers, &layout, config)?;
+        self.copy(&layout, repo_tag).await?;
+        Ok(digest)
+    }
+
+    /// Pushes a manifest list of `images` as `repo:tag`. Returns the list's digest and
+    /// each image's manifest digest.
+    pub async fn push_index(
+        &self,
+        images: &[Image<'_>],
+        repo_tag: &str,
+    ) -> anyhow::Result<(String, Vec<String>)> {
+        let layout = self.layout(repo_tag);
+        let digests = write_index_layout(images, &layout)?;
+        self.copy(&layout, repo_tag).await?;
+        Ok(digests)
+    }
+
+    /// `skopeo copy` of `layout`'s `latest` (every image of a list, digests kept) to
+    /// `repo:tag` in this registry.
+    async fn copy(&self, layout: &Path, repo_tag: &str) -> anyhow::Result<()> {
         let mut cmd = tokio::process::Command::new("skopeo");
-        cmd.args(["copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false"]);
+        cmd.args([
+            "copy",
+            "--quiet",
+            "--all",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+        ]);
         if let Some(c) = self.auth.creds() {
             cmd.arg("--dest-creds").arg(c);
         }
@@ -264,7 +327,7 @@ impl TestRegistry {
             String::from_utf8_lossy(&out.stderr),
             self.log()
         );
-        Ok(digest)
+        Ok(())
     }
 }
 
@@ -474,28 +537,33 @@ pub fn tar_dir(rootfs: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(tar.into_inner()?)
 }
 
-/// Writes an OCI image layout holding one image, tagged `latest`, of `layers` and a
-/// config with `config`. Returns the manifest's digest.
-pub fn write_layout(
-    layers: &[Layer],
-    layout: &Path,
-    config: serde_json::Value,
-) -> anyhow::Result<String> {
+/// One image of a layout: its layers (bottom first), its config's `config` object, and
+/// its architecture.
+pub struct Image<'a> {
+    pub layers: &'a [Layer],
+    pub config: serde_json::Value,
+    pub architecture: &'a str,
+}
+
+/// Writes `bytes` as a blob of `layout`; returns its digest and size.
+fn put_blob(layout: &Path, bytes: &[u8]) -> anyhow::Result<(String, usize)> {
     let blobs = layout.join("blobs/sha256");
     std::fs::create_dir_all(&blobs)?;
-    let put = |bytes: &[u8]| -> anyhow::Result<(String, usize)> {
-        let hex = format!("{:x}", Sha256::digest(bytes));
-        std::fs::write(blobs.join(&hex), bytes)?;
-        Ok((format!("sha256:{hex}"), bytes.len()))
-    };
+    let hex = format!("{:x}", Sha256::digest(bytes));
+    std::fs::write(blobs.join(&hex), bytes)?;
+    Ok((format!("sha256:{hex}"), bytes.len()))
+}
+
+/// Writes `image`'s layers, config and manifest as blobs of `layout`; returns the
+/// manifest's descriptor (with the image's platform).
+fn put_image(layout: &Path, image: &Image<'_>) -> anyhow::Result<serde_json::Value> {
     let mut descriptors = Vec::new();
     let mut diff_ids = Vec::new();
-    for l in layers {
+    for l in image.layers {
         let (bytes, media_type) = match l.compression {
             LayerCompression::None => (l.tar.clone(), "application/vnd.oci.image.layer.v1.tar"),
             LayerCompression::Gzip => {
-                let mut gz =
-                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
                 gz.write_all(&l.tar)?;
                 (gz.finish()?, "application/vnd.oci.image.layer.v1.tar+gzip")
             }
@@ -504,38 +572,90 @@ pub fn write_layout(
                 "application/vnd.oci.image.layer.v1.tar+zstd",
             ),
         };
-        let (digest, size) = put(&bytes)?;
-        descriptors.push(serde_json::json!({"mediaType": media_type, "digest": digest, "size": size}));
+        let (digest, size) = put_blob(layout, &bytes)?;
+        descriptors
+            .push(serde_json::json!({"mediaType": media_type, "digest": digest, "size": size}));
         diff_ids.push(format!("sha256:{:x}", Sha256::digest(&l.tar)));
     }
     let image_config = serde_json::json!({
-        "architecture": "amd64",
+        "architecture": image.architecture,
         "os": "linux",
-        "config": config,
+        "config": image.config,
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     });
-    let (cfg, cfg_size) = put(&serde_json::to_vec(&image_config)?)?;
+    let (cfg, cfg_size) = put_blob(layout, &serde_json::to_vec(&image_config)?)?;
     let manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg, "size": cfg_size},
         "layers": descriptors,
     });
-    let (man, man_size) = put(&serde_json::to_vec(&manifest)?)?;
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": man, "size": man_size,
-            "annotations": {"org.opencontainers.image.ref.name": "latest"},
-        }],
-    });
+    let (digest, size) = put_blob(layout, &serde_json::to_vec(&manifest)?)?;
+    Ok(serde_json::json!({
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": digest, "size": size,
+        "platform": {"architecture": image.architecture, "os": "linux"},
+    }))
+}
+
+/// Writes `layout`'s `index.json` naming `descriptor` as `latest`.
+fn tag_latest(layout: &Path, mut descriptor: serde_json::Value) -> anyhow::Result<String> {
+    descriptor["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": "latest"});
+    let digest = descriptor["digest"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [descriptor]});
     std::fs::write(layout.join("index.json"), serde_json::to_vec(&index)?)?;
     std::fs::write(
         layout.join("oci-layout"),
         br#"{"imageLayoutVersion":"1.0.0"}"#,
     )?;
-    Ok(man)
+    Ok(digest)
+}
+
+/// Writes an OCI image layout holding one amd64 image, tagged `latest`, of `layers`
+/// and a config with `config`. Returns the manifest's digest.
+pub fn write_layout(
+    layers: &[Layer],
+    layout: &Path,
+    config: serde_json::Value,
+) -> anyhow::Result<String> {
+    let image = Image {
+        layers,
+        config,
+        architecture: "amd64",
+    };
+    let mut descriptor = put_image(layout, &image)?;
+    descriptor.as_object_mut().map(|d| d.remove("platform"));
+    tag_latest(layout, descriptor)
+}
+
+/// Writes an OCI image layout whose `latest` is an image index (a manifest list) of
+/// `images`. Returns the index's digest and each image's manifest digest.
+pub fn write_index_layout(
+    images: &[Image<'_>],
+    layout: &Path,
+) -> anyhow::Result<(String, Vec<String>)> {
+    let manifests = images
+        .iter()
+        .map(|i| put_image(layout, i))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let digests = manifests
+        .iter()
+        .map(|m| m["digest"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests,
+    });
+    let (digest, size) = put_blob(layout, &serde_json::to_vec(&index)?)?;
+    let descriptor = serde_json::json!({
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "digest": digest, "size": size,
+    });
+    Ok((tag_latest(layout, descriptor)?, digests))
 }
 
 /// An image cache of one test's own (`JOEY_CACHE` for the joeyctl runs it makes).

@@ -6,7 +6,7 @@
 pub mod digest;
 pub mod pull;
 pub mod reference;
-pub mod spool;
 pub mod registry;
+pub mod spool;
 pub mod store;
 pub mod unpack;

@@ -23,9 +23,9 @@ use tokio::io::AsyncWriteExt;
 use tracing::info;
 
 use super::digest::{Digest, Verifier};
-use super::spool::{self, SpoolReader};
 use super::reference::Reference;
 use super::registry::RegistrySettings;
+use super::spool::{self, SpoolReader};
 use super::store::ImageStore;
 use super::unpack::{apply_layer, Compression, UnpackError};
 
@@ -372,8 +372,16 @@ pub async fn pull(
     if entry.join("digest").exists() {
         report.cached = true;
     } else {
-        let scratch = images.join(format!(".pull-{}-{}", digest.hex(), std::process::id()));
-        let _ = std::fs::remove_dir_all(&scratch);
+        // Holding the lock, this is the only pull of the image: scratch entries of it
+        // that are left were left by pulls that were killed.
+        let prefix = format!(".pull-{}-", digest.hex());
+        for stale in std::fs::read_dir(&images).into_iter().flatten().flatten() {
+            if stale.file_name().to_string_lossy().starts_with(&prefix) {
+                info!(path = %stale.path().display(), "removing a killed pull's scratch entry");
+                let _ = std::fs::remove_dir_all(stale.path());
+            }
+        }
+        let scratch = images.join(format!("{prefix}{}", std::process::id()));
         let mut guard = Scratch(Some(scratch.clone()));
         let rootfs = scratch.join("rootfs");
         let layers_dir = scratch.join("layers");
@@ -455,7 +463,11 @@ impl Fetch<'_> {
             spools.push((path, spool));
             readers.push(reader);
         }
-        let total: u64 = self.layers.iter().map(|(l, _, _)| l.size.max(0) as u64).sum();
+        let total: u64 = self
+            .layers
+            .iter()
+            .map(|(l, _, _)| l.size.max(0) as u64)
+            .sum();
         let downloaded = AtomicU64::new(0);
         let hashing_ns = AtomicU64::new(0);
         let progress = async {
@@ -469,40 +481,48 @@ impl Fetch<'_> {
             }
         };
         let (downloaded, hashing_ns) = (&downloaded, &hashing_ns);
-        let downloads = self.layers.iter().zip(spools).map(|((layer, d, _), (path, spool))| {
-            let err = move |e| dl_err(layer, e);
-            async move {
-                // Asked as a range from byte 0, which a registry answers with the
-                // whole blob: the client then leaves the digest to the verifier here
-                // rather than hashing every byte a second time.
-                let mut blob = match self.client.pull_blob_stream_partial(self.oref, *layer, 0, None).await {
-                    Ok(BlobResponse::Full(s) | BlobResponse::Partial(s)) => s,
-                    Err(e) => return Err(err(io::Error::other(e.to_string()))),
-                };
-                let mut f = tokio::fs::OpenOptions::new()
-                    .append(true)
-                    .open(&path)
-                    .await
-                    .map_err(err)?;
-                let mut verifier = Verifier::new(d.clone());
-                while let Some(chunk) = blob.stream.next().await {
-                    let chunk = chunk.map_err(err)?;
-                    downloaded.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                    let t = Instant::now();
-                    verifier.update(&chunk);
-                    hashing_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                    // Flushed before the unpacker is told: tokio's file writes
-                    // complete in the background.
-                    f.write_all(&chunk).await.map_err(err)?;
-                    f.flush().await.map_err(err)?;
-                    spool.wrote(chunk.len() as u64);
+        let downloads = self
+            .layers
+            .iter()
+            .zip(spools)
+            .map(|((layer, d, _), (path, spool))| {
+                let err = move |e| dl_err(layer, e);
+                async move {
+                    // Asked as a range from byte 0, which a registry answers with the
+                    // whole blob: the client then leaves the digest to the verifier here
+                    // rather than hashing every byte a second time.
+                    let mut blob = match self
+                        .client
+                        .pull_blob_stream_partial(self.oref, *layer, 0, None)
+                        .await
+                    {
+                        Ok(BlobResponse::Full(s) | BlobResponse::Partial(s)) => s,
+                        Err(e) => return Err(err(io::Error::other(e.to_string()))),
+                    };
+                    let mut f = tokio::fs::OpenOptions::new()
+                        .append(true)
+                        .open(&path)
+                        .await
+                        .map_err(err)?;
+                    let mut verifier = Verifier::new(d.clone());
+                    while let Some(chunk) = blob.stream.next().await {
+                        let chunk = chunk.map_err(err)?;
+                        downloaded.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                        let t = Instant::now();
+                        verifier.update(&chunk);
+                        hashing_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                        // Flushed before the unpacker is told: tokio's file writes
+                        // complete in the background.
+                        f.write_all(&chunk).await.map_err(err)?;
+                        f.flush().await.map_err(err)?;
+                        spool.wrote(chunk.len() as u64);
+                    }
+                    let checked = verifier.finish();
+                    spool.finish(checked.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                    checked.map_err(|e| err(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+                    Ok::<_, PullError>(path)
                 }
-                let checked = verifier.finish();
-                spool.finish(checked.as_ref().map(|_| ()).map_err(|e| e.to_string()));
-                checked.map_err(|e| err(io::Error::new(io::ErrorKind::InvalidData, e)))?;
-                Ok::<_, PullError>(path)
-            }
-        });
+            });
         // The layers are applied in order, each as its bytes arrive.
         let plan: Vec<(Compression, SpoolReader)> = self
             .layers
@@ -522,7 +542,12 @@ impl Fetch<'_> {
                 // A layer counts only once its download has checked out.
                 let outcome = reader.outcome();
                 match (applied, outcome) {
-                    (Ok(stats), Ok(())) => info!(layer = i, entries = stats.entries, whiteouts = stats.whiteouts, "layer applied"),
+                    (Ok(stats), Ok(())) => info!(
+                        layer = i,
+                        entries = stats.entries,
+                        whiteouts = stats.whiteouts,
+                        "layer applied"
+                    ),
                     // The download's failure is the cause: it is reported.
                     (_, Err(_)) => return (i, None, started.elapsed()),
                     (Err(e), Ok(())) => return (i, Some(e), started.elapsed()),
@@ -556,7 +581,10 @@ impl Fetch<'_> {
             }
         };
         let (failed, error, unpack) = applied.map_err(|e| {
-            layer_err(self.layers[0].0, UnpackError::Read(io::Error::other(e.to_string())))
+            layer_err(
+                self.layers[0].0,
+                UnpackError::Read(io::Error::other(e.to_string())),
+            )
         })?;
         if let Some(e) = error {
             return Err(layer_err(self.layers[failed].0, e));

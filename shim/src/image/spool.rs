@@ -55,11 +55,7 @@ pub fn create(path: &Path) -> io::Result<(Spool, SpoolReader)> {
 
 impl Spool {
     fn update(&self, f: impl FnOnce(&mut State)) {
-        let mut s = self
-            .shared
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut s);
         self.shared.changed.notify_all();
     }
@@ -88,11 +84,7 @@ impl Drop for Spool {
 impl SpoolReader {
     /// Waits for the writer to finish; its result.
     pub fn outcome(&self) -> Result<(), String> {
-        let mut s = self
-            .shared
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(done) = &s.done {
                 return done.clone();
@@ -109,11 +101,7 @@ impl SpoolReader {
 impl Read for SpoolReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let available = {
-            let mut s = self
-                .shared
-                .state
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
             loop {
                 if s.written > self.pos {
                     break s.written - self.pos;
@@ -130,7 +118,9 @@ impl Read for SpoolReader {
                     .unwrap_or_else(|p| p.into_inner());
             }
         };
-        let want = buf.len().min(usize::try_from(available).unwrap_or(usize::MAX));
+        let want = buf
+            .len()
+            .min(usize::try_from(available).unwrap_or(usize::MAX));
         let n = self.file.read_at(&mut buf[..want], self.pos)?;
         if n == 0 {
             return Err(io::Error::new(
@@ -154,7 +144,10 @@ mod tests {
         let path = tmp.path().join("layer");
         let (spool, mut reader) = create(&path).unwrap();
         let writer = std::thread::spawn(move || {
-            let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .unwrap();
             for chunk in [&b"hello "[..], b"spooled ", b"world"] {
                 std::thread::sleep(std::time::Duration::from_millis(5));
                 f.write_all(chunk).unwrap();

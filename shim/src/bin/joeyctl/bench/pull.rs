@@ -86,7 +86,10 @@ async fn floor(r: &Reference, settings: &RegistrySettings) -> anyhow::Result<(Du
     let streams = manifest.layers.iter().map(|layer| {
         let (client, oref) = (&client, &oref);
         async move {
-            let mut s = match client.pull_blob_stream_partial(oref, layer, 0, None).await? {
+            let mut s = match client
+                .pull_blob_stream_partial(oref, layer, 0, None)
+                .await?
+            {
                 BlobResponse::Full(s) | BlobResponse::Partial(s) => s,
             };
             let mut bytes = 0u64;
@@ -96,7 +99,10 @@ async fn floor(r: &Reference, settings: &RegistrySettings) -> anyhow::Result<(Du
             anyhow::Ok(bytes)
         }
     });
-    let bytes = futures::future::try_join_all(streams).await?.into_iter().sum();
+    let bytes = futures::future::try_join_all(streams)
+        .await?
+        .into_iter()
+        .sum();
     Ok((t.elapsed(), bytes))
 }
 
@@ -221,13 +227,19 @@ pub async fn bench_pull(bins: &Binaries, o: &PullBenchOptions) -> anyhow::Result
         "  floor: layers streamed to nothing       {floor:9.1} ms  ({:.0} MiB/s)",
         mib / (floor / 1000.0)
     );
-    println!("  joey pull: resolve                      {:9.1} ms", m(&s.resolve));
+    println!(
+        "  joey pull: resolve                      {:9.1} ms",
+        m(&s.resolve)
+    );
     println!(
         "             download (all layers)       {:9.1} ms  (of which hashing {:.1} ms)",
         m(&s.download),
         m(&s.verify)
     );
-    println!("             unpack                      {:9.1} ms", m(&s.unpack));
+    println!(
+        "             unpack                      {:9.1} ms",
+        m(&s.unpack)
+    );
     println!(
         "             pull total                  {pull_ms:9.1} ms  ({:.2} x floor)",
         pull_ms / floor
@@ -237,7 +249,10 @@ pub async fn bench_pull(bins: &Binaries, o: &PullBenchOptions) -> anyhow::Result
         m(&s.skopeo),
         m(&s.umoci)
     );
-    println!("  ratio joey pull / peer                  {:9.2}", pull_ms / peer);
+    println!(
+        "  ratio joey pull / peer                  {:9.2}",
+        pull_ms / peer
+    );
     println!(
         "  namespace sandbox: start {:.1} ms, container to first output {:.1} ms; cold run to first output {ns_total:.1} ms",
         m(&s.ns_start),
@@ -251,11 +266,7 @@ pub async fn bench_pull(bins: &Binaries, o: &PullBenchOptions) -> anyhow::Result
         m(&s.vm_first)
     );
     for (c, d, kib) in &alternatives {
-        println!(
-            "    EROFS {:<12} {:9.1} ms  {kib} KiB",
-            c.name(),
-            ms(*d)
-        );
+        println!("    EROFS {:<12} {:9.1} ms  {kib} KiB", c.name(), ms(*d));
     }
     println!(
         "bench-pull: iterations={n} layers={layers} mib={mib:.1} floor_ms={floor:.1} resolve_ms={:.1} download_ms={:.1} hash_ms={:.1} unpack_ms={:.1} pull_ms={pull_ms:.1} pull_vs_floor={:.2} peer_ms={peer:.1} pull_vs_peer={:.2} ns_first_output_ms={ns_total:.1} vm_erofs_ms={:.1} vm_first_output_ms={vm_total:.1}",
@@ -328,7 +339,14 @@ async fn iterations(
                 alternatives.push((c, t.elapsed(), kib));
             }
             let kib = std::fs::metadata(pulled.dir.join("rootfs.erofs"))?.len() / 1024;
-            alternatives.insert(0, (Compression::None, *s.erofs.last().unwrap_or(&Duration::ZERO), kib));
+            alternatives.insert(
+                0,
+                (
+                    Compression::None,
+                    *s.erofs.last().unwrap_or(&Duration::ZERO),
+                    kib,
+                ),
+            );
         }
         std::fs::remove_dir_all(store.root())?;
 
