@@ -118,13 +118,10 @@ pub async fn run_by_tag_digest_and_offline() -> anyhow::Result<()> {
         );
     }
     // Nothing half-made was left in the cache.
-    let leftovers: Vec<_> = std::fs::read_dir(cache.path().join("images"))?
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".pull-"))
-        .collect();
+    let leftovers = cache.hidden();
     ensure!(
         leftovers.is_empty(),
-        "half-made entries left: {leftovers:?}"
+        "half-made entries or locks left: {leftovers:?}"
     );
     Ok(())
 }
@@ -260,11 +257,7 @@ pub async fn concurrent_pulls_download_each_layer_once() -> anyhow::Result<()> {
             o.stderr
         );
     }
-    let left: Vec<_> = std::fs::read_dir(cache.path().join("images"))?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.'))
-        .collect();
+    let left = cache.hidden();
     ensure!(left.is_empty(), "left in the cache: {left:?}");
     // Each pull fetches the manifest and the config blob; only one fetches the layer.
     let blob_gets = reg
@@ -430,11 +423,7 @@ pub async fn bad_images_are_refused() -> anyhow::Result<()> {
             o.stderr
         );
     }
-    let left: Vec<_> = std::fs::read_dir(cache.path().join("images"))?
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.file_name())
-        .collect();
+    let left = cache.entries();
     ensure!(left.is_empty(), "left in the cache: {left:?}");
     ensure!(
         !std::path::Path::new("/tmp/escape").exists() && !cache.path().join("escape").exists(),

@@ -50,14 +50,7 @@ fn pulled(o: &Output, what: &str) -> anyhow::Result<()> {
 }
 
 fn nothing_cached(cache: &ImageCache) -> anyhow::Result<()> {
-    let images = cache.path().join("images");
-    let left: Vec<_> = std::fs::read_dir(&images)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.file_name())
-        .collect();
+    let left = cache.entries();
     ensure!(left.is_empty(), "left in the cache: {left:?}");
     Ok(())
 }

@@ -674,6 +674,30 @@ impl ImageCache {
         self.dir.path()
     }
 
+    /// The names in the cache's image directory for which `keep` holds (none if
+    /// there is no such directory yet).
+    fn names(&self, keep: impl Fn(&std::fs::DirEntry, &str) -> bool) -> Vec<String> {
+        std::fs::read_dir(self.path().join("images"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                keep(&e, &name).then_some(name)
+            })
+            .collect()
+    }
+
+    /// The images in the cache (their entries' names).
+    pub fn entries(&self) -> Vec<String> {
+        self.names(|e, name| !name.starts_with('.') && e.file_type().is_ok_and(|t| t.is_dir()))
+    }
+
+    /// What is in the cache besides entries: lock files and pulls' scratch entries.
+    pub fn hidden(&self) -> Vec<String> {
+        self.names(|_, name| name.starts_with('.'))
+    }
+
     /// The cache entry of the image whose manifest digest is `digest`.
     pub fn entry(&self, digest: &str) -> PathBuf {
         self.path()
