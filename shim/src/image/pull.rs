@@ -2,20 +2,20 @@
 //! `~/.cache/joey/images/<manifest digest>/` with `rootfs/` and `config.json`).
 //!
 //! The manifest (a list resolved to linux/amd64) and the config are fetched first;
-//! the layers download concurrently into the entry's scratch directory, then are
-//! applied in order, each checked against its digest as it streams. The entry is
-//! made under a temporary name and renamed into place only when whole, so a killed
-//! pull leaves nothing a later run would trust. A reference by digest whose image is
-//! cached needs no registry.
+//! then the layers download concurrently, each spooled to a file of the entry's
+//! scratch directory and checked against its digest as it streams, while they are
+//! applied in order as their bytes arrive; a layer counts only once its digest checked
+//! out. The entry is made under a temporary name and renamed into place only when
+//! whole, so a killed pull leaves nothing a later run would trust (the next pull of
+//! the image removes what it left). A reference by digest whose image is cached
+//! needs no registry.
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use std::time::Instant;
-
 use oci_client::client::BlobResponse;
 use oci_client::errors::OciDistributionError;
 use oci_client::manifest::OciDescriptor;
