@@ -4,6 +4,7 @@ mod cache;
 mod guest;
 mod kernel;
 mod manifest;
+mod nydus;
 mod run;
 
 use std::path::PathBuf;
@@ -42,6 +43,48 @@ enum Cmd {
         #[arg(long, default_value = "images/guest.manifest")]
         manifest: PathBuf,
     },
+    /// A Nydus (RAFS v6) image of SRC: a directory, an OCI image layout (DIR or
+    /// DIR:TAG), or an image reference (host[:port]/repo[:tag|@digest]).
+    Nydus {
+        #[arg(value_name = "SRC")]
+        source: String,
+        /// Write the image as a new OCI image layout here (tagged `latest`).
+        #[arg(
+            short = 'o',
+            long = "output",
+            value_name = "OUT_LAYOUT",
+            required_unless_present = "push"
+        )]
+        output: Option<PathBuf>,
+        /// Push the image to this reference (blobs first, the tag last).
+        #[arg(long, value_name = "REF")]
+        push: Option<String>,
+        /// Chunk size: a power of two from 4K to 16M (suffixes K, M).
+        #[arg(long, default_value = "1M", value_parser = parse_size)]
+        chunk_size: u32,
+        /// How chunks are compressed.
+        #[arg(long, value_enum, default_value = "zstd")]
+        compressor: nydus::build::Compressor,
+        #[command(flatten)]
+        registry: joey_shim::image::registry::RegistryArgs,
+    },
+}
+
+/// `4096`, `64K`, `1M`.
+fn parse_size(s: &str) -> Result<u32, String> {
+    let (digits, unit) = match s.strip_suffix(['K', 'k']) {
+        Some(d) => (d, 1u64 << 10),
+        None => match s.strip_suffix(['M', 'm']) {
+            Some(d) => (d, 1 << 20),
+            None => (s, 1),
+        },
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| format!("{s:?}: expected a size such as 4096, 64K or 1M"))
 }
 
 fn main() {
@@ -57,6 +100,23 @@ fn main() {
             bzimage,
             jobs: jobs
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+        }),
+        Cmd::Nydus {
+            source,
+            output,
+            push,
+            chunk_size,
+            compressor,
+            registry,
+        } => nydus::run(&nydus::NydusOptions {
+            source,
+            output,
+            push,
+            build: nydus::build::BuildOptions {
+                chunk_size,
+                compressor,
+            },
+            registry,
         }),
         Cmd::Build { manifest } => {
             let workspace = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));

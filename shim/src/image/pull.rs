@@ -422,6 +422,47 @@ pub async fn pull(
     PulledImage::load(entry, &shown, report)
 }
 
+/// Downloads blob `layer` of `oref` into the file at `path` (appending), checking its
+/// bytes against `digest` as they arrive; `on_bytes` hears of each chunk once it is in
+/// the file, and the time spent hashing is added to `hashing_ns`.
+pub async fn download_blob(
+    client: &oci_client::Client,
+    oref: &oci_client::Reference,
+    layer: &OciDescriptor,
+    digest: &Digest,
+    path: &Path,
+    mut on_bytes: impl FnMut(u64),
+    hashing_ns: &AtomicU64,
+) -> io::Result<u64> {
+    // Asked as a range from byte 0, which a registry answers with the whole blob: the
+    // client then leaves the digest to the verifier here rather than hashing every
+    // byte a second time.
+    let mut blob = match client.pull_blob_stream_partial(oref, layer, 0, None).await {
+        Ok(BlobResponse::Full(s) | BlobResponse::Partial(s)) => s,
+        Err(e) => return Err(io::Error::other(e.to_string())),
+    };
+    let mut f = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .await?;
+    let mut verifier = Verifier::new(digest.clone());
+    while let Some(chunk) = blob.stream.next().await {
+        let chunk = chunk?;
+        let t = Instant::now();
+        verifier.update(&chunk);
+        hashing_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        // Flushed before anyone is told: tokio's file writes complete in the
+        // background.
+        f.write_all(&chunk).await?;
+        f.flush().await?;
+        on_bytes(chunk.len() as u64);
+    }
+    verifier
+        .finish()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
 /// The layers of one image, downloaded and applied.
 struct Fetch<'a> {
     client: &'a oci_client::Client,
@@ -488,38 +529,22 @@ impl Fetch<'_> {
             .map(|((layer, d, _), (path, spool))| {
                 let err = move |e| dl_err(layer, e);
                 async move {
-                    // Asked as a range from byte 0, which a registry answers with the
-                    // whole blob: the client then leaves the digest to the verifier here
-                    // rather than hashing every byte a second time.
-                    let mut blob = match self
-                        .client
-                        .pull_blob_stream_partial(self.oref, *layer, 0, None)
-                        .await
-                    {
-                        Ok(BlobResponse::Full(s) | BlobResponse::Partial(s)) => s,
-                        Err(e) => return Err(err(io::Error::other(e.to_string()))),
+                    let on_bytes = |n: u64| {
+                        downloaded.fetch_add(n, Ordering::Relaxed);
+                        spool.wrote(n);
                     };
-                    let mut f = tokio::fs::OpenOptions::new()
-                        .append(true)
-                        .open(&path)
-                        .await
-                        .map_err(err)?;
-                    let mut verifier = Verifier::new(d.clone());
-                    while let Some(chunk) = blob.stream.next().await {
-                        let chunk = chunk.map_err(err)?;
-                        downloaded.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                        let t = Instant::now();
-                        verifier.update(&chunk);
-                        hashing_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                        // Flushed before the unpacker is told: tokio's file writes
-                        // complete in the background.
-                        f.write_all(&chunk).await.map_err(err)?;
-                        f.flush().await.map_err(err)?;
-                        spool.wrote(chunk.len() as u64);
-                    }
-                    let checked = verifier.finish();
-                    spool.finish(checked.as_ref().map(|_| ()).map_err(|e| e.to_string()));
-                    checked.map_err(|e| err(io::Error::new(io::ErrorKind::InvalidData, e)))?;
+                    let r = download_blob(
+                        self.client,
+                        self.oref,
+                        layer,
+                        d,
+                        &path,
+                        on_bytes,
+                        hashing_ns,
+                    )
+                    .await;
+                    spool.finish(r.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                    r.map_err(err)?;
                     Ok::<_, PullError>(path)
                 }
             });

@@ -83,13 +83,28 @@ pub struct RegistrySettings {
     pub docker_config: Option<PathBuf>,
 }
 
-/// What the command line says about registries.
-#[derive(Debug, Clone, Default)]
+/// What the command line says about registries (the options of every command that
+/// reaches one).
+#[derive(clap::Args, Debug, Clone, Default)]
 pub struct RegistryArgs {
+    /// A registry (`host:port`) reached over plain http (repeatable; also
+    /// `JOEY_INSECURE_REGISTRIES`; loopback always is).
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     pub insecure: Vec<String>,
+    /// A PEM file of CA certificates trusted besides the system's (repeatable).
+    #[arg(long, value_name = "FILE")]
     pub ca: Vec<PathBuf>,
-    /// `USER:PASSWORD` for `registry`.
+    /// Credentials for the image's registry (default: its entry in
+    /// `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`).
+    #[arg(long, value_name = "USER:PASSWORD")]
     pub creds: Option<String>,
+}
+
+impl RegistryArgs {
+    /// The registry settings for reaching `registry`.
+    pub fn settings(&self, registry: &str) -> Result<RegistrySettings, SettingsError> {
+        RegistrySettings::new(self, registry)
+    }
 }
 
 impl RegistrySettings {

@@ -67,16 +67,20 @@ pub fn apply_layer(
     layer: impl Read,
     compression: Compression,
 ) -> Result<LayerStats, UnpackError> {
-    let decompressed: Box<dyn Read + '_> = match compression {
-        Compression::None => Box::new(layer),
-        // Possibly many members: parallel compressors (pgzip, which umoci uses) write
-        // one per block.
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(layer)),
-        Compression::Zstd => {
-            Box::new(zstd::stream::read::Decoder::new(layer).map_err(UnpackError::Read)?)
-        }
-    };
-    apply_tar(root, decompressed)
+    apply_tar(root, compression.decoder(layer).map_err(UnpackError::Read)?)
+}
+
+impl Compression {
+    /// The layer's tar stream, decompressed from `layer`.
+    pub fn decoder<'a>(self, layer: impl Read + 'a) -> io::Result<Box<dyn Read + 'a>> {
+        Ok(match self {
+            Compression::None => Box::new(layer),
+            // Possibly many members: parallel compressors (pgzip, which umoci uses)
+            // write one per block.
+            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(layer)),
+            Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(layer)?),
+        })
+    }
 }
 
 fn apply_tar(root: &Path, input: impl Read) -> Result<LayerStats, UnpackError> {

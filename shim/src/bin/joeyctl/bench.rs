@@ -7,7 +7,7 @@ use std::time::Duration;
 use joey_shim::binaries::Binaries;
 use joey_shim::vm::{Artifacts, VmOptions};
 
-use crate::image::RegistryOpts;
+use joey_shim::image::registry::RegistryArgs;
 
 pub mod ns;
 pub mod pull;
@@ -35,7 +35,7 @@ pub struct BenchArgs {
     #[arg(long = "ref", value_name = "REF")]
     reference: Option<String>,
     #[command(flatten)]
-    registry: RegistryOpts,
+    registry: RegistryArgs,
     /// Iterations (default: 20, 3 with --pull).
     #[arg(long)]
     iterations: Option<usize>,

@@ -1,52 +1,22 @@
-//! `joeyctl image` and the registry options every command that pulls takes.
-
-use std::path::PathBuf;
+//! `joeyctl image`, and the pull a run makes.
 
 use anyhow::Context;
 use clap::Subcommand;
 use joey_shim::image::pull::{pull, PullPolicy, PulledImage};
 use joey_shim::image::reference::Reference;
-use joey_shim::image::registry::{RegistryArgs, RegistrySettings};
+use joey_shim::image::registry::RegistryArgs;
 use joey_shim::image::store::{self, ImageStore};
-
-/// How to reach registries.
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct RegistryOpts {
-    /// A registry (`host:port`) reached over plain http (repeatable; also
-    /// `JOEY_INSECURE_REGISTRIES`; loopback always is).
-    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
-    pub insecure_registry: Vec<String>,
-    /// A PEM file of CA certificates trusted besides the system's (repeatable).
-    #[arg(long, value_name = "FILE")]
-    pub ca: Vec<PathBuf>,
-    /// Credentials for the image's registry (default: its entry in
-    /// `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`).
-    #[arg(long, value_name = "USER:PASSWORD")]
-    pub creds: Option<String>,
-}
-
-impl RegistryOpts {
-    /// The registry settings for pulling `r`.
-    pub fn settings(&self, r: &Reference) -> anyhow::Result<RegistrySettings> {
-        let args = RegistryArgs {
-            insecure: self.insecure_registry.clone(),
-            ca: self.ca.clone(),
-            creds: self.creds.clone(),
-        };
-        Ok(RegistrySettings::new(&args, &r.registry)?)
-    }
-}
 
 /// Pulls `reference` (as `policy` allows) for a run: the image and a hold on it that
 /// keeps the cache's size cap from evicting it while the container runs.
 pub async fn pull_for_run(
     reference: &str,
-    opts: &RegistryOpts,
+    opts: &RegistryArgs,
     policy: PullPolicy,
 ) -> anyhow::Result<(PulledImage, store::InUse)> {
     let r = Reference::parse(reference)?;
     let images = ImageStore::default();
-    let pulled = pull(&images, &r, &opts.settings(&r)?, policy).await?;
+    let pulled = pull(&images, &r, &opts.settings(&r.registry)?, policy).await?;
     tracing::info!(image = %r, digest = %pulled.digest, report = ?pulled.report, "image ready");
     let in_use =
         store::use_image(&pulled.dir).with_context(|| format!("hold {}", pulled.dir.display()))?;

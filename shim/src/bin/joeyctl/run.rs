@@ -16,7 +16,7 @@ use joey_shim::vm::{Artifacts, VmOptions, VmSandbox};
 use joey_shim::watch::Watch;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
-use crate::image::RegistryOpts;
+use joey_shim::image::registry::RegistryArgs;
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -36,7 +36,7 @@ pub struct RunArgs {
     #[arg(long = "ref", value_name = "REF", conflicts_with = "image")]
     reference: Option<String>,
     #[command(flatten)]
-    registry: RegistryOpts,
+    registry: RegistryArgs,
     /// With --ref: when to ask the registry: `missing` (only if the cache has
     /// nothing for REF), `always`, or `never` (default: a tag is resolved every
     /// time, a digest the cache has is not).

@@ -35,11 +35,11 @@ use joey_shim::vm::VmOptions;
 use oci_client::client::BlobResponse;
 
 use super::{median, median_ms, ms};
-use crate::image::RegistryOpts;
+use joey_shim::image::registry::RegistryArgs;
 
 pub struct PullBenchOptions {
     pub reference: String,
-    pub registry: RegistryOpts,
+    pub registry: RegistryArgs,
     pub iterations: usize,
     /// The microVM to run the pulled image in.
     pub vm: VmOptions,
@@ -189,7 +189,7 @@ pub async fn bench_pull(bins: &Binaries, o: &PullBenchOptions) -> anyhow::Result
         }
     }
     let r = Reference::parse(&o.reference)?;
-    let settings = o.registry.settings(&r)?;
+    let settings = o.registry.settings(&r.registry)?;
     let n = o.iterations.max(1);
     let work = joey_shim::cache::cache_dir().join(format!("bench-pull-{}", std::process::id()));
     let result = iterations(bins, o, &r, &settings, n, &work).await;

@@ -1,0 +1,240 @@
+//! `rootfs-builder nydus`: an ordinary image (a directory, an OCI image layout, or an
+//! image in a registry) converted to a Nydus (RAFS v6) image in the layout Nydus's own
+//! tools write ([`layout`]), written as an OCI image layout and/or pushed ([`push`]).
+//!
+//! Each OCI layer becomes one data blob ([`build`]), so two images that share a base
+//! layer share its blob; a directory gives one blob. The layers' bootstraps are merged
+//! into one. Everything is made in a work directory and the output layout is renamed
+//! into place only when whole; a push sends the tag last.
+
+pub mod build;
+pub mod layout;
+pub mod push;
+pub mod source;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use joey_shim::image::registry::RegistryArgs;
+
+use build::{BuildOptions, LayerBlob, LayerInput};
+use source::Source;
+
+pub struct NydusOptions {
+    pub source: String,
+    pub output: Option<PathBuf>,
+    pub push: Option<String>,
+    pub build: BuildOptions,
+    pub registry: RegistryArgs,
+}
+
+/// Removes the work directory however the conversion ends.
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// A minimal image config for a directory source.
+fn directory_config() -> serde_json::Value {
+    serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": []},
+    })
+}
+
+pub fn run(opts: &NydusOptions) -> Result<()> {
+    let started = Instant::now();
+    let source = Source::parse(&opts.source)?;
+    if let Some(out) = &opts.output {
+        if out.exists() {
+            bail!(
+                "{}: already exists (the output is a new OCI image layout)",
+                out.display()
+            );
+        }
+    }
+    let push_ref = opts
+        .push
+        .as_deref()
+        .map(joey_shim::image::reference::Reference::parse)
+        .transpose()?;
+    let work = joey_shim::cache::cache_dir().join(format!("nydus-work-{}", std::process::id()));
+    std::fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
+    let _work = WorkDir(work.clone());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+
+    // The source's layers.
+    let (config, inputs) = match &source {
+        Source::Dir(d) => (
+            directory_config(),
+            vec![(format!("directory {}", d.display()), d.clone(), true)],
+        ),
+        Source::Layout { dir, tag } => {
+            let img = source::from_layout(dir, tag.as_deref(), &work)?;
+            let inputs = img
+                .layers
+                .into_iter()
+                .map(|l| (l.digest, l.tar, false))
+                .collect();
+            (img.config, inputs)
+        }
+        Source::Registry(r) => {
+            eprintln!("rootfs-builder: pulling {r}");
+            let settings = opts.registry.settings(&r.registry)?;
+            let img = rt.block_on(source::from_registry(r, &settings, &work))?;
+            let inputs = img
+                .layers
+                .into_iter()
+                .map(|l| (l.digest, l.tar, false))
+                .collect();
+            (img.config, inputs)
+        }
+    };
+
+    // One blob per layer.
+    let n = inputs.len();
+    let mut layers: Vec<LayerBlob> = Vec::new();
+    for (i, (name, path, is_dir)) in inputs.iter().enumerate() {
+        let t = Instant::now();
+        let input = if *is_dir {
+            LayerInput::Dir(path)
+        } else {
+            LayerInput::Tar(path)
+        };
+        let in_size = if *is_dir {
+            0
+        } else {
+            std::fs::metadata(path)?.len()
+        };
+        let blob = build::build_layer(input, i, &work, &opts.build)
+            .with_context(|| format!("layer {}/{n} ({name})", i + 1))?;
+        eprintln!(
+            "rootfs-builder: layer {}/{n} {name}: {}blob sha256:{} {:.1} MiB, {} chunks, {:.1} s",
+            i + 1,
+            if *is_dir {
+                String::new()
+            } else {
+                format!("{:.1} MiB tar → ", mib(in_size))
+            },
+            &blob.hex[..12],
+            mib(blob.size),
+            blob.chunks,
+            t.elapsed().as_secs_f64()
+        );
+        if !*is_dir {
+            let _ = std::fs::remove_file(path);
+        }
+        layers.push(blob);
+    }
+    if layers.is_empty() {
+        bail!("{}: the image has no layers", opts.source);
+    }
+    let bootstrap = work.join("bootstrap");
+    build::merge(&layers, &bootstrap)?;
+    let stats = build::tree_stats(&bootstrap)?;
+
+    // The layout, in the work directory until it is whole.
+    let staged = work.join("layout");
+    let mut image = layout::write(&staged, &layers, &bootstrap, config, "latest")?;
+    let mut pushed = None;
+    if let Some(r) = &push_ref {
+        let settings = opts.registry.settings(&r.registry)?;
+        eprintln!("rootfs-builder: pushing {r}");
+        pushed = Some(rt.block_on(push::push(&image, r, &settings))?);
+    }
+    if let Some(out) = &opts.output {
+        move_into_place(&staged, out)?;
+        image.layout = out.clone();
+    }
+
+    let elapsed = started.elapsed().as_secs_f64();
+    let blob_bytes: u64 = layers.iter().map(|l| l.size).sum();
+    let unique_chunks: u64 = layers.iter().map(|l| l.chunks).sum();
+    let uncompressed: u64 = layers.iter().map(|l| l.uncompressed).sum();
+    println!(
+        "nydus image: {} files, {} directories, {} symlinks, {:.1} MiB in regular files",
+        stats.files,
+        stats.dirs,
+        stats.links,
+        mib(stats.bytes)
+    );
+    println!(
+        "  chunks: {} referenced, {} stored ({:.1} MiB before compression); dedup ratio {:.2}",
+        stats.chunk_refs,
+        unique_chunks,
+        mib(uncompressed),
+        if uncompressed == 0 {
+            1.0
+        } else {
+            stats.bytes as f64 / uncompressed as f64
+        }
+    );
+    println!(
+        "  {} data blob{} {:.1} MiB, bootstrap {:.1} KiB ({:.1} KiB in its layer), chunk size {} KiB, {:?}",
+        layers.len(),
+        if layers.len() == 1 { "" } else { "s" },
+        mib(blob_bytes),
+        image.bootstrap_size as f64 / 1024.0,
+        image.layers.last().map_or(0, |b| b.size) as f64 / 1024.0,
+        opts.build.chunk_size / 1024,
+        opts.build.compressor,
+    );
+    println!(
+        "  {elapsed:.1} s, {:.1} MiB/s of file data; manifest {}",
+        mib(stats.bytes) / elapsed.max(1e-9),
+        image.manifest.digest
+    );
+    if let Some(out) = &opts.output {
+        println!("  written to {}", out.display());
+    }
+    if let (Some(r), Some(p)) = (&push_ref, pushed) {
+        println!(
+            "  pushed to {r}: {} blobs sent ({:.1} MiB), {} already there",
+            p.blobs_sent,
+            mib(p.bytes_sent),
+            p.blobs_present
+        );
+    }
+    Ok(())
+}
+
+/// Renames the staged layout to `out` (copying when they are on different
+/// filesystems, to a temporary name first), so `out` appears whole or not at all.
+fn move_into_place(staged: &Path, out: &Path) -> Result<()> {
+    if std::fs::rename(staged, out).is_ok() {
+        return Ok(());
+    }
+    let name = out.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = out.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let copied = copy_dir(staged, &tmp).and_then(|()| Ok(std::fs::rename(&tmp, out)?));
+    if copied.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    copied.with_context(|| format!("write {}", out.display()))
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &target)?;
+        } else {
+            std::fs::copy(e.path(), &target)?;
+        }
+    }
+    Ok(())
+}

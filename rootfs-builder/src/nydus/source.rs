@@ -1,0 +1,254 @@
+//! What `rootfs-builder nydus` converts: a directory (one layer), an OCI image layout
+//! (`DIR` or `DIR:TAG`), or an image in a registry. An OCI image's layers are each
+//! checked against their digest and decompressed into a plain tar stream in the work
+//! directory, which is what the Nydus builder reads.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+
+use anyhow::{bail, ensure, Context, Result};
+use joey_shim::image::digest::{Digest, Verifier};
+use joey_shim::image::reference::Reference;
+use joey_shim::image::registry::RegistrySettings;
+use joey_shim::image::unpack::Compression;
+
+/// The source, as the command line names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Dir(PathBuf),
+    Layout { dir: PathBuf, tag: Option<String> },
+    Registry(Reference),
+}
+
+impl Source {
+    /// A directory with an `oci-layout` file is an OCI image layout (`DIR:TAG` picks a
+    /// tag); another directory is a rootfs; anything else an image reference.
+    pub fn parse(s: &str) -> Result<Self> {
+        let layout = |dir: &Path| dir.join("oci-layout").is_file();
+        let p = Path::new(s);
+        if p.is_dir() {
+            return Ok(if layout(p) {
+                Source::Layout {
+                    dir: p.to_path_buf(),
+                    tag: None,
+                }
+            } else {
+                Source::Dir(p.to_path_buf())
+            });
+        }
+        if let Some((dir, tag)) = s.rsplit_once(':') {
+            if layout(Path::new(dir)) {
+                return Ok(Source::Layout {
+                    dir: dir.into(),
+                    tag: Some(tag.into()),
+                });
+            }
+        }
+        if s.starts_with('/') || s.starts_with('.') {
+            bail!("{s}: no such directory");
+        }
+        Ok(Source::Registry(Reference::parse(s)?))
+    }
+}
+
+/// One layer of an OCI image, ready for the builder.
+#[derive(Debug)]
+pub struct OciLayer {
+    /// Its digest in the source image.
+    pub digest: String,
+    /// Its uncompressed tar stream.
+    pub tar: PathBuf,
+}
+
+/// An OCI image taken apart: its config and its layers, bottom first.
+#[derive(Debug)]
+pub struct OciImage {
+    pub config: serde_json::Value,
+    pub layers: Vec<OciLayer>,
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{} is not JSON", path.display()))
+}
+
+/// The blob `digest` of the layout at `dir`, checked against its digest.
+fn layout_blob(dir: &Path, digest: &str) -> Result<Vec<u8>> {
+    let d = Digest::parse(digest)?;
+    let path = dir.join("blobs/sha256").join(d.hex());
+    let bytes = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
+    let mut v = Verifier::new(d);
+    v.update(&bytes);
+    v.finish().with_context(|| format!("{}", path.display()))?;
+    Ok(bytes)
+}
+
+/// The linux/amd64 manifest an index names (or the manifest itself).
+fn resolve_manifest(dir: &Path, descriptor: &serde_json::Value) -> Result<serde_json::Value> {
+    let digest = descriptor["digest"]
+        .as_str()
+        .context("a descriptor without a digest")?;
+    let doc: serde_json::Value = serde_json::from_slice(&layout_blob(dir, digest)?)?;
+    let is_index = doc["manifests"].is_array();
+    if !is_index {
+        return Ok(doc);
+    }
+    let amd64 = doc["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["platform"]["os"] == "linux" && m["platform"]["architecture"] == "amd64")
+        .with_context(|| format!("index {digest} has no linux/amd64 image"))?;
+    resolve_manifest(dir, amd64)
+}
+
+/// Decompresses blob `path` (`compression`) into `out`, checking that its bytes hash to
+/// `digest` as they are read.
+fn unpack_layer(path: &Path, digest: &str, compression: Compression, out: &Path) -> Result<()> {
+    struct Hashing<R> {
+        inner: R,
+        verifier: Verifier,
+    }
+    impl<R: Read> Read for Hashing<R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.verifier.update(&buf[..n]);
+            Ok(n)
+        }
+    }
+    let file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut hashing = Hashing {
+        inner: std::io::BufReader::new(file),
+        verifier: Verifier::new(Digest::parse(digest)?),
+    };
+    let mut tar = std::fs::File::create(out)?;
+    {
+        let mut decoder = compression.decoder(&mut hashing)?;
+        std::io::copy(&mut decoder, &mut tar)
+            .with_context(|| format!("layer {digest}: decompress"))?;
+    }
+    // The digest covers every byte of the blob, also any after the compressed stream.
+    std::io::copy(&mut hashing, &mut std::io::sink())?;
+    hashing
+        .verifier
+        .finish()
+        .with_context(|| format!("layer {digest}"))?;
+    Ok(())
+}
+
+/// The image `manifest` (whose blobs are the files `blob(digest)`), its layers
+/// decompressed into `work`.
+fn take_apart(
+    manifest: &serde_json::Value,
+    config: serde_json::Value,
+    blob: impl Fn(&str) -> PathBuf,
+    work: &Path,
+) -> Result<OciImage> {
+    let mut layers = Vec::new();
+    for (i, layer) in manifest["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let digest = layer["digest"]
+            .as_str()
+            .context("a layer without a digest")?
+            .to_string();
+        let media_type = layer["mediaType"].as_str().unwrap_or_default();
+        if media_type.contains("nydus") {
+            bail!("layer {digest} is already a Nydus layer ({media_type})");
+        }
+        let compression =
+            Compression::from_media_type(media_type).with_context(|| format!("layer {digest}"))?;
+        let tar = work.join(format!("source-{i}.tar"));
+        unpack_layer(&blob(&digest), &digest, compression, &tar)?;
+        layers.push(OciLayer { digest, tar });
+    }
+    Ok(OciImage { config, layers })
+}
+
+/// The image of the OCI layout at `dir` (the one named `tag`, else its only one).
+pub fn from_layout(dir: &Path, tag: Option<&str>, work: &Path) -> Result<OciImage> {
+    let index = read_json(&dir.join("index.json"))?;
+    let entries: Vec<&serde_json::Value> = index["manifests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect();
+    let entry = match tag {
+        Some(t) => entries
+            .iter()
+            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == t)
+            .with_context(|| format!("{}: no image tagged {t:?}", dir.display()))?,
+        None => {
+            ensure!(
+                entries.len() == 1,
+                "{}: {} images; name one as DIR:TAG",
+                dir.display(),
+                entries.len()
+            );
+            entries[0]
+        }
+    };
+    let manifest = resolve_manifest(dir, entry)?;
+    let config_digest = manifest["config"]["digest"]
+        .as_str()
+        .context("a manifest without a config")?;
+    let config = serde_json::from_slice(&layout_blob(dir, config_digest)?)?;
+    let blobs = dir.join("blobs/sha256");
+    take_apart(
+        &manifest,
+        config,
+        |d| blobs.join(d.trim_start_matches("sha256:")),
+        work,
+    )
+}
+
+/// The image `r` from its registry: manifest and config, then every layer downloaded
+/// (checked against its digest) into `work`.
+pub async fn from_registry(
+    r: &Reference,
+    settings: &RegistrySettings,
+    work: &Path,
+) -> Result<OciImage> {
+    let shown = r.to_string();
+    let client = settings.client(&r.registry);
+    let oref: oci_client::Reference = shown.parse()?;
+    let (manifest, _, config) = client
+        .pull_manifest_and_config(&oref, &settings.auth(&r.registry)?)
+        .await
+        .with_context(|| shown.clone())?;
+    let hashing = AtomicU64::new(0);
+    let downloads = manifest.layers.iter().enumerate().map(|(i, layer)| {
+        let (client, oref, hashing, shown) = (&client, &oref, &hashing, &shown);
+        let path = work.join(format!("download-{i}"));
+        async move {
+            let d = Digest::parse(&layer.digest)?;
+            joey_shim::image::pull::download_blob(client, oref, layer, &d, &path, |_| {}, hashing)
+                .await
+                .with_context(|| format!("{shown}: download layer {}", layer.digest))?;
+            anyhow::Ok((layer.digest.clone(), path))
+        }
+    });
+    let files: std::collections::HashMap<String, PathBuf> =
+        futures::future::try_join_all(downloads)
+            .await?
+            .into_iter()
+            .collect();
+    let manifest = serde_json::to_value(&manifest)?;
+    let config =
+        serde_json::from_str(&config).with_context(|| format!("{shown}: the image config"))?;
+    let image = take_apart(
+        &manifest,
+        config,
+        |d| files.get(d).cloned().unwrap_or_default(),
+        work,
+    )
+    .with_context(|| shown.clone())?;
+    for f in files.values() {
+        let _ = std::fs::remove_file(f);
+    }
+    Ok(image)
+}
