@@ -16,6 +16,8 @@ use joey_tests::{bin_dir, require_file};
 pub struct Env {
     pub bins: Binaries,
     pub joeyctl: PathBuf,
+    pub rootfs_builder: PathBuf,
+    pub imaged: PathBuf,
     pub rootfs: PathBuf,
 }
 
@@ -36,7 +38,9 @@ pub fn detect() -> Result<(), String> {
     let dir = bin_dir();
     let bins = Binaries::in_dir(&dir);
     let joeyctl = dir.join("joeyctl");
-    for p in [&bins.init, &bins.agent, &joeyctl] {
+    let rootfs_builder = dir.join("rootfs-builder");
+    let imaged = dir.join("joey-imaged");
+    for p in [&bins.init, &bins.agent, &joeyctl, &rootfs_builder, &imaged] {
         require_file(p, "build the binaries first: cargo build --workspace")?;
     }
     let busybox = Path::new(joey_shim::rootfs::DEFAULT_BUSYBOX);
@@ -60,6 +64,8 @@ pub fn detect() -> Result<(), String> {
     let _ = ENV.set(Env {
         bins,
         joeyctl,
+        rootfs_builder,
+        imaged,
         rootfs,
     });
     Ok(())

@@ -4,6 +4,7 @@
 mod bad_input;
 mod cli;
 mod common;
+mod nydus;
 mod registry;
 mod registry_auth;
 mod registry_layers;
@@ -46,6 +47,8 @@ fn main() {
         registry_auth::https_with_basic_auth,
         registry_auth::bearer_token_auth,
         registry_layers::multi_layer_image_matches_umoci,
+        nydus::a_directory_converts_to_an_equal_tree,
+        nydus::an_oci_layout_converts_like_umoci_unpacks_it,
     ];
     // The vsock transport needs a host vsock device, which these machines lack: that
     // is a property of the machine, not of the tier, so it is skipped even in strict mode.

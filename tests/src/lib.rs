@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::{Arguments, Failed, Trial};
 
+pub mod nydus;
 pub mod registry;
+pub mod tree;
 
 pub const STRICT_ENV: &str = "JOEY_REQUIRE_ALL_TIERS";
 

@@ -1,0 +1,72 @@
+//! A Nydus image mounted for a test: `joey-imaged mount LAYOUT MOUNTPOINT` running until
+//! the mount is dropped.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::wait_until;
+
+pub struct MountedImage {
+    pub dir: PathBuf,
+    child: std::process::Child,
+    _tmp: tempfile::TempDir,
+}
+
+fn mounted(dir: &Path) -> bool {
+    let target = dir.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|m| {
+        m.lines()
+            .any(|l| l.split(' ').nth(4) == Some(target.as_str()))
+    })
+}
+
+impl MountedImage {
+    /// Mounts the Nydus image of the OCI layout `layout` with `imaged`.
+    pub async fn mount(imaged: &Path, layout: &Path) -> anyhow::Result<Self> {
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path().join("mnt");
+        std::fs::create_dir(&dir)?;
+        let log = tmp.path().join("imaged.log");
+        let mut child = std::process::Command::new(imaged)
+            .arg("mount")
+            .arg(layout)
+            .arg(&dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("start joey-imaged")?;
+        let up = wait_until("the FUSE mount", Duration::from_secs(20), || mounted(&dir)).await;
+        if up.is_err() || child.try_wait()?.is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "joey-imaged did not mount {}: {}",
+                layout.display(),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        Ok(MountedImage {
+            dir,
+            child,
+            _tmp: tmp,
+        })
+    }
+}
+
+impl Drop for MountedImage {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
+        // The service ends with its mount; a bounded wait, then a kill.
+        for _ in 0..50 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
