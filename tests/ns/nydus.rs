@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use joey_tests::nydus::MountedImage;
-use joey_tests::registry::{write_layout, Layer, LayerCompression};
+use joey_tests::registry::{write_layout, Layer, LayerCompression, TestRegistry};
 use joey_tests::tree::{differences, overlay_layers, tree};
 use joey_tests::{run_command_env, Output};
 
@@ -210,5 +210,256 @@ pub async fn an_oci_layout_converts_like_umoci_unpacks_it() -> anyhow::Result<()
             "{p}: present should be {present}"
         );
     }
+    Ok(())
+}
+
+/// What the registry `reg` holds under `repo:tag`: the manifest the tag names.
+fn tagged(reg: &TestRegistry, repo: &str, tag: &str) -> anyhow::Result<String> {
+    let link = reg.storage().join(format!(
+        "docker/registry/v2/repositories/{repo}/_manifests/tags/{tag}/current/link"
+    ));
+    Ok(std::fs::read_to_string(&link)
+        .with_context(|| format!("{repo}:{tag} is not tagged"))?
+        .trim()
+        .to_string())
+}
+
+fn blob_json(reg: &TestRegistry, digest: &str) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_slice(&std::fs::read(
+        reg.blob_file(digest),
+    )?)?)
+}
+
+/// Two images sharing a base layer, pushed one after the other: the second push finds
+/// the base layer's blob in the registry and does not send it again. What the
+/// registry holds is the layout Nydus's tools write: an index whose entry has
+/// `os.features: ["nydus.remoteimage.v1"]`, blob layers and the bootstrap last with
+/// their media types and annotations, and a config whose `diff_ids` name the blobs
+/// and the bootstrap's tar.
+pub async fn pushed_images_share_a_base_layer_in_nydus_format() -> anyhow::Result<()> {
+    let reg = TestRegistry::start().await?;
+    let tmp = tempfile::tempdir()?;
+    let base = Layer {
+        tar: joey_tests::registry::tar_dir(&env().rootfs)?,
+        compression: LayerCompression::Gzip,
+    };
+    let mut pushed = Vec::new();
+    for name in ["one", "two"] {
+        let top = joey_tests::tree::layer(
+            &[joey_tests::tree::E::File(name, name)],
+            LayerCompression::Gzip,
+        )?;
+        let src = tmp.path().join(name);
+        write_layout(
+            &[base.clone(), top],
+            &src,
+            serde_json::json!({"Cmd": ["/bin/sh"]}),
+        )?;
+        let reference = format!("{}/nyd:{name}", reg.addr);
+        let o = rootfs_builder(&["nydus", path(&src), "--push", &reference]).await?;
+        converted(&o, name)?;
+        pushed.push(o.stdout);
+    }
+    ensure!(
+        pushed[1].contains("1 already there"),
+        "the second push did not find the shared base blob:\n{}",
+        pushed[1]
+    );
+    // The format, field by field.
+    let index_digest = tagged(&reg, "nyd", "two")?;
+    let index = blob_json(&reg, &index_digest)?;
+    ensure!(
+        index["mediaType"] == "application/vnd.oci.image.index.v1+json"
+            && index["manifests"].as_array().map(Vec::len) == Some(1)
+            && index["manifests"][0]["platform"]["os.features"]
+                == serde_json::json!(["nydus.remoteimage.v1"])
+            && index["manifests"][0]["platform"]["architecture"] == "amd64",
+        "index: {index}"
+    );
+    let manifest_digest = index["manifests"][0]["digest"].as_str().unwrap_or_default();
+    let manifest = blob_json(&reg, manifest_digest)?;
+    let layers = manifest["layers"].as_array().context("no layers")?;
+    ensure!(layers.len() == 3, "two blobs and a bootstrap: {manifest}");
+    for blob in &layers[..2] {
+        ensure!(
+            blob["mediaType"] == "application/vnd.oci.image.layer.nydus.blob.v1"
+                && blob["annotations"]
+                    == serde_json::json!({"containerd.io/snapshot/nydus-blob": "true"}),
+            "blob layer: {blob}"
+        );
+    }
+    let boot = &layers[2];
+    ensure!(
+        boot["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
+            && boot["annotations"]
+                == serde_json::json!({
+                    "containerd.io/snapshot/nydus-bootstrap": "true",
+                    "containerd.io/snapshot/nydus-fs-version": "6",
+                }),
+        "bootstrap layer: {boot}"
+    );
+    // The bootstrap layer holds image/image.boot; the config's diff_ids name the blobs
+    // (their own digests) and then the bootstrap tar.
+    let gz = std::fs::read(reg.blob_file(boot["digest"].as_str().unwrap_or_default()))?;
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut raw)?;
+    let names: Vec<String> = tar::Archive::new(&raw[..])
+        .entries()?
+        .filter_map(|e| e.ok()?.path().ok().map(|p| p.display().to_string()))
+        .collect();
+    ensure!(
+        names == ["image", "image/image.boot"],
+        "bootstrap tar: {names:?}"
+    );
+    let config = blob_json(
+        &reg,
+        manifest["config"]["digest"].as_str().unwrap_or_default(),
+    )?;
+    let raw_digest = {
+        use sha2::Digest;
+        format!("sha256:{:x}", sha2::Sha256::digest(&raw))
+    };
+    let expected: Vec<serde_json::Value> = layers[..2]
+        .iter()
+        .map(|l| l["digest"].clone())
+        .chain([raw_digest.into()])
+        .collect();
+    ensure!(
+        config["rootfs"]["diff_ids"] == serde_json::Value::Array(expected.clone()),
+        "config diff_ids {} != {expected:?}",
+        config["rootfs"]
+    );
+    ensure!(
+        config["history"].as_array().and_then(|h| h.last())
+            == Some(
+                &serde_json::json!({"created_by": "Nydus Converter", "comment": "Nydus Bootstrap Layer"})
+            ),
+        "config history: {}",
+        config["history"]
+    );
+    // Both images' base blob is one blob.
+    let other = blob_json(&reg, &tagged(&reg, "nyd", "one")?)?;
+    let other = blob_json(
+        &reg,
+        other["manifests"][0]["digest"].as_str().unwrap_or_default(),
+    )?;
+    ensure!(
+        other["layers"][0]["digest"] == layers[0]["digest"],
+        "the base layers' blobs differ"
+    );
+    Ok(())
+}
+
+/// Bad sources and destinations are refused with an error naming the object, and
+/// leave no output: a layer whose bytes do not match its digest, a layer with an
+/// entry outside the root, an unreachable source registry, an unreachable push
+/// destination, an output that already exists.
+pub async fn bad_input_is_refused_and_leaves_nothing() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let good = Layer {
+        tar: joey_tests::registry::tar_dir(&env().rootfs)?,
+        compression: LayerCompression::Gzip,
+    };
+    // A layout whose layer blob was altered after it was written.
+    let corrupt = tmp.path().join("corrupt");
+    let digest = write_layout(std::slice::from_ref(&good), &corrupt, serde_json::json!({}))?;
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        corrupt
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:")),
+    )?)?;
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let file = corrupt
+        .join("blobs/sha256")
+        .join(layer.trim_start_matches("sha256:"));
+    let mut bytes = std::fs::read(&file)?;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&file, bytes)?;
+    // A layout whose layer climbs out of the root.
+    let mut h = tar::Header::new_gnu();
+    h.set_size(1);
+    h.set_mode(0o644);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.as_gnu_mut().expect("a GNU header").name[..12].copy_from_slice(b"../../escape");
+    h.set_cksum();
+    let mut b = tar::Builder::new(Vec::new());
+    b.append(&h, &b"e"[..])?;
+    let escaping = tmp.path().join("escaping");
+    write_layout(
+        &[Layer {
+            tar: b.into_inner()?,
+            compression: LayerCompression::Gzip,
+        }],
+        &escaping,
+        serde_json::json!({}),
+    )?;
+    let mut reg = TestRegistry::start().await?;
+    let gone = reg.addr.clone();
+    reg.stop();
+    let existing = tmp.path().join("existing");
+    std::fs::create_dir(&existing)?;
+    let out = tmp.path().join("out");
+    let cases: Vec<(Vec<String>, String)> = vec![
+        (
+            vec![path(&corrupt).into(), "-o".into(), path(&out).into()],
+            layer.clone(),
+        ),
+        (
+            vec![path(&escaping).into(), "-o".into(), path(&out).into()],
+            "escape".into(),
+        ),
+        (
+            vec![format!("{gone}/nothing:1"), "-o".into(), path(&out).into()],
+            format!("{gone}/nothing:1"),
+        ),
+        (
+            vec![
+                path(&env().rootfs).into(),
+                "-o".into(),
+                path(&out).into(),
+                "--push".into(),
+                format!("{gone}/pushed:1"),
+            ],
+            format!("{gone}/pushed:1"),
+        ),
+        (
+            vec![
+                path(&env().rootfs).into(),
+                "-o".into(),
+                path(&existing).into(),
+            ],
+            "already exists".into(),
+        ),
+    ];
+    for (args, named) in cases {
+        let mut all = vec!["nydus"];
+        all.extend(args.iter().map(String::as_str));
+        let o = rootfs_builder(&all).await?;
+        ensure!(
+            o.code != 0 && o.stderr.contains(&named),
+            "{args:?}: expected a failure naming {named}: {} {}{}",
+            o.code,
+            o.stdout,
+            o.stderr
+        );
+        ensure!(!out.exists(), "{args:?}: left {}", out.display());
+    }
+    ensure!(
+        !tmp.path().join("escape").exists() && !Path::new("/escape").exists(),
+        "the escaping entry was written"
+    );
+    // Nothing of the conversions is left in the work directory.
+    let work: Vec<_> = std::fs::read_dir(joey_shim::cache::cache_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("nydus-work-"))
+        .map(|e| e.path())
+        .collect();
+    ensure!(work.is_empty(), "work directories left: {work:?}");
     Ok(())
 }

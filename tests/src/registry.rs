@@ -233,12 +233,16 @@ impl TestRegistry {
         std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
     }
 
+    /// The registry's storage directory.
+    pub fn storage(&self) -> PathBuf {
+        self.dir.path().join("storage")
+    }
+
     /// The file the registry serves blob `digest` (`sha256:…`) from.
     pub fn blob_file(&self, digest: &str) -> std::path::PathBuf {
         let hex = digest.trim_start_matches("sha256:");
-        self.dir
-            .path()
-            .join("storage/docker/registry/v2/blobs/sha256")
+        self.storage()
+            .join("docker/registry/v2/blobs/sha256")
             .join(&hex[..2])
             .join(hex)
             .join("data")

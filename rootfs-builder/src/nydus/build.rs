@@ -133,9 +133,27 @@ pub fn build_layer(
     let mut blob_mgr = BlobManager::new(digest::Algorithm::Sha256, false);
     let mut bootstrap_mgr =
         BootstrapManager::new(Some(ArtifactStorage::SingleFile(bootstrap.clone())), None);
-    builder
-        .build(&mut ctx, &mut bootstrap_mgr, &mut blob_mgr)
-        .with_context(|| format!("build a RAFS v6 layer from {}", source.display()))?;
+    // nydus-builder panics on some input it does not expect: that is an error of this
+    // layer, not the end of the program.
+    let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        builder.build(&mut ctx, &mut bootstrap_mgr, &mut blob_mgr)
+    }));
+    match built {
+        Ok(r) => {
+            r.with_context(|| format!("build a RAFS v6 layer from {}", source.display()))?;
+        }
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            bail!(
+                "build a RAFS v6 layer from {}: the Nydus builder failed: {why}",
+                source.display()
+            );
+        }
+    }
     let (chunks, uncompressed) = blob_mgr
         .get_blobs()
         .iter()

@@ -103,8 +103,28 @@ fn resolve_manifest(dir: &Path, descriptor: &serde_json::Value) -> Result<serde_
     resolve_manifest(dir, amd64)
 }
 
+/// Copies what is read to `out`.
+struct Tee<R, W> {
+    inner: R,
+    out: W,
+}
+
+impl<R: Read, W: std::io::Write> Read for Tee<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.out.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+/// Whether a tar entry's path (or link target) stays inside the image root.
+fn inside_root(p: &Path) -> bool {
+    !p.components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+}
+
 /// Decompresses blob `path` (`compression`) into `out`, checking that its bytes hash to
-/// `digest` as they are read.
+/// `digest` as they are read and that no entry reaches outside the image root.
 fn unpack_layer(path: &Path, digest: &str, compression: Compression, out: &Path) -> Result<()> {
     struct Hashing<R> {
         inner: R,
@@ -122,11 +142,37 @@ fn unpack_layer(path: &Path, digest: &str, compression: Compression, out: &Path)
         inner: std::io::BufReader::new(file),
         verifier: Verifier::new(Digest::parse(digest)?),
     };
-    let mut tar = std::fs::File::create(out)?;
+    let tar = std::io::BufWriter::new(std::fs::File::create(out)?);
     {
-        let mut decoder = compression.decoder(&mut hashing)?;
-        std::io::copy(&mut decoder, &mut tar)
+        let decoder = compression.decoder(&mut hashing)?;
+        let mut archive = tar::Archive::new(Tee {
+            inner: decoder,
+            out: tar,
+        });
+        for entry in archive
+            .entries()
+            .with_context(|| format!("layer {digest}: read its tar stream"))?
+        {
+            let entry = entry.with_context(|| format!("layer {digest}: read its tar stream"))?;
+            let name = entry.path()?.into_owned();
+            let link = entry.link_name()?.map(|l| l.into_owned());
+            if !inside_root(&name)
+                || link.as_deref().is_some_and(|l| {
+                    entry.header().entry_type() == tar::EntryType::Link && !inside_root(l)
+                })
+            {
+                bail!(
+                    "layer {digest}: entry {:?} reaches outside the image root",
+                    name.display().to_string()
+                );
+            }
+        }
+        // Whatever follows the end of the archive is copied too.
+        let mut rest = archive.into_inner();
+        std::io::copy(&mut rest, &mut std::io::sink())
             .with_context(|| format!("layer {digest}: decompress"))?;
+        use std::io::Write;
+        rest.out.flush()?;
     }
     // The digest covers every byte of the blob, also any after the compressed stream.
     std::io::copy(&mut hashing, &mut std::io::sink())?;
