@@ -59,8 +59,10 @@ enum Cmd {
         /// Push the image to this reference (blobs first, the tag last).
         #[arg(long, value_name = "REF")]
         push: Option<String>,
-        /// Chunk size: a power of two from 4K to 16M (suffixes K, M).
-        #[arg(long, default_value = "1M", value_parser = parse_size)]
+        /// Chunk size: a power of two from 4K to 16M (suffixes K, M). A read inside a
+        /// big file fetches a whole chunk: 256K makes that a quarter of Nydus's usual
+        /// 1M for 2% more blob bytes (README).
+        #[arg(long, default_value = "256K", value_parser = parse_size)]
         chunk_size: u32,
         /// How chunks are compressed.
         #[arg(long, value_enum, default_value = "zstd")]

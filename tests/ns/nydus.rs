@@ -15,10 +15,15 @@ use crate::common::env;
 
 /// `rootfs-builder ARGS`, with a deadline.
 pub async fn rootfs_builder(args: &[&str]) -> anyhow::Result<Output> {
+    rootfs_builder_env(args, &[]).await
+}
+
+/// `rootfs-builder ARGS` with the `extra` environment, with a deadline.
+async fn rootfs_builder_env(args: &[&str], extra: &[(&str, &Path)]) -> anyhow::Result<Output> {
     run_command_env(
         &env().rootfs_builder,
         args,
-        &[],
+        extra,
         b"",
         Duration::from_secs(300),
     )
@@ -337,6 +342,30 @@ pub async fn pushed_images_share_a_base_layer_in_nydus_format() -> anyhow::Resul
         "config history: {}",
         config["history"]
     );
+    // An ordinary image in the registry converts too, written and pushed at once; its
+    // mounted tree is the rootfs it was made of.
+    reg.push(&env().rootfs, "plain:1", serde_json::json!({}))
+        .await?;
+    let out = tmp.path().join("from-registry");
+    let o = rootfs_builder(&[
+        "nydus",
+        &format!("{}/plain:1", reg.addr),
+        "-o",
+        path(&out),
+        "--push",
+        &format!("{}/plain:nydus", reg.addr),
+    ])
+    .await?;
+    converted(&o, "an image from the registry")?;
+    tagged(&reg, "plain", "nydus")?;
+    let mnt = MountedImage::mount(&env().imaged, &out).await?;
+    let differences = differences(&tree(&env().rootfs)?, &tree(&mnt.dir)?);
+    ensure!(
+        differences.is_empty(),
+        "the image converted from the registry differs from its rootfs:\n{}",
+        differences.join("\n")
+    );
+    drop(mnt);
     // Both images' base blob is one blob.
     let other = blob_json(&reg, &tagged(&reg, "nyd", "one")?)?;
     let other = blob_json(
@@ -403,6 +432,8 @@ pub async fn bad_input_is_refused_and_leaves_nothing() -> anyhow::Result<()> {
     let existing = tmp.path().join("existing");
     std::fs::create_dir(&existing)?;
     let out = tmp.path().join("out");
+    // The conversions' own cache, where their work directories go.
+    let cache = tmp.path().join("cache");
     let cases: Vec<(Vec<String>, String)> = vec![
         (
             vec![path(&corrupt).into(), "-o".into(), path(&out).into()],
@@ -438,7 +469,7 @@ pub async fn bad_input_is_refused_and_leaves_nothing() -> anyhow::Result<()> {
     for (args, named) in cases {
         let mut all = vec!["nydus"];
         all.extend(args.iter().map(String::as_str));
-        let o = rootfs_builder(&all).await?;
+        let o = rootfs_builder_env(&all, &[("JOEY_CACHE", &cache)]).await?;
         ensure!(
             o.code != 0 && o.stderr.contains(&named),
             "{args:?}: expected a failure naming {named}: {} {}{}",
@@ -453,11 +484,10 @@ pub async fn bad_input_is_refused_and_leaves_nothing() -> anyhow::Result<()> {
         "the escaping entry was written"
     );
     // Nothing of the conversions is left in the work directory.
-    let work: Vec<_> = std::fs::read_dir(joey_shim::cache::cache_dir())
+    let work: Vec<_> = std::fs::read_dir(&cache)
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("nydus-work-"))
         .map(|e| e.path())
         .collect();
     ensure!(work.is_empty(), "work directories left: {work:?}");

@@ -206,9 +206,9 @@ pub struct TreeStats {
     pub files: u64,
     pub dirs: u64,
     pub links: u64,
-    /// Regular files' bytes.
+    /// Regular files' bytes (a hard-linked file's once).
     pub bytes: u64,
-    /// Chunk references (before dedup).
+    /// Chunk references (before dedup; a hard-linked file's once).
     pub chunk_refs: u64,
 }
 
@@ -219,6 +219,8 @@ pub fn tree_stats(path: &Path) -> Result<TreeStats> {
         .with_context(|| format!("load bootstrap {}", path.display()))?;
     let tree = Tree::from_bootstrap(&rs, &mut ())?;
     let mut s = TreeStats::default();
+    // A hard-linked file's data counts once.
+    let mut seen = std::collections::HashSet::new();
     tree.walk_bfs(true, &mut |n| {
         let node = n.borrow_mut_node();
         if node.is_dir() {
@@ -227,7 +229,7 @@ pub fn tree_stats(path: &Path) -> Result<TreeStats> {
             s.links += 1;
         } else {
             s.files += 1;
-            if node.is_reg() {
+            if node.is_reg() && seen.insert(node.inode.ino()) {
                 s.bytes += node.inode.size();
                 s.chunk_refs += node.chunks.len() as u64;
             }

@@ -38,6 +38,42 @@ impl Drop for WorkDir {
     }
 }
 
+/// Says every few seconds that a long step is still going, until dropped.
+struct Ticker {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Ticker {
+    fn start(what: String) -> Self {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let started = Instant::now();
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(std::time::Duration::from_secs(3))
+            {
+                eprintln!(
+                    "rootfs-builder: {what}: building, {:.0} s",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        });
+        Ticker {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
@@ -118,8 +154,11 @@ pub fn run(opts: &NydusOptions) -> Result<()> {
         } else {
             std::fs::metadata(path)?.len()
         };
-        let blob = build::build_layer(input, i, &work, &opts.build)
-            .with_context(|| format!("layer {}/{n} ({name})", i + 1))?;
+        let blob = {
+            let _ticker = Ticker::start(format!("layer {}/{n}", i + 1));
+            build::build_layer(input, i, &work, &opts.build)
+                .with_context(|| format!("layer {}/{n} ({name})", i + 1))?
+        };
         eprintln!(
             "rootfs-builder: layer {}/{n} {name}: {}blob sha256:{} {:.1} MiB, {} chunks, {:.1} s",
             i + 1,
@@ -175,10 +214,10 @@ pub fn run(opts: &NydusOptions) -> Result<()> {
         stats.chunk_refs,
         unique_chunks,
         mib(uncompressed),
-        if uncompressed == 0 {
+        if unique_chunks == 0 {
             1.0
         } else {
-            stats.bytes as f64 / uncompressed as f64
+            stats.chunk_refs as f64 / unique_chunks as f64
         }
     );
     println!(
