@@ -67,6 +67,11 @@ enum Cmd {
         /// How chunks are compressed.
         #[arg(long, value_enum, default_value = "zstd")]
         compressor: nydus::build::Compressor,
+        /// Store a chunk that a lower layer already stores only there (as nydusify's
+        /// chunk dict does). Off by default: each layer's blob then depends on the
+        /// layers below it, so it is shared only by images with the same lower layers.
+        #[arg(long)]
+        dedup_across_layers: bool,
         #[command(flatten)]
         registry: joey_shim::image::registry::RegistryArgs,
     },
@@ -109,6 +114,7 @@ fn main() {
             push,
             chunk_size,
             compressor,
+            dedup_across_layers,
             registry,
         } => nydus::run(&nydus::NydusOptions {
             source,
@@ -118,6 +124,7 @@ fn main() {
                 chunk_size,
                 compressor,
             },
+            dedup_across_layers,
             registry,
         }),
         Cmd::Build { manifest } => {

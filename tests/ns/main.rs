@@ -51,6 +51,7 @@ fn main() {
         nydus::an_oci_layout_converts_like_umoci_unpacks_it,
         nydus::pushed_images_share_a_base_layer_in_nydus_format,
         nydus::bad_input_is_refused_and_leaves_nothing,
+        nydus::dedup_across_layers_stores_repeated_chunks_once,
     ];
     // The vsock transport needs a host vsock device, which these machines lack: that
     // is a property of the machine, not of the tier, so it is skipped even in strict mode.

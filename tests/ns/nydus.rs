@@ -493,3 +493,77 @@ pub async fn bad_input_is_refused_and_leaves_nothing() -> anyhow::Result<()> {
     ensure!(work.is_empty(), "work directories left: {work:?}");
     Ok(())
 }
+
+/// With `--dedup-across-layers`, a file an upper layer repeats from a lower one has its
+/// chunks stored once, in the lower layer's blob, and the mounted tree is unchanged.
+pub async fn dedup_across_layers_stores_repeated_chunks_once() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    // 2 MiB of pseudo-random bytes, in both layers (and a small file of its own in the
+    // upper one).
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let big: String = (0..2 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect();
+    use joey_tests::tree::{layer, E};
+    let layers = [
+        layer(
+            &[E::Dir("lower"), E::File("lower/big", &big)],
+            LayerCompression::Gzip,
+        )?,
+        layer(
+            &[
+                E::Dir("upper"),
+                E::File("upper/big", &big),
+                E::File("upper/own", "own"),
+            ],
+            LayerCompression::Gzip,
+        )?,
+    ];
+    let src = tmp.path().join("src");
+    write_layout(&layers, &src, serde_json::json!({}))?;
+    let mut stored = Vec::new();
+    for dedup in [false, true] {
+        let out = tmp.path().join(format!("out-{dedup}"));
+        let mut args = vec!["nydus", path(&src), "-o", path(&out)];
+        if dedup {
+            args.push("--dedup-across-layers");
+        }
+        let o = rootfs_builder(&args).await?;
+        converted(&o, &format!("dedup across layers {dedup}"))?;
+        let line = o
+            .stdout
+            .lines()
+            .find(|l| l.contains("chunks:"))
+            .context("no chunk line")?
+            .to_string();
+        stored.push(line);
+        let mnt = MountedImage::mount(&env().imaged, &out).await?;
+        let got = std::fs::read_to_string(mnt.dir.join("upper/big"))?;
+        ensure!(
+            got == big,
+            "upper/big differs after conversion (dedup {dedup})"
+        );
+        ensure!(
+            std::fs::read_to_string(mnt.dir.join("lower/big"))? == big,
+            "lower/big differs after conversion (dedup {dedup})"
+        );
+    }
+    // 2 MiB twice in 256 KiB chunks: 16 stored without, 8 (+ the small file) with.
+    ensure!(
+        stored[0].contains("16 referenced, 17 stored")
+            || stored[0].contains("17 referenced, 17 stored"),
+        "without dedup across layers: {}",
+        stored[0]
+    );
+    ensure!(
+        stored[1].contains("17 referenced, 9 stored"),
+        "with dedup across layers: {}",
+        stored[1]
+    );
+    Ok(())
+}

@@ -13,9 +13,10 @@ use nydus_api::ConfigV2;
 use nydus_builder::attributes::Attributes;
 use nydus_builder::{
     ArtifactStorage, BlobManager, BootstrapManager, BuildContext, Builder, ConversionType,
-    DirectoryBuilder, Features, Merger, Prefetch, TarballBuilder, Tree, WhiteoutSpec,
+    DirectoryBuilder, Features, HashChunkDict, Merger, Prefetch, TarballBuilder, Tree,
+    WhiteoutSpec,
 };
-use nydus_rafs::metadata::{RafsSuper, RafsVersion};
+use nydus_rafs::metadata::{RafsSuper, RafsSuperConfig, RafsVersion};
 use nydus_utils::{compress, digest};
 use sha2::{Digest as _, Sha256};
 
@@ -41,6 +42,20 @@ pub struct BuildOptions {
     /// A power of two from 4 KiB to 16 MiB.
     pub chunk_size: u32,
     pub compressor: Compressor,
+}
+
+impl BuildOptions {
+    fn super_config(&self) -> RafsSuperConfig {
+        RafsSuperConfig {
+            version: RafsVersion::V6,
+            compressor: self.compressor.algorithm(),
+            digester: digest::Algorithm::Sha256,
+            chunk_size: self.chunk_size,
+            batch_size: 0,
+            explicit_uidgid: true,
+            is_tarfs_mode: false,
+        }
+    }
 }
 
 /// Where a layer's files come from.
@@ -81,12 +96,15 @@ fn sha256_file(path: &Path) -> Result<String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
-/// Builds layer `input` into `work/layer-<index>.{blob,boot}`.
+/// Builds layer `input` into `work/layer-<index>.{blob,boot}`. With `dict` (the merged
+/// bootstrap of the layers below), chunks those layers already store are referenced
+/// there instead of being stored again.
 pub fn build_layer(
     input: LayerInput<'_>,
     index: usize,
     work: &Path,
     opts: &BuildOptions,
+    dict: Option<&Path>,
 ) -> Result<LayerBlob> {
     check_chunk_size(opts.chunk_size)?;
     let blob = work.join(format!("layer-{index}.blob"));
@@ -131,6 +149,13 @@ pub fn build_layer(
     config.internal.set_blob_accessible(true);
     ctx.set_configuration(config);
     let mut blob_mgr = BlobManager::new(digest::Algorithm::Sha256, false);
+    if let Some(dict) = dict {
+        let config = Arc::new(ConfigV2::default());
+        config.internal.set_blob_accessible(false);
+        let d = HashChunkDict::from_bootstrap_file(dict, config, &opts.super_config())
+            .with_context(|| format!("load the chunks of the layers below ({})", dict.display()))?;
+        blob_mgr.set_chunk_dict(Arc::new(d));
+    }
     let mut bootstrap_mgr =
         BootstrapManager::new(Some(ArtifactStorage::SingleFile(bootstrap.clone())), None);
     // nydus-builder panics on some input it does not expect: that is an error of this
@@ -154,11 +179,10 @@ pub fn build_layer(
             );
         }
     }
-    let (chunks, uncompressed) = blob_mgr
-        .get_blobs()
-        .iter()
-        .map(|b| (u64::from(b.chunk_count), b.uncompressed_blob_size))
-        .fold((0, 0), |(c, u), (bc, bu)| (c + bc, u + bu));
+    // This layer's own blob (the blob table also lists the lower blobs it references).
+    let (chunks, uncompressed) = blob_mgr.get_current_blob().map_or((0, 0), |(_, b)| {
+        (u64::from(b.chunk_count), b.uncompressed_blob_size)
+    });
     // A layer without file data still gets a blob (its bootstrap and table of
     // contents), as nydusify's do.
     let hex = sha256_file(&blob)?;
@@ -174,8 +198,9 @@ pub fn build_layer(
 }
 
 /// Merges the layers' bootstraps (bottom first) into `target`, naming each layer's
-/// blob by its digest.
-pub fn merge(layers: &[LayerBlob], target: &Path) -> Result<()> {
+/// blob by its digest. `dict` is the bootstrap the top layer was built against, if
+/// any: the lower blobs a layer references through it are not its own.
+pub fn merge(layers: &[LayerBlob], target: &Path, dict: Option<&Path>) -> Result<()> {
     let config = Arc::new(ConfigV2::default());
     // Blob ids come from `original_blob_ids`, not from the placeholder in each layer.
     config.internal.set_blob_accessible(false);
@@ -193,7 +218,7 @@ pub fn merge(layers: &[LayerBlob], target: &Path) -> Result<()> {
         None,
         None,
         ArtifactStorage::SingleFile(target.to_path_buf()),
-        None,
+        dict.map(Path::to_path_buf),
         config,
     )
     .context("merge the layers' bootstraps")?;

@@ -26,6 +26,8 @@ pub struct NydusOptions {
     pub output: Option<PathBuf>,
     pub push: Option<String>,
     pub build: BuildOptions,
+    /// Store a chunk a lower layer already stores only there (nydusify's chunk dict).
+    pub dedup_across_layers: bool,
     pub registry: RegistryArgs,
 }
 
@@ -142,6 +144,8 @@ pub fn run(opts: &NydusOptions) -> Result<()> {
     // One blob per layer.
     let n = inputs.len();
     let mut layers: Vec<LayerBlob> = Vec::new();
+    // With dedup across layers, the merged bootstrap of the layers built so far.
+    let mut dict: Option<PathBuf> = None;
     for (i, (name, path, is_dir)) in inputs.iter().enumerate() {
         let t = Instant::now();
         let input = if *is_dir {
@@ -156,7 +160,7 @@ pub fn run(opts: &NydusOptions) -> Result<()> {
         };
         let blob = {
             let _ticker = Ticker::start(format!("layer {}/{n}", i + 1));
-            build::build_layer(input, i, &work, &opts.build)
+            build::build_layer(input, i, &work, &opts.build, dict.as_deref())
                 .with_context(|| format!("layer {}/{n} ({name})", i + 1))?
         };
         eprintln!(
@@ -176,12 +180,23 @@ pub fn run(opts: &NydusOptions) -> Result<()> {
             let _ = std::fs::remove_file(path);
         }
         layers.push(blob);
+        if opts.dedup_across_layers && i + 1 < n {
+            let below = work.join(format!("dict-{i}.boot"));
+            build::merge(&layers, &below, dict.as_deref())?;
+            dict = Some(below);
+        }
     }
     if layers.is_empty() {
         bail!("{}: the image has no layers", opts.source);
     }
     let bootstrap = work.join("bootstrap");
-    build::merge(&layers, &bootstrap)?;
+    // The top layer was built against the dictionary of the layers below it.
+    let top_dict = if layers.len() > 1 {
+        dict.as_deref()
+    } else {
+        None
+    };
+    build::merge(&layers, &bootstrap, top_dict)?;
     let stats = build::tree_stats(&bootstrap)?;
 
     // The layout, in the work directory until it is whole.
