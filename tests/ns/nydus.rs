@@ -567,3 +567,73 @@ pub async fn dedup_across_layers_stores_repeated_chunks_once() -> anyhow::Result
     );
     Ok(())
 }
+
+/// A push cut off half-way (the registry dies once the first blob is in) fails naming
+/// the reference, writes no output, and leaves no tag behind: blobs go first, the tag
+/// last.
+pub async fn a_push_cut_half_way_leaves_no_tag() -> anyhow::Result<()> {
+    let mut reg = TestRegistry::start().await?;
+    let tmp = tempfile::tempdir()?;
+    // A base layer, then 64 MiB that take a while to send.
+    let mut x: u64 = 0x1234_5678_9abc_def1;
+    let big: Vec<u8> = (0..64 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(big.len() as u64);
+    b.append_data(&mut h, "big", &big[..])?;
+    let layers = [
+        Layer {
+            tar: joey_tests::registry::tar_dir(&env().rootfs)?,
+            compression: LayerCompression::Gzip,
+        },
+        Layer {
+            tar: b.into_inner()?,
+            compression: LayerCompression::None,
+        },
+    ];
+    let src = tmp.path().join("src");
+    write_layout(&layers, &src, serde_json::json!({}))?;
+    let out = tmp.path().join("out");
+    let reference = format!("{}/cut:1", reg.addr);
+    let child = tokio::process::Command::new(&env().rootfs_builder)
+        .args(["nydus", path(&src), "-o", path(&out), "--push", &reference])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    // The first blob in: stop the registry.
+    joey_tests::wait_until("the first blob pushed", Duration::from_secs(120), || {
+        reg.log()
+            .lines()
+            .any(|l| l.contains("\"PUT /v2/cut/blobs/uploads/") && l.contains("\" 201 "))
+    })
+    .await?;
+    reg.stop();
+    let o = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
+        .await
+        .context("rootfs-builder did not end after its registry died")??;
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    ensure!(
+        !o.status.success() && stderr.contains(&reference),
+        "a cut push: {:?} {}",
+        o.status,
+        stderr
+    );
+    ensure!(!out.exists(), "a failed push left {}", out.display());
+    reg.restart().await?;
+    ensure!(
+        tagged(&reg, "cut", "1").is_err(),
+        "the tag names a half-pushed image"
+    );
+    Ok(())
+}

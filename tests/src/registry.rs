@@ -200,32 +200,48 @@ impl TestRegistry {
                 issuer = Some(i);
             }
         }
-        let config_file = dir.path().join("config.yml");
-        std::fs::write(&config_file, config)?;
-        let log = std::fs::File::create(dir.path().join("registry.log"))?;
+        std::fs::write(dir.path().join("config.yml"), config)?;
+        let mut reg = TestRegistry {
+            addr,
+            ca,
+            auth,
+            dir,
+            child: None,
+            _issuer: issuer,
+        };
+        reg.serve().await?;
+        Ok(reg)
+    }
+
+    /// Starts the registry process on this registry's config and storage, and waits
+    /// until it listens.
+    async fn serve(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("registry.log"))?;
         let child = std::process::Command::new("docker-registry")
             .arg("serve")
-            .arg(&config_file)
+            .arg(self.dir.path().join("config.yml"))
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .context("start docker-registry")?;
-        let reg = TestRegistry {
-            addr,
-            ca,
-            auth,
-            dir,
-            child: Some(child),
-            _issuer: issuer,
-        };
-        let a = reg.addr.clone();
+        self.child = Some(child);
+        let a = self.addr.clone();
         wait_until("the registry to listen", Duration::from_secs(20), || {
             std::net::TcpStream::connect(&a).is_ok()
         })
         .await
-        .with_context(|| reg.log())?;
-        Ok(reg)
+        .with_context(|| self.log())
+    }
+
+    /// Starts the registry again after [`TestRegistry::stop`], on the same address
+    /// and storage.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.serve().await
     }
 
     /// What the registry logged (its access log included).
