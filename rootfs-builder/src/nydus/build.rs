@@ -263,3 +263,18 @@ pub fn tree_stats(path: &Path) -> Result<TreeStats> {
     })?;
     Ok(s)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::check_chunk_size;
+
+    #[test]
+    fn chunk_sizes_are_powers_of_two_from_4k_to_16m() {
+        for ok in [0x1000, 0x40000, 0x100000, 0x1000000] {
+            assert!(check_chunk_size(ok).is_ok(), "{ok:#x}");
+        }
+        for bad in [0, 0x800, 0x3000, 0x2000000] {
+            assert!(check_chunk_size(bad).is_err(), "{bad:#x}");
+        }
+    }
+}

@@ -298,3 +298,48 @@ pub async fn from_registry(
     }
     Ok(image)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directories_layouts_and_references_are_told_apart() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("rootfs");
+        std::fs::create_dir(&dir).unwrap();
+        let layout = tmp.path().join("layout");
+        std::fs::create_dir(&layout).unwrap();
+        std::fs::write(layout.join("oci-layout"), "{}").unwrap();
+        let s = |p: &Path| p.to_str().unwrap().to_string();
+        assert_eq!(Source::parse(&s(&dir)).unwrap(), Source::Dir(dir.clone()));
+        assert_eq!(
+            Source::parse(&s(&layout)).unwrap(),
+            Source::Layout {
+                dir: layout.clone(),
+                tag: None
+            }
+        );
+        assert_eq!(
+            Source::parse(&format!("{}:v2", s(&layout))).unwrap(),
+            Source::Layout {
+                dir: layout.clone(),
+                tag: Some("v2".into())
+            }
+        );
+        assert!(matches!(
+            Source::parse("127.0.0.1:5000/app:1").unwrap(),
+            Source::Registry(_)
+        ));
+        let e = Source::parse("/no/such/dir").unwrap_err().to_string();
+        assert!(e.contains("no such directory"), "{e}");
+    }
+
+    #[test]
+    fn only_entries_inside_the_root_pass() {
+        assert!(inside_root(Path::new("a/b")));
+        assert!(inside_root(Path::new("./a")));
+        assert!(!inside_root(Path::new("../a")));
+        assert!(!inside_root(Path::new("a/../../b")));
+    }
+}
