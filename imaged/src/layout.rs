@@ -85,20 +85,23 @@ impl NydusLayout {
 
     /// Writes the bootstrap to `out`.
     pub fn extract_bootstrap(&self, out: &Path) -> Result<PathBuf> {
-        let path = Self::blob_in(&self.dir, &self.bootstrap_layer);
-        let f = std::fs::File::open(&path).with_context(|| format!("open {}", path.display()))?;
-        let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(f));
-        for entry in tar.entries()? {
-            let mut entry = entry?;
-            if entry.path()?.as_os_str() == BOOTSTRAP_IN_LAYER {
-                let mut file = std::fs::File::create(out)?;
-                std::io::copy(&mut entry, &mut file)?;
-                return Ok(out.to_path_buf());
-            }
-        }
-        bail!(
-            "bootstrap layer {} has no {BOOTSTRAP_IN_LAYER}",
-            self.bootstrap_layer
-        )
+        extract_bootstrap(&Self::blob_in(&self.dir, &self.bootstrap_layer), out)
+            .with_context(|| format!("bootstrap layer {}", self.bootstrap_layer))?;
+        Ok(out.to_path_buf())
     }
+}
+
+/// Writes the `image/image.boot` of the gzip'd tar `layer` to `out`.
+pub fn extract_bootstrap(layer: &Path, out: &Path) -> Result<()> {
+    let f = std::fs::File::open(layer).with_context(|| format!("open {}", layer.display()))?;
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(f));
+    for entry in tar.entries()? {
+        let mut entry = entry?;
+        if entry.path()?.as_os_str() == BOOTSTRAP_IN_LAYER {
+            let mut file = std::fs::File::create(out)?;
+            std::io::copy(&mut entry, &mut file)?;
+            return Ok(());
+        }
+    }
+    bail!("{} holds no {BOOTSTRAP_IN_LAYER}", layer.display())
 }

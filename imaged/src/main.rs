@@ -1,15 +1,19 @@
 //! joey-imaged: joey's image service. It serves Nydus (RAFS v6) images, whose files
-//! are read chunk by chunk from their data blobs, to sandboxes. Today it serves an
-//! image from a local OCI image layout over FUSE (`mount`), which is how joey checks
-//! the images `rootfs-builder nydus` makes.
+//! are read chunk by chunk from their data blobs, to sandboxes. Today `mount` serves
+//! one image over FUSE: from a local OCI image layout (how joey checks the images
+//! `rootfs-builder nydus` makes) or lazily from a registry, fetching a chunk the first
+//! time it is read.
 
 mod fuse;
 mod layout;
 mod rafs;
+mod registry;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
+use joey_shim::image::reference::Reference;
+use joey_shim::image::registry::{RegistryArgs, RegistrySettings};
 
 #[derive(Parser)]
 #[command(name = "joey-imaged", version, about = "Serve Nydus images over FUSE")]
@@ -20,16 +24,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Mount the Nydus image of an OCI image layout (DIR or DIR:TAG) read-only at
-    /// MOUNTPOINT and serve it until the mount goes away or a signal ends the service.
+    /// Mount a Nydus image read-only at MOUNTPOINT and serve it until the mount goes
+    /// away: IMAGE is an OCI image layout (DIR or DIR:TAG) or an image reference
+    /// (host[:port]/repo[:tag|@digest]) whose chunks are fetched when first read.
     Mount {
-        #[arg(value_name = "LAYOUT")]
-        layout: String,
+        #[arg(value_name = "IMAGE")]
+        image: String,
         mountpoint: PathBuf,
-        /// Where chunks read from the blobs are cached (default: a private temporary
-        /// directory, removed at the end).
+        /// Where chunks read from the blobs are cached, shared by every image that
+        /// names the same blob (default: a private temporary directory, removed at
+        /// the end).
         #[arg(long)]
         cache_dir: Option<PathBuf>,
+        #[command(flatten)]
+        registry: RegistryArgs,
     },
 }
 
@@ -37,10 +45,11 @@ fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Mount {
-            layout,
+            image,
             mountpoint,
             cache_dir,
-        } => mount(&layout, &mountpoint, cache_dir),
+            registry,
+        } => mount(&image, &mountpoint, cache_dir, &registry),
     };
     if let Err(e) = r {
         eprintln!("joey-imaged: {e:#}");
@@ -48,19 +57,63 @@ fn main() {
     }
 }
 
+/// Whether `spec` names a local OCI image layout (`DIR` or `DIR:TAG`).
+fn is_layout(spec: &str) -> bool {
+    let dir = match spec.rsplit_once(':') {
+        Some((d, _)) if !Path::new(spec).is_dir() => d,
+        _ => spec,
+    };
+    Path::new(dir).join("oci-layout").is_file()
+}
+
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Trusts `settings`' extra CAs in the registry backend too: nydus-storage has no CA
+/// setting, but its TLS library reads `SSL_CERT_FILE`, which gets the system bundle
+/// plus those CAs (never `skip_verify`).
+fn trust_extra_cas(settings: &RegistrySettings, dir: &Path) -> anyhow::Result<()> {
+    if settings.ca_pems.is_empty() {
+        return Ok(());
+    }
+    let mut bundle = std::fs::read(SYSTEM_CA_BUNDLE).unwrap_or_default();
+    for pem in &settings.ca_pems {
+        bundle.push(b'\n');
+        bundle.extend_from_slice(pem);
+    }
+    let path = dir.join("ca-bundle.pem");
+    std::fs::write(&path, bundle)?;
+    // Set while this process has one thread, before any TLS client exists.
+    std::env::set_var("SSL_CERT_FILE", &path);
+    Ok(())
+}
+
 fn mount(
-    layout: &str,
-    mountpoint: &std::path::Path,
+    spec: &str,
+    mountpoint: &Path,
     cache_dir: Option<PathBuf>,
+    registry: &RegistryArgs,
 ) -> anyhow::Result<()> {
-    let image = layout::NydusLayout::open(layout)?;
     let scratch = std::env::temp_dir().join(format!("joey-imaged-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
     let r = (|| {
-        let bootstrap = image.extract_bootstrap(&scratch.join("bootstrap"))?;
         let cache = cache_dir.unwrap_or_else(|| scratch.join("cache"));
         std::fs::create_dir_all(&cache)?;
-        let fs = rafs::open(&bootstrap, &image.blob_dir(), &cache)?;
+        let (bootstrap, backend) = if is_layout(spec) {
+            let image = layout::NydusLayout::open(spec)?;
+            let bootstrap = image.extract_bootstrap(&scratch.join("bootstrap"))?;
+            (bootstrap, rafs::local_backend(&image.blob_dir()))
+        } else {
+            let r = Reference::parse(spec)?;
+            let settings = registry.settings(&r.registry)?;
+            trust_extra_cas(&settings, &scratch)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let image = rt.block_on(registry::resolve(&r, &settings, &scratch))?;
+            eprintln!("joey-imaged: {r}: Nydus image {}", image.digest);
+            (image.bootstrap, registry::backend_config(&r, &settings)?)
+        };
+        let fs = rafs::open(&bootstrap, &backend, &cache)?;
         fuse::serve(Box::new(fs), mountpoint)
     })();
     let _ = std::fs::remove_dir_all(&scratch);

@@ -1,6 +1,8 @@
-//! A RAFS v6 filesystem over a bootstrap whose data blobs are files in a directory
-//! (nydus-storage's localfs backend), with chunks validated against their digests as
-//! they enter the file cache (RAFS v6 has no validation at the filesystem level).
+//! A RAFS v6 filesystem over a bootstrap, its data blobs read through a nydus-storage
+//! backend (files in a directory, or a registry), chunk by chunk, into a file cache
+//! shared by every image that names the same blob; chunks are validated against their
+//! digests as they enter the cache (RAFS v6 has no validation at the filesystem
+//! level). No prefetch: a read fetches what it needs.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -10,15 +12,20 @@ use anyhow::{Context, Result};
 use nydus_api::ConfigV2;
 use nydus_rafs::fs::Rafs;
 
-pub fn open(bootstrap: &Path, blob_dir: &Path, cache_dir: &Path) -> Result<Rafs> {
+/// The backend section for blobs that are files named by their digest in `dir`.
+pub fn local_backend(dir: &Path) -> String {
+    format!(
+        "[backend]\ntype = \"localfs\"\n[backend.localfs]\ndir = \"{}\"\n",
+        dir.display()
+    )
+}
+
+pub fn open(bootstrap: &Path, backend: &str, cache_dir: &Path) -> Result<Rafs> {
     let config = format!(
         r#"
 version = 2
 id = "joey"
-[backend]
-type = "localfs"
-[backend.localfs]
-dir = "{}"
+{backend}
 [cache]
 type = "filecache"
 validate = true
@@ -26,8 +33,10 @@ validate = true
 work_dir = "{}"
 [rafs]
 mode = "direct"
+batch_size = 0
+[rafs.prefetch]
+enable = false
 "#,
-        blob_dir.display(),
         cache_dir.display()
     );
     let config = Arc::new(ConfigV2::from_str(&config).context("the RAFS configuration")?);

@@ -53,6 +53,7 @@ fn main() {
         nydus::bad_input_is_refused_and_leaves_nothing,
         nydus::dedup_across_layers_stores_repeated_chunks_once,
         nydus::a_push_cut_half_way_leaves_no_tag,
+        nydus::a_registry_image_is_read_lazily,
     ];
     // The vsock transport needs a host vsock device, which these machines lack: that
     // is a property of the machine, not of the tier, so it is skipped even in strict mode.

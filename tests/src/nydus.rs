@@ -25,14 +25,25 @@ fn mounted(dir: &Path) -> bool {
 impl MountedImage {
     /// Mounts the Nydus image of the OCI layout `layout` with `imaged`.
     pub async fn mount(imaged: &Path, layout: &Path) -> anyhow::Result<Self> {
+        Self::mount_with(imaged, layout.as_os_str(), &[]).await
+    }
+
+    /// Mounts `image` (a layout or a reference) with `imaged mount IMAGE DIR ARGS…`.
+    pub async fn mount_with(
+        imaged: &Path,
+        image: &std::ffi::OsStr,
+        args: &[&std::ffi::OsStr],
+    ) -> anyhow::Result<Self> {
+        let layout = Path::new(image);
         let tmp = tempfile::tempdir()?;
         let dir = tmp.path().join("mnt");
         std::fs::create_dir(&dir)?;
         let log = tmp.path().join("imaged.log");
         let mut child = std::process::Command::new(imaged)
             .arg("mount")
-            .arg(layout)
+            .arg(image)
             .arg(&dir)
+            .args(args)
             .stdin(std::process::Stdio::null())
             .stdout(std::fs::File::create(&log)?)
             .stderr(std::fs::File::create(&log)?)

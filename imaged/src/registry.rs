@@ -1,0 +1,131 @@
+//! A Nydus image in a registry: its manifest (in an index, the entry whose platform
+//! has `os.features: ["nydus.remoteimage.v1"]`, else the linux/amd64 one), its
+//! bootstrap (fetched whole: it is small), and the nydus-storage registry backend that
+//! reads its data blobs chunk by chunk, with joey's registry settings.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+
+use anyhow::{bail, Context, Result};
+use base64::Engine as _;
+use joey_shim::image::digest::Digest;
+use joey_shim::image::reference::Reference;
+use joey_shim::image::registry::RegistrySettings;
+use oci_client::manifest::{OciDescriptor, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE};
+
+const NYDUS_FEATURE: &str = "nydus.remoteimage.v1";
+const BOOTSTRAP_ANNOTATION: &str = "containerd.io/snapshot/nydus-bootstrap";
+
+/// A Nydus image found in its registry.
+pub struct RemoteImage {
+    /// `sha256:…` of its manifest.
+    pub digest: String,
+    /// The bootstrap, on disk.
+    pub bootstrap: PathBuf,
+}
+
+/// Finds `r`'s Nydus manifest and fetches its bootstrap into `dir`.
+pub async fn resolve(
+    r: &Reference,
+    settings: &RegistrySettings,
+    dir: &Path,
+) -> Result<RemoteImage> {
+    let shown = r.to_string();
+    let client = settings.client(&r.registry);
+    let auth = settings.auth(&r.registry)?;
+    let oref: oci_client::Reference = shown.parse()?;
+    let accept = [OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE];
+    let (bytes, digest) = client
+        .pull_manifest_raw(&oref, &auth, &accept)
+        .await
+        .with_context(|| shown.clone())?;
+    let doc: serde_json::Value = serde_json::from_slice(&bytes)?;
+    let (manifest, digest) = if let Some(entries) = doc["manifests"].as_array() {
+        let nydus = entries.iter().find(|e| {
+            e["platform"]["os.features"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|x| x == NYDUS_FEATURE))
+        });
+        let entry = nydus
+            .or_else(|| {
+                entries.iter().find(|e| {
+                    e["platform"]["os"] == "linux" && e["platform"]["architecture"] == "amd64"
+                })
+            })
+            .with_context(|| format!("{shown}: no Nydus or linux/amd64 image in its index"))?;
+        let d = entry["digest"]
+            .as_str()
+            .context("an index entry without a digest")?;
+        let by_digest: oci_client::Reference =
+            format!("{}/{}@{d}", r.registry, r.repository).parse()?;
+        let (bytes, digest) = client
+            .pull_manifest_raw(&by_digest, &auth, &accept)
+            .await
+            .with_context(|| format!("{shown}: manifest {d}"))?;
+        (serde_json::from_slice::<serde_json::Value>(&bytes)?, digest)
+    } else {
+        (doc, digest)
+    };
+    let boot: OciDescriptor = manifest["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|l| l["annotations"][BOOTSTRAP_ANNOTATION] == "true")
+        .map(|l| serde_json::from_value(l.clone()))
+        .transpose()?
+        .with_context(|| {
+            format!("{shown}: not a Nydus image (no layer annotated {BOOTSTRAP_ANNOTATION})")
+        })?;
+    let d = Digest::parse(&boot.digest)?;
+    let layer = dir.join(format!("{}.tar.gz", d.hex()));
+    let _ = std::fs::remove_file(&layer);
+    joey_shim::image::pull::download_blob(
+        &client,
+        &oref,
+        &boot,
+        &d,
+        &layer,
+        |_| {},
+        &AtomicU64::new(0),
+    )
+    .await
+    .with_context(|| format!("{shown}: bootstrap layer {}", boot.digest))?;
+    let bootstrap = dir.join(format!("{}.boot", Digest::parse(&digest)?.hex()));
+    crate::layout::extract_bootstrap(&layer, &bootstrap)?;
+    let _ = std::fs::remove_file(&layer);
+    Ok(RemoteImage { digest, bootstrap })
+}
+
+/// The nydus-storage `[backend]` section for `r`'s registry.
+pub fn backend_config(r: &Reference, settings: &RegistrySettings) -> Result<String> {
+    let auth = match settings.credentials(&r.registry)? {
+        Some(c) => format!(
+            "auth = \"{}\"\n",
+            base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", c.user, c.password))
+        ),
+        None => String::new(),
+    };
+    if r.registry.contains('"') || r.repository.contains('"') {
+        bail!("{r}: a registry or repository with a quote");
+    }
+    Ok(format!(
+        r#"[backend]
+type = "registry"
+[backend.registry]
+scheme = "{}"
+host = "{}"
+repo = "{}"
+{auth}skip_verify = false
+timeout = 30
+connect_timeout = 10
+retry_limit = 2
+"#,
+        if settings.plain_http(&r.registry) {
+            "http"
+        } else {
+            "https"
+        },
+        r.registry,
+        r.repository,
+    ))
+}
