@@ -1,13 +1,14 @@
 //! joey-imaged: joey's image service. It serves Nydus (RAFS v6) images, whose files
-//! are read chunk by chunk from their data blobs, to sandboxes. Today `mount` serves
-//! one image over FUSE: from a local OCI image layout (how joey checks the images
-//! `rootfs-builder nydus` makes) or lazily from a registry, fetching a chunk the first
-//! time it is read.
+//! are read chunk by chunk from their data blobs, to sandboxes: `serve` is the host's
+//! service joeyctl starts and asks for images (`service`); `mount` serves one image
+//! over FUSE in the foreground, from a local OCI image layout (how joey checks the
+//! images `rootfs-builder nydus` makes) or lazily from a registry.
 
 mod fuse;
 mod layout;
 mod rafs;
 mod registry;
+mod service;
 
 use std::path::{Path, PathBuf};
 
@@ -24,6 +25,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run the host's image service: mount the images joeyctl asks for (lazily, from
+    /// their registries) under joey's runtime directory, until idle.
+    Serve {
+        /// The chunk cache, shared by every image that names the same blob.
+        #[arg(long)]
+        cache_dir: PathBuf,
+        /// Exit after this many seconds with no image mounted and no client.
+        #[arg(long, env = "JOEY_IMAGED_IDLE_SECS", default_value_t = 5)]
+        idle_secs: u64,
+    },
     /// Mount a Nydus image read-only at MOUNTPOINT and serve it until the mount goes
     /// away: IMAGE is an OCI image layout (DIR or DIR:TAG) or an image reference
     /// (host[:port]/repo[:tag|@digest]) whose chunks are fetched when first read.
@@ -44,6 +55,11 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
+        Cmd::Serve {
+            cache_dir,
+            idle_secs,
+        } => service::Service::new(cache_dir)
+            .and_then(|s| s.run(std::time::Duration::from_secs(idle_secs))),
         Cmd::Mount {
             image,
             mountpoint,
@@ -66,7 +82,7 @@ fn is_layout(spec: &str) -> bool {
     Path::new(dir).join("oci-layout").is_file()
 }
 
-const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+pub(crate) const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// Trusts `settings`' extra CAs in the registry backend too: nydus-storage has no CA
 /// setting, but its TLS library reads `SSL_CERT_FILE`, which gets the system bundle

@@ -44,6 +44,11 @@ pub fn vmm() -> Result<PathBuf, String> {
     find("joey-vmm", "JOEY_VMM")
 }
 
+/// `joey-imaged` (the image service): `$JOEY_IMAGED`, beside joeyctl, or PATH.
+pub fn imaged() -> Result<PathBuf, String> {
+    find("joey-imaged", "JOEY_IMAGED")
+}
+
 /// The program `name` on PATH.
 pub fn which(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)

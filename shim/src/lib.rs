@@ -7,6 +7,7 @@ pub mod binaries;
 pub mod cache;
 pub mod client;
 pub mod image;
+pub mod imaged;
 pub mod nssandbox;
 pub mod pod;
 pub mod rootfs;

@@ -4,6 +4,7 @@
 mod bad_input;
 mod cli;
 mod common;
+mod imaged;
 mod nydus;
 mod registry;
 mod registry_auth;
@@ -53,7 +54,8 @@ fn main() {
         nydus::bad_input_is_refused_and_leaves_nothing,
         nydus::dedup_across_layers_stores_repeated_chunks_once,
         nydus::a_push_cut_half_way_leaves_no_tag,
-        nydus::a_registry_image_is_read_lazily,
+        imaged::a_registry_image_is_read_lazily,
+        imaged::a_nydus_image_runs_in_namespace_sandboxes,
     ];
     // The vsock transport needs a host vsock device, which these machines lack: that
     // is a property of the machine, not of the tier, so it is skipped even in strict mode.

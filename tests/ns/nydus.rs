@@ -30,7 +30,7 @@ async fn rootfs_builder_env(args: &[&str], extra: &[(&str, &Path)]) -> anyhow::R
     .await
 }
 
-fn converted(o: &Output, what: &str) -> anyhow::Result<()> {
+pub fn converted(o: &Output, what: &str) -> anyhow::Result<()> {
     ensure!(
         o.code == 0,
         "{what}: rootfs-builder nydus exited {}: {}{}",
@@ -41,7 +41,7 @@ fn converted(o: &Output, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn path(p: &Path) -> &str {
+pub fn path(p: &Path) -> &str {
     p.to_str().expect("UTF-8 temporary paths")
 }
 
@@ -635,86 +635,5 @@ pub async fn a_push_cut_half_way_leaves_no_tag() -> anyhow::Result<()> {
         tagged(&reg, "cut", "1").is_err(),
         "the tag names a half-pushed image"
     );
-    Ok(())
-}
-
-/// The bytes of blob data the registry served (blob GETs logged after `from`, a byte
-/// offset into its log).
-fn blob_bytes_served(reg: &TestRegistry, repo: &str, from: usize) -> u64 {
-    let log = reg.log();
-    log[from.min(log.len())..]
-        .lines()
-        .filter(|l| l.contains(&format!("\"GET /v2/{repo}/blobs/sha256:")))
-        .filter_map(|l| {
-            // `… HTTP/1.1" STATUS SIZE "referer" "agent"`
-            let after = l.split("HTTP/1.1\" ").nth(1)?;
-            after.split(' ').nth(1)?.parse::<u64>().ok()
-        })
-        .sum()
-}
-
-/// A Nydus image mounted from the registry is read lazily: reading one 4 KiB file of
-/// an image with 64 MiB of data makes the registry serve at most 256 KiB of blob
-/// bytes, and a second mount over the same cache makes it serve none.
-pub async fn a_registry_image_is_read_lazily() -> anyhow::Result<()> {
-    let reg = TestRegistry::start().await?;
-    let tmp = tempfile::tempdir()?;
-    let mut b = tar::Builder::new(Vec::new());
-    let mut x: u64 = 0x0bad_5eed_dead_beef;
-    let mut data = |n: usize| -> Vec<u8> {
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    };
-    let append = |b: &mut tar::Builder<Vec<u8>>, name: &str, bytes: &[u8]| -> anyhow::Result<()> {
-        let mut h = tar::Header::new_ustar();
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_mode(0o644);
-        h.set_size(bytes.len() as u64);
-        b.append_data(&mut h, name, bytes)?;
-        Ok(())
-    };
-    for i in 0..16 {
-        append(&mut b, &format!("data-{i}"), &data(4 << 20))?;
-    }
-    let small = data(4096);
-    append(&mut b, "small", &small)?;
-    let layers = [Layer {
-        tar: b.into_inner()?,
-        compression: LayerCompression::Gzip,
-    }];
-    let src = tmp.path().join("src");
-    write_layout(&layers, &src, serde_json::json!({}))?;
-    let reference = format!("{}/lazy:1", reg.addr);
-    let o = rootfs_builder(&["nydus", path(&src), "--push", &reference]).await?;
-    converted(&o, "the lazy image")?;
-    let cache = tmp.path().join("cache");
-    let args = [std::ffi::OsStr::new("--cache-dir"), cache.as_os_str()];
-    let mut served = Vec::new();
-    for _ in 0..2 {
-        let mnt = MountedImage::mount_with(&env().imaged, std::ffi::OsStr::new(&reference), &args)
-            .await?;
-        let mark = reg.log().len();
-        let got = std::fs::read(mnt.dir.join("small"))?;
-        ensure!(got == small, "the small file read back wrong");
-        served.push(blob_bytes_served(&reg, "lazy", mark));
-        drop(mnt);
-    }
-    ensure!(
-        served[0] > 0 && served[0] <= 256 << 10,
-        "reading 4 KiB made the registry serve {} bytes of blobs (at most 256 KiB expected)",
-        served[0]
-    );
-    ensure!(
-        served[1] == 0,
-        "a second mount over the same cache fetched {} bytes again",
-        served[1]
-    );
-    eprintln!("lazy read of 4 KiB: {} blob bytes served", served[0]);
     Ok(())
 }

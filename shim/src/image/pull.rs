@@ -152,10 +152,16 @@ fn registry_hint(e: &OciDistributionError) -> &'static str {
 pub struct PulledImage {
     /// `sha256:…` of the image manifest.
     pub digest: String,
+    /// Its cache entry (none for a Nydus image, which is not pulled but served).
     pub dir: PathBuf,
     pub config: ImageConfig,
     pub report: PullReport,
+    /// A Nydus image: its layers are data blobs the image service reads lazily.
+    pub nydus: bool,
 }
+
+/// The annotation of a Nydus image's bootstrap layer.
+pub const NYDUS_BOOTSTRAP_ANNOTATION: &str = "containerd.io/snapshot/nydus-bootstrap";
 
 impl PulledImage {
     pub fn rootfs(&self) -> PathBuf {
@@ -184,6 +190,7 @@ impl PulledImage {
             dir,
             config,
             report,
+            nydus: false,
         })
     }
 }
@@ -340,6 +347,26 @@ pub async fn pull(
     // The digest names a cache directory: only a well-formed one is used.
     let digest = Digest::parse(&digest)
         .map_err(|e| generic(format!("the registry's manifest digest: {e}")))?;
+    // A Nydus image is not pulled: the image service reads it lazily.
+    let is_nydus = manifest.layers.iter().any(|l| {
+        l.annotations
+            .as_ref()
+            .and_then(|a| a.get(NYDUS_BOOTSTRAP_ANNOTATION))
+            .is_some_and(|v| v == "true")
+    });
+    if is_nydus {
+        let config = ImageConfig::parse(&config).map_err(|source| PullError::Config {
+            reference: shown.clone(),
+            source,
+        })?;
+        return Ok(PulledImage {
+            digest: digest.to_string(),
+            dir: PathBuf::new(),
+            config,
+            report,
+            nydus: true,
+        });
+    }
     // Every layer is one joey can unpack, named by a well-formed digest.
     let layers = manifest
         .layers

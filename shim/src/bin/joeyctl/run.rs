@@ -102,16 +102,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
         }
     }
     let mut pulled_image = None;
-    // Held while the container runs: the cache does not evict an image in use.
-    let mut _in_use = None;
+    // Held while the container runs: the image stays (cached or served).
+    let mut _hold = None;
     if let Some(r) = reference {
-        let (pulled, in_use) =
-            crate::image::pull_for_run(&r, &registry, pull.unwrap_or_default()).await?;
+        let image = crate::image::pull_for_run(&r, &registry, pull.unwrap_or_default()).await?;
+        let pulled = image.pulled;
+        if pulled.nydus && !ns {
+            anyhow::bail!(
+                "{r} is a Nydus image: microVMs get Nydus images over virtio-fs, which is not built yet; run it with --ns"
+            );
+        }
         (cmd, env) = pulled.config.process(&cmd, &env);
         cwd = cwd.or(pulled.config.working_dir.clone());
         user = user.or(pulled.config.user.clone());
-        rootfs = Some(pulled.rootfs());
-        _in_use = Some(in_use);
+        rootfs = Some(image.rootfs);
+        _hold = Some(image.hold);
         pulled_image = Some(pulled);
     }
     anyhow::ensure!(

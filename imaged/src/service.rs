@@ -1,0 +1,368 @@
+//! `joey-imaged serve`: one image service per host. It listens on its socket under
+//! joey's runtime directory (`joey_shim::imaged` states the protocol), mounts each
+//! Nydus image it is asked for once, at `<runtime dir>/images/<hex digest>` (a
+//! shared-propagation mount, so sandboxes that receive it as a slave see images
+//! mounted later), serves it over FUSE on a thread of its own, and unmounts it when the
+//! last connection holding it closes. With no image and no client for `idle`, it
+//! exits (the chunk cache stays on disk).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use joey_shim::image::reference::Reference;
+use joey_shim::image::registry::{Credentials, RegistrySettings};
+use joey_shim::imaged::{images_dir, lock_path, socket_path};
+
+use crate::{fuse, rafs, registry};
+
+/// One mounted image.
+struct Mounted {
+    leases: usize,
+    dir: PathBuf,
+}
+
+struct State {
+    images: HashMap<String, Mounted>,
+    clients: usize,
+    last_busy: Instant,
+}
+
+pub struct Service {
+    cache_dir: PathBuf,
+    /// The CA bundle the registry backend trusts (`SSL_CERT_FILE`): the system's, plus
+    /// every `--ca` a client has passed.
+    ca_bundle: PathBuf,
+    state: Mutex<State>,
+    /// Serialises mounts: two clients asking for one image mount it once.
+    mounting: Mutex<()>,
+}
+
+fn mounted(dir: &Path) -> bool {
+    let target = dir.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|m| {
+        m.lines()
+            .any(|l| l.split(' ').nth(4) == Some(target.as_str()))
+    })
+}
+
+fn flock(f: &std::fs::File, op: libc::c_int) -> bool {
+    // SAFETY: flock on an fd the caller owns.
+    unsafe { libc::flock(f.as_raw_fd(), op) == 0 }
+}
+
+/// Makes `dir` a mount point of its own with shared propagation, and unmounts what a
+/// service that died left under it.
+fn prepare_images_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let p = e.path();
+        if mounted(&p) {
+            let _ = nix_umount(&p);
+        }
+        let _ = std::fs::remove_dir(&p);
+    }
+    if !mounted(dir) {
+        mount_bind(dir)?;
+    }
+    make_shared(dir)
+}
+
+fn cstr(p: &Path) -> std::ffi::CString {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap_or_default()
+}
+
+fn mount_bind(dir: &Path) -> Result<()> {
+    let c = cstr(dir);
+    // SAFETY: valid NUL-terminated paths; a bind mount of a directory onto itself.
+    let r = unsafe {
+        libc::mount(
+            c.as_ptr(),
+            c.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("bind {}", dir.display()));
+    }
+    Ok(())
+}
+
+fn make_shared(dir: &Path) -> Result<()> {
+    let c = cstr(dir);
+    // SAFETY: a propagation change on a valid mount point.
+    let r = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            c.as_ptr(),
+            std::ptr::null(),
+            libc::MS_SHARED,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("make {} shared", dir.display()));
+    }
+    Ok(())
+}
+
+fn nix_umount(dir: &Path) -> std::io::Result<()> {
+    let c = cstr(dir);
+    // SAFETY: a lazy unmount of a valid path.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+impl Service {
+    pub fn new(cache_dir: PathBuf) -> Result<Arc<Self>> {
+        std::fs::create_dir_all(&cache_dir)?;
+        let ca_bundle = cache_dir.join("ca-bundle.pem");
+        std::fs::write(
+            &ca_bundle,
+            std::fs::read(crate::SYSTEM_CA_BUNDLE).unwrap_or_default(),
+        )?;
+        // Set while this process has one thread, before any TLS client exists.
+        std::env::set_var("SSL_CERT_FILE", &ca_bundle);
+        Ok(Arc::new(Service {
+            cache_dir,
+            ca_bundle,
+            state: Mutex::new(State {
+                images: HashMap::new(),
+                clients: 0,
+                last_busy: Instant::now(),
+            }),
+            mounting: Mutex::new(()),
+        }))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds `pems` the bundle lacks.
+    fn trust(&self, pems: &[String]) -> Result<()> {
+        let mut bundle = std::fs::read_to_string(&self.ca_bundle).unwrap_or_default();
+        let mut changed = false;
+        for pem in pems {
+            if !bundle.contains(pem.trim()) {
+                bundle.push('\n');
+                bundle.push_str(pem.trim());
+                bundle.push('\n');
+                changed = true;
+            }
+        }
+        if changed {
+            let tmp = self.ca_bundle.with_extension("tmp");
+            std::fs::write(&tmp, bundle)?;
+            std::fs::rename(&tmp, &self.ca_bundle)?;
+        }
+        Ok(())
+    }
+
+    /// Mounts the image a `mount` request names (or finds it mounted) and takes a
+    /// lease on it; returns its digest and directory.
+    fn mount(&self, request: &serde_json::Value) -> Result<(String, PathBuf)> {
+        let spec = request["ref"]
+            .as_str()
+            .context("a mount request without a ref")?;
+        let r = Reference::parse(spec)?;
+        let strings = |k: &str| -> Vec<String> {
+            request[k]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        };
+        let ca = strings("ca_pems");
+        self.trust(&ca)?;
+        let creds = request["creds"]
+            .as_str()
+            .map(|c| c.parse::<Credentials>().map(|c| (r.registry.clone(), c)))
+            .transpose()?;
+        let settings = RegistrySettings {
+            insecure: strings("insecure"),
+            ca_pems: ca.into_iter().map(String::into_bytes).collect(),
+            creds,
+            docker_config: None,
+        };
+        let _one_at_a_time = self.mounting.lock().unwrap_or_else(|p| p.into_inner());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let boot_dir = self.cache_dir.join("bootstraps");
+        std::fs::create_dir_all(&boot_dir)?;
+        let image = rt.block_on(registry::resolve(&r, &settings, &boot_dir))?;
+        let hex = image.digest.trim_start_matches("sha256:").to_string();
+        if let Some(m) = self.state().images.get_mut(&hex) {
+            m.leases += 1;
+            return Ok((image.digest, m.dir.clone()));
+        }
+        let dir = images_dir().join(&hex);
+        std::fs::create_dir_all(&dir)?;
+        let backend = registry::backend_config(&r, &settings)?;
+        let fs = rafs::open(&image.bootstrap, &backend, &self.cache_dir.join("blobs"))
+            .with_context(|| format!("{r}: open image {}", image.digest))?;
+        let served = dir.clone();
+        let shown = r.to_string();
+        let thread = std::thread::spawn(move || {
+            if let Err(e) = fuse::serve(Box::new(fs), &served) {
+                eprintln!("joey-imaged: {shown}: {e:#}");
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !mounted(&dir) {
+            if thread.is_finished() || Instant::now() > deadline {
+                anyhow::bail!("{r}: the FUSE mount at {} did not come up", dir.display());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        eprintln!(
+            "joey-imaged: {r}: image {} mounted at {}",
+            image.digest,
+            dir.display()
+        );
+        self.state().images.insert(
+            hex,
+            Mounted {
+                leases: 1,
+                dir: dir.clone(),
+            },
+        );
+        Ok((image.digest, dir))
+    }
+
+    /// Ends a lease on `digest`; the last one unmounts the image.
+    fn release(&self, digest: &str) {
+        let hex = digest.trim_start_matches("sha256:");
+        let mut st = self.state();
+        let Some(m) = st.images.get_mut(hex) else {
+            return;
+        };
+        m.leases -= 1;
+        if m.leases == 0 {
+            let dir = m.dir.clone();
+            st.images.remove(hex);
+            if let Err(e) = nix_umount(&dir) {
+                eprintln!("joey-imaged: unmount {}: {e}", dir.display());
+            }
+            let _ = std::fs::remove_dir(&dir);
+            eprintln!("joey-imaged: image {digest} unmounted");
+        }
+    }
+
+    /// One client: its request, then its lease until it hangs up.
+    fn client(&self, conn: UnixStream) {
+        let mut reader = BufReader::new(match conn.try_clone() {
+            Ok(c) => c,
+            Err(_) => return,
+        });
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let request: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        let reply = match request["op"].as_str() {
+            Some("mount") => self.mount(&request),
+            _ => Err(anyhow::anyhow!("unknown request {:?}", line.trim())),
+        };
+        let mut conn = conn;
+        use std::io::Write;
+        match &reply {
+            Ok((digest, dir)) => {
+                let _ = writeln!(
+                    conn,
+                    "{}",
+                    serde_json::json!({"ok": true, "digest": digest, "path": dir})
+                );
+            }
+            Err(e) => {
+                let _ = writeln!(
+                    conn,
+                    "{}",
+                    serde_json::json!({"ok": false, "error": format!("{e:#}")})
+                );
+                return;
+            }
+        }
+        // The lease lasts until the client hangs up.
+        let mut buf = [0u8; 64];
+        while matches!(reader.read(&mut buf), Ok(n) if n > 0) {}
+        if let Ok((digest, _)) = reply {
+            self.release(&digest);
+        }
+    }
+
+    /// Serves until idle for `idle` with no image mounted.
+    pub fn run(self: Arc<Self>, idle: Duration) -> Result<()> {
+        prepare_images_dir(&images_dir())?;
+        let socket = socket_path();
+        let _ = std::fs::remove_file(&socket);
+        let listener = UnixListener::bind(&socket)
+            .with_context(|| format!("listen on {}", socket.display()))?;
+        listener.set_nonblocking(true)?;
+        eprintln!("joey-imaged: serving on {}", socket.display());
+        loop {
+            match listener.accept() {
+                Ok((conn, _)) => {
+                    let _ = conn.set_nonblocking(false);
+                    self.spawn_client(conn);
+                    continue;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e).context("accept"),
+            }
+            let quiet = {
+                let st = self.state();
+                st.clients == 0 && st.images.is_empty() && st.last_busy.elapsed() >= idle
+            };
+            if quiet {
+                // Under the start lock: a client that connected before it was taken
+                // is in the backlog and is served; one that comes after starts a new
+                // service.
+                let lock = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(lock_path())?;
+                if flock(&lock, libc::LOCK_EX) {
+                    if let Ok((conn, _)) = listener.accept() {
+                        let _ = conn.set_nonblocking(false);
+                        self.spawn_client(conn);
+                        continue;
+                    }
+                    let _ = std::fs::remove_file(&socket);
+                    // Nothing is mounted under it: its own mount goes too.
+                    let _ = nix_umount(&images_dir());
+                    eprintln!("joey-imaged: idle, exiting");
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn spawn_client(self: &Arc<Self>, conn: UnixStream) {
+        self.state().clients += 1;
+        let me = self.clone();
+        std::thread::spawn(move || {
+            me.client(conn);
+            let mut st = me.state();
+            st.clients -= 1;
+            st.last_busy = Instant::now();
+        });
+    }
+}

@@ -1,0 +1,175 @@
+//! The host's image service (`joey-imaged serve`), as joeyctl uses it: found through
+//! its socket under joey's runtime directory, started on demand (two concurrent starts
+//! serialised by a lock file), and asked to mount a Nydus image by reference.
+//!
+//! The protocol is one JSON object per line. A client sends
+//! `{"op": "mount", "ref": REF, "insecure": [...], "ca_pems": [...], "creds": "U:P"}`
+//! and gets `{"ok": true, "digest": "sha256:…", "path": DIR}` or
+//! `{"ok": false, "error": TEXT}`. The connection is the lease: the image stays
+//! mounted at DIR (shared by every lease of the same image) until the last
+//! connection holding it closes, which a client that dies does too.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use joey_protocols::contract::runtime_dir;
+
+use crate::image::registry::RegistrySettings;
+
+/// The service's socket, lock file and log, under joey's runtime directory.
+pub fn socket_path() -> PathBuf {
+    runtime_dir().join("imaged.sock")
+}
+
+pub fn lock_path() -> PathBuf {
+    runtime_dir().join("imaged.lock")
+}
+
+pub fn log_path() -> PathBuf {
+    runtime_dir().join("imaged.log")
+}
+
+/// Where the service mounts images: `<runtime dir>/images/<hex digest>`.
+pub fn images_dir() -> PathBuf {
+    runtime_dir().join("images")
+}
+
+/// How long a start may take before joeyctl gives up on it.
+const START_DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImagedError {
+    #[error("start the image service {}", .0.display())]
+    Spawn(PathBuf, #[source] std::io::Error),
+    #[error("the image service did not answer on {} within {}s (its log: {})", socket.display(), secs, log.display())]
+    NoAnswer {
+        socket: PathBuf,
+        secs: u64,
+        log: PathBuf,
+    },
+    #[error("talk to the image service")]
+    Io(#[from] std::io::Error),
+    #[error("the image service: {0}")]
+    Refused(String),
+}
+
+/// A mounted image, held for as long as this value lives.
+pub struct Lease {
+    pub digest: String,
+    pub path: PathBuf,
+    _conn: UnixStream,
+}
+
+/// Takes an exclusive `flock` on the service's lock file, waiting for it.
+fn lock() -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let path = lock_path();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    loop {
+        // SAFETY: flock on an fd this function owns.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            return Ok(f);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Connects to the running service, starting `imaged` (the binary) first if none runs.
+pub fn connect_or_start(imaged: &Path, cache_dir: &Path) -> Result<UnixStream, ImagedError> {
+    let _lock = lock()?;
+    if let Ok(c) = UnixStream::connect(socket_path()) {
+        return Ok(c);
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path())?;
+    let mut cmd = std::process::Command::new(imaged);
+    cmd.arg("serve")
+        .arg("--cache-dir")
+        .arg(cache_dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // Its own session: it outlives the joeyctl that started it, and no terminal's
+    // signals reach it.
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid is async-signal-safe, called between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| ImagedError::Spawn(imaged.to_path_buf(), e))?;
+    let deadline = Instant::now() + START_DEADLINE;
+    loop {
+        if let Ok(c) = UnixStream::connect(socket_path()) {
+            // Reaped by a thread of its own: the service runs on after this process.
+            std::thread::spawn(move || child.wait());
+            return Ok(c);
+        }
+        if matches!(child.try_wait(), Ok(Some(_))) || Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(ImagedError::NoAnswer {
+                socket: socket_path(),
+                secs: START_DEADLINE.as_secs(),
+                log: log_path(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Asks the service on `conn` to mount `reference`, reached with `settings`.
+pub fn mount(
+    mut conn: UnixStream,
+    reference: &str,
+    settings: &RegistrySettings,
+    registry: &str,
+) -> Result<Lease, ImagedError> {
+    let creds = settings
+        .credentials(registry)
+        .map_err(|e| ImagedError::Refused(e.to_string()))?
+        .map(|c| format!("{}:{}", c.user, c.password));
+    let request = serde_json::json!({
+        "op": "mount",
+        "ref": reference,
+        "insecure": settings.insecure,
+        "ca_pems": settings.ca_pems.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect::<Vec<_>>(),
+        "creds": creds,
+    });
+    writeln!(conn, "{request}")?;
+    let mut line = String::new();
+    BufReader::new(conn.try_clone()?).read_line(&mut line)?;
+    let reply: serde_json::Value = serde_json::from_str(&line)
+        .map_err(|_| ImagedError::Refused(format!("an unreadable reply {line:?}")))?;
+    if reply["ok"] != true {
+        return Err(ImagedError::Refused(
+            reply["error"]
+                .as_str()
+                .unwrap_or("no reason given")
+                .to_string(),
+        ));
+    }
+    Ok(Lease {
+        digest: reply["digest"].as_str().unwrap_or_default().to_string(),
+        path: PathBuf::from(reply["path"].as_str().unwrap_or_default()),
+        _conn: conn,
+    })
+}

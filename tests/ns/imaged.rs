@@ -1,0 +1,148 @@
+//! The image service: Nydus images served lazily from a registry (`joey-imaged
+//! mount REF`) and through the host's service to namespace sandboxes (`joeyctl run
+//! --ns --ref`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use joey_tests::nydus::MountedImage;
+use joey_tests::registry::{write_layout, Layer, LayerCompression, TestRegistry};
+use joey_tests::run_command_env;
+
+use crate::common::env;
+use crate::nydus::{converted, path, rootfs_builder};
+
+/// The bytes of blob data the registry served (blob GETs logged after `from`, a byte
+/// offset into its log).
+fn blob_bytes_served(reg: &TestRegistry, repo: &str, from: usize) -> u64 {
+    let log = reg.log();
+    log[from.min(log.len())..]
+        .lines()
+        .filter(|l| l.contains(&format!("\"GET /v2/{repo}/blobs/sha256:")))
+        .filter_map(|l| {
+            // `… HTTP/1.1" STATUS SIZE "referer" "agent"`
+            let after = l.split("HTTP/1.1\" ").nth(1)?;
+            after.split(' ').nth(1)?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+/// A Nydus image mounted from the registry is read lazily: reading one 4 KiB file of
+/// an image with 64 MiB of data makes the registry serve at most 256 KiB of blob
+/// bytes, and a second mount over the same cache makes it serve none.
+pub async fn a_registry_image_is_read_lazily() -> anyhow::Result<()> {
+    let reg = TestRegistry::start().await?;
+    let tmp = tempfile::tempdir()?;
+    let mut b = tar::Builder::new(Vec::new());
+    let mut x: u64 = 0x0bad_5eed_dead_beef;
+    let mut data = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    let append = |b: &mut tar::Builder<Vec<u8>>, name: &str, bytes: &[u8]| -> anyhow::Result<()> {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(bytes.len() as u64);
+        b.append_data(&mut h, name, bytes)?;
+        Ok(())
+    };
+    for i in 0..16 {
+        append(&mut b, &format!("data-{i}"), &data(4 << 20))?;
+    }
+    let small = data(4096);
+    append(&mut b, "small", &small)?;
+    let layers = [Layer {
+        tar: b.into_inner()?,
+        compression: LayerCompression::Gzip,
+    }];
+    let src = tmp.path().join("src");
+    write_layout(&layers, &src, serde_json::json!({}))?;
+    let reference = format!("{}/lazy:1", reg.addr);
+    let o = rootfs_builder(&["nydus", path(&src), "--push", &reference]).await?;
+    converted(&o, "the lazy image")?;
+    let cache = tmp.path().join("cache");
+    let args = [std::ffi::OsStr::new("--cache-dir"), cache.as_os_str()];
+    let mut served = Vec::new();
+    for _ in 0..2 {
+        let mnt = MountedImage::mount_with(&env().imaged, std::ffi::OsStr::new(&reference), &args)
+            .await?;
+        let mark = reg.log().len();
+        let got = std::fs::read(mnt.dir.join("small"))?;
+        ensure!(got == small, "the small file read back wrong");
+        served.push(blob_bytes_served(&reg, "lazy", mark));
+        drop(mnt);
+    }
+    ensure!(
+        served[0] > 0 && served[0] <= 256 << 10,
+        "reading 4 KiB made the registry serve {} bytes of blobs (at most 256 KiB expected)",
+        served[0]
+    );
+    ensure!(
+        served[1] == 0,
+        "a second mount over the same cache fetched {} bytes again",
+        served[1]
+    );
+    eprintln!("lazy read of 4 KiB: {} blob bytes served", served[0]);
+    Ok(())
+}
+
+/// `joeyctl run --ns --ref` of a Nydus image: the host's image service starts on
+/// demand and serves the image lazily; two containers of it run at once, each with its
+/// own writable layer, from one mount; when they are done the service unmounts the
+/// image and (idle at once here) exits, leaving nothing mounted or running.
+pub async fn a_nydus_image_runs_in_namespace_sandboxes() -> anyhow::Result<()> {
+    let reg = TestRegistry::start().await?;
+    let reference = format!("{}/nyd-run:1", reg.addr);
+    let o = rootfs_builder(&["nydus", path(&env().rootfs), "--push", &reference]).await?;
+    converted(&o, "the busybox rootfs")?;
+    let cache = tempfile::tempdir()?;
+    let idle = Path::new("0");
+    let run = |tag: &'static str| {
+        let (reference, cache) = (reference.clone(), cache.path().to_path_buf());
+        async move {
+            let script = format!("echo {tag} > /tmp/mine; sleep 1; cat /tmp/mine; ls /bin/busybox");
+            run_command_env(
+                &env().joeyctl,
+                &[
+                    "run", "--ns", "--ref", &reference, "--", "/bin/sh", "-c", &script,
+                ],
+                &[("JOEY_CACHE", &cache), ("JOEY_IMAGED_IDLE_SECS", idle)],
+                b"",
+                Duration::from_secs(120),
+            )
+            .await
+        }
+    };
+    let (a, b) = tokio::join!(run("first"), run("second"));
+    for (o, tag) in [(a?, "first"), (b?, "second")] {
+        ensure!(
+            o.code == 0 && o.stdout == format!("{tag}\n/bin/busybox\n"),
+            "{tag}: {} {:?} {}",
+            o.code,
+            o.stdout,
+            o.stderr
+        );
+    }
+    // The service ends on its own; nothing of it is left.
+    let socket = joey_shim::imaged::socket_path();
+    let images = joey_shim::imaged::images_dir().display().to_string();
+    joey_tests::wait_until("the image service to exit", Duration::from_secs(10), || {
+        // Nothing mounted at or under its images directory.
+        !socket.exists()
+            && !std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.split(' ').nth(4).is_some_and(|m| m.starts_with(&images)))
+    })
+    .await
+    .with_context(|| std::fs::read_to_string(joey_shim::imaged::log_path()).unwrap_or_default())?;
+    Ok(())
+}
