@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use joey_shim::image::reference::Reference;
 use joey_shim::image::registry::{Credentials, RegistrySettings};
-use joey_shim::imaged::{images_dir, lock_path, socket_path};
+use joey_shim::imaged::{ensure_images_dir, images_dir, is_mount_point, lock_path, socket_path};
 
 use crate::{fuse, rafs, registry};
 
@@ -43,77 +43,28 @@ pub struct Service {
     mounting: Mutex<()>,
 }
 
-fn mounted(dir: &Path) -> bool {
-    let target = dir.display().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|m| {
-        m.lines()
-            .any(|l| l.split(' ').nth(4) == Some(target.as_str()))
-    })
-}
-
 fn flock(f: &std::fs::File, op: libc::c_int) -> bool {
     // SAFETY: flock on an fd the caller owns.
     unsafe { libc::flock(f.as_raw_fd(), op) == 0 }
 }
 
-/// Makes `dir` a mount point of its own with shared propagation, and unmounts what a
-/// service that died left under it.
+/// Unmounts what a service that died left under the images directory, and makes sure
+/// the directory is the shared mount sandboxes receive.
 fn prepare_images_dir(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     for e in std::fs::read_dir(dir)?.flatten() {
         let p = e.path();
-        if mounted(&p) {
+        if is_mount_point(&p) {
             let _ = nix_umount(&p);
         }
         let _ = std::fs::remove_dir(&p);
     }
-    if !mounted(dir) {
-        mount_bind(dir)?;
-    }
-    make_shared(dir)
+    ensure_images_dir().with_context(|| format!("make {} a shared mount", dir.display()))
 }
 
 fn cstr(p: &Path) -> std::ffi::CString {
     use std::os::unix::ffi::OsStrExt;
     std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap_or_default()
-}
-
-fn mount_bind(dir: &Path) -> Result<()> {
-    let c = cstr(dir);
-    // SAFETY: valid NUL-terminated paths; a bind mount of a directory onto itself.
-    let r = unsafe {
-        libc::mount(
-            c.as_ptr(),
-            c.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND,
-            std::ptr::null(),
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("bind {}", dir.display()));
-    }
-    Ok(())
-}
-
-fn make_shared(dir: &Path) -> Result<()> {
-    let c = cstr(dir);
-    // SAFETY: a propagation change on a valid mount point.
-    let r = unsafe {
-        libc::mount(
-            std::ptr::null(),
-            c.as_ptr(),
-            std::ptr::null(),
-            libc::MS_SHARED,
-            std::ptr::null(),
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("make {} shared", dir.display()));
-    }
-    Ok(())
 }
 
 fn nix_umount(dir: &Path) -> std::io::Result<()> {
@@ -224,7 +175,7 @@ impl Service {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !mounted(&dir) {
+        while !is_mount_point(&dir) {
             if thread.is_finished() || Instant::now() > deadline {
                 anyhow::bail!("{r}: the FUSE mount at {} did not come up", dir.display());
             }
@@ -344,9 +295,9 @@ impl Service {
                         self.spawn_client(conn);
                         continue;
                     }
+                    // The images directory's own mount stays: sandboxes hold it as
+                    // their link to the next service's images.
                     let _ = std::fs::remove_file(&socket);
-                    // Nothing is mounted under it: its own mount goes too.
-                    let _ = nix_umount(&images_dir());
                     eprintln!("joey-imaged: idle, exiting");
                     return Ok(());
                 }

@@ -99,16 +99,67 @@ pub fn plan(mode: Mode, guest_dir: &Path) -> Vec<Step> {
     }
 }
 
-/// Makes every mount private, so nothing init or the agent mounts reaches the host.
-pub fn make_private() -> anyhow::Result<()> {
+/// Makes every mount private, so nothing init or the agent mounts reaches the host and
+/// nothing the host mounts reaches the sandbox, except under `keep` (the host image
+/// service's directory), which stays a slave of the host's: an image the service
+/// mounts after the sandbox started still appears in it.
+pub fn make_private(keep: &Path) -> anyhow::Result<()> {
     nix::mount::mount(
         None::<&str>,
         "/",
         None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
         None::<&str>,
     )
-    .map_err(|e| anyhow::anyhow!("make / rprivate: {e}"))
+    .map_err(|e| anyhow::anyhow!("make / rslave: {e}"))?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| anyhow::anyhow!("read /proc/self/mountinfo: {e}"))?;
+    for point in mount_points(&mountinfo) {
+        if point.starts_with(keep) {
+            continue;
+        }
+        if let Err(e) = nix::mount::mount(
+            None::<&str>,
+            &point,
+            None::<&str>,
+            MsFlags::MS_PRIVATE,
+            None::<&str>,
+        ) {
+            tracing::debug!(mount = %point.display(), "make private: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// The mount points `/proc/self/mountinfo` lists (its octal escapes undone).
+fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|field| {
+            let b = field.as_bytes();
+            let mut out = Vec::with_capacity(b.len());
+            let mut i = 0;
+            while i < b.len() {
+                let octal = (b[i] == b'\\' && i + 3 < b.len())
+                    .then(|| std::str::from_utf8(&b[i + 1..i + 4]).ok())
+                    .flatten()
+                    .and_then(|o| u8::from_str_radix(o, 8).ok());
+                match octal {
+                    Some(v) => {
+                        out.push(v);
+                        i += 4;
+                    }
+                    None => {
+                        out.push(b[i]);
+                        i += 1;
+                    }
+                }
+            }
+            use std::os::unix::ffi::OsStringExt;
+            PathBuf::from(std::ffi::OsString::from_vec(out))
+        })
+        .collect()
 }
 
 pub fn apply(steps: &[Step]) -> anyhow::Result<()> {
@@ -168,6 +219,21 @@ pub fn loopback_up() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mount_points_are_read_from_mountinfo_with_escapes_undone() {
+        let info = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n\
+                    40 22 0:39 / /run/joey/images rw shared:7 - tmpfs tmpfs rw\n\
+                    41 22 0:40 / /mnt/with\\040space rw - tmpfs tmpfs rw\n";
+        assert_eq!(
+            mount_points(info),
+            [
+                PathBuf::from("/"),
+                PathBuf::from("/run/joey/images"),
+                PathBuf::from("/mnt/with space"),
+            ]
+        );
+    }
 
     #[test]
     fn a_vm_gets_the_full_set_with_cgroup2_last() {

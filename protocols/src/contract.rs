@@ -28,6 +28,13 @@ pub fn runtime_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(RUNTIME_DIR))
 }
 
+/// Where the host's image service mounts images (`<runtime dir>/images/<hex digest>`):
+/// a shared-propagation mount that namespace sandboxes receive as a slave, so an
+/// image mounted after a sandbox started still reaches it.
+pub fn images_dir() -> PathBuf {
+    runtime_dir().join("images")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

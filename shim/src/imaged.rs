@@ -31,9 +31,42 @@ pub fn log_path() -> PathBuf {
     runtime_dir().join("imaged.log")
 }
 
-/// Where the service mounts images: `<runtime dir>/images/<hex digest>`.
-pub fn images_dir() -> PathBuf {
-    runtime_dir().join("images")
+pub use joey_protocols::contract::images_dir;
+
+/// Whether `dir` is a mount point (in this mount namespace).
+pub fn is_mount_point(dir: &Path) -> bool {
+    let target = dir.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|m| {
+        m.lines()
+            .any(|l| l.split(' ').nth(4) == Some(target.as_str()))
+    })
+}
+
+/// Makes [`images_dir`] a mount point of its own with shared propagation (once per
+/// host boot; idempotent). A namespace sandbox started after this receives it as a
+/// slave, so images the service mounts later still reach the sandbox; so it is done
+/// before every sandbox starts, not only when the service does.
+pub fn ensure_images_dir() -> std::io::Result<()> {
+    use nix::mount::{mount, MsFlags};
+    let dir = images_dir();
+    std::fs::create_dir_all(&dir)?;
+    if !is_mount_point(&dir) {
+        mount(
+            Some(&dir),
+            &dir,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )?;
+    }
+    mount(
+        None::<&str>,
+        &dir,
+        None::<&str>,
+        MsFlags::MS_SHARED,
+        None::<&str>,
+    )?;
+    Ok(())
 }
 
 /// How long a start may take before joeyctl gives up on it.

@@ -107,6 +107,14 @@ impl NsSandbox {
                 )));
             }
         }
+        // Images the host's image service mounts, also after this sandbox started,
+        // reach it through this shared mount.
+        crate::imaged::ensure_images_dir().map_err(|e| {
+            SandboxError::Setup(format!(
+                "make {} a shared mount: {e}",
+                crate::imaged::images_dir().display()
+            ))
+        })?;
         let id = random_id();
         let dir = ns_root().join(&id);
         let sock = dir.join("agent.sock");

@@ -135,14 +135,66 @@ pub async fn a_nydus_image_runs_in_namespace_sandboxes() -> anyhow::Result<()> {
     let socket = joey_shim::imaged::socket_path();
     let images = joey_shim::imaged::images_dir().display().to_string();
     joey_tests::wait_until("the image service to exit", Duration::from_secs(10), || {
-        // Nothing mounted at or under its images directory.
+        // Nothing mounted under its images directory (whose own shared mount stays).
         !socket.exists()
             && !std::fs::read_to_string("/proc/self/mountinfo")
                 .unwrap_or_default()
                 .lines()
-                .any(|l| l.split(' ').nth(4).is_some_and(|m| m.starts_with(&images)))
+                .any(|l| {
+                    l.split(' ')
+                        .nth(4)
+                        .is_some_and(|m| m.starts_with(&format!("{images}/")))
+                })
     })
     .await
     .with_context(|| std::fs::read_to_string(joey_shim::imaged::log_path()).unwrap_or_default())?;
+    Ok(())
+}
+
+/// An image the service mounts after a namespace sandbox started still reaches it:
+/// the images directory stays a slave of the host's in the sandbox, and a container
+/// created afterwards runs from it.
+pub async fn an_image_mounted_after_a_sandbox_started_reaches_it() -> anyhow::Result<()> {
+    let reg = TestRegistry::start().await?;
+    let reference = format!("{}/late:1", reg.addr);
+    let o = rootfs_builder(&["nydus", path(&env().rootfs), "--push", &reference]).await?;
+    converted(&o, "the busybox rootfs")?;
+    let pod = crate::common::pod().await?;
+    let cache = tempfile::tempdir()?;
+    let (imaged, cache_dir, shown) = (
+        env().imaged.clone(),
+        cache.path().to_path_buf(),
+        reference.clone(),
+    );
+    let registry = reg.addr.clone();
+    let lease = tokio::task::spawn_blocking(move || {
+        let conn = joey_shim::imaged::connect_or_start(&imaged, &cache_dir)?;
+        joey_shim::imaged::mount(
+            conn,
+            &shown,
+            &joey_shim::image::registry::RegistrySettings::default(),
+            &registry,
+        )
+    })
+    .await??;
+    pod.create_container(
+        "late",
+        &lease.path,
+        &crate::common::sh("echo late; ls /bin/busybox"),
+    )
+    .await?;
+    pod.start_container("late").await?;
+    let out = pod
+        .read_to_end("late", "", joey_shim::client::Stream::Stdout)
+        .await?;
+    let status = pod.wait_process("late", "").await?;
+    pod.remove_container("late").await?;
+    pod.destroy().await?;
+    drop(lease);
+    ensure!(
+        status == 0 && out == b"late\n/bin/busybox\n",
+        "a container from an image mounted after its sandbox started: {status} {:?}",
+        String::from_utf8_lossy(&out)
+    );
     Ok(())
 }

@@ -56,6 +56,7 @@ fn main() {
         nydus::a_push_cut_half_way_leaves_no_tag,
         imaged::a_registry_image_is_read_lazily,
         imaged::a_nydus_image_runs_in_namespace_sandboxes,
+        imaged::an_image_mounted_after_a_sandbox_started_reaches_it,
     ];
     // The vsock transport needs a host vsock device, which these machines lack: that
     // is a property of the machine, not of the tier, so it is skipped even in strict mode.
