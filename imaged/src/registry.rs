@@ -15,6 +15,7 @@ use oci_client::manifest::{OciDescriptor, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_
 
 const NYDUS_FEATURE: &str = "nydus.remoteimage.v1";
 const BOOTSTRAP_ANNOTATION: &str = "containerd.io/snapshot/nydus-bootstrap";
+const NYDUS_BLOB_ANNOTATION: &str = "containerd.io/snapshot/nydus-blob";
 
 /// A Nydus image found in its registry.
 pub struct RemoteImage {
@@ -76,6 +77,20 @@ pub async fn resolve(
         .with_context(|| {
             format!("{shown}: not a Nydus image (no layer annotated {BOOTSTRAP_ANNOTATION})")
         })?;
+    // Every data blob is there: a missing one fails the mount now, not a read later.
+    for l in manifest["layers"].as_array().into_iter().flatten() {
+        if l["annotations"][NYDUS_BLOB_ANNOTATION] != "true" {
+            continue;
+        }
+        let blob = l["digest"].as_str().unwrap_or_default();
+        let present = client
+            .blob_exists(&oref, blob)
+            .await
+            .with_context(|| format!("{shown}: ask for blob {blob}"))?;
+        if !present {
+            bail!("{shown}: the registry lacks data blob {blob}");
+        }
+    }
     let d = Digest::parse(&boot.digest)?;
     let layer = dir.join(format!("{}.tar.gz", d.hex()));
     let _ = std::fs::remove_file(&layer);
@@ -116,9 +131,9 @@ scheme = "{}"
 host = "{}"
 repo = "{}"
 {auth}skip_verify = false
-timeout = 30
-connect_timeout = 10
-retry_limit = 2
+timeout = 10
+connect_timeout = 5
+retry_limit = 1
 "#,
         if settings.plain_http(&r.registry) {
             "http"

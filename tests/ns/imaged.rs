@@ -198,3 +198,147 @@ pub async fn an_image_mounted_after_a_sandbox_started_reaches_it() -> anyhow::Re
     );
     Ok(())
 }
+
+/// Pseudo-random bytes (incompressible, like a binary).
+fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Failures are errors, never wrong bytes or a hang: a chunk the registry serves
+/// corrupted fails its read with EIO (no file reads wrong bytes, a file far from it
+/// reads right, and the mount keeps serving); with the registry gone, a read of what is not cached fails
+/// within a bounded time; a data blob missing from the registry fails the mount,
+/// naming the blob.
+pub async fn failures_are_errors_not_wrong_bytes() -> anyhow::Result<()> {
+    let mut reg = TestRegistry::start().await?;
+    let tmp = tempfile::tempdir()?;
+    let files: Vec<(String, Vec<u8>)> = (0..4)
+        .map(|i| (format!("file-{i}"), noise(i + 7, 1 << 20)))
+        .collect();
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, bytes) in &files {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(bytes.len() as u64);
+        b.append_data(&mut h, name, &bytes[..])?;
+    }
+    let layer = Layer {
+        tar: b.into_inner()?,
+        compression: LayerCompression::Gzip,
+    };
+    let src = tmp.path().join("src");
+    write_layout(std::slice::from_ref(&layer), &src, serde_json::json!({}))?;
+    for tag in ["fail:1", "gone:1"] {
+        let reference = format!("{}/{tag}", reg.addr);
+        let o = rootfs_builder(&["nydus", path(&src), "--push", &reference]).await?;
+        converted(&o, tag)?;
+    }
+    // The data blob, as the registry stores it.
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        reg.blob_file(
+            std::fs::read_to_string(
+                reg.storage()
+                    .join("docker/registry/v2/repositories/fail/_manifests/tags/1/current/link"),
+            )?
+            .trim(),
+        ),
+    )?)?;
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        reg.blob_file(index["manifests"][0]["digest"].as_str().unwrap_or_default()),
+    )?)?;
+    let blob = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let file = reg.blob_file(&blob);
+    let mut bytes = std::fs::read(&file)?;
+    // Inside the second file's data, found by its bytes (incompressible data is stored
+    // as it is).
+    let needle = &files[1].1[1 << 19..(1 << 19) + 64];
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .context("file-1's bytes are not in the blob as they are")?;
+    for b in &mut bytes[at..at + 64] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&file, bytes)?;
+
+    let cache = tmp.path().join("cache");
+    let args = [std::ffi::OsStr::new("--cache-dir"), cache.as_os_str()];
+    let reference = format!("{}/fail:1", reg.addr);
+    let mnt =
+        MountedImage::mount_with(&env().imaged, std::ffi::OsStr::new(&reference), &args).await?;
+    let mut failed = Vec::new();
+    for (name, expected) in &files[..3] {
+        let p = mnt.dir.join(name);
+        match tokio::task::spawn_blocking(move || std::fs::read(p)).await? {
+            Ok(got) => ensure!(&got == expected, "{name} read back wrong bytes"),
+            Err(e) => {
+                ensure!(
+                    e.raw_os_error() == Some(libc::EIO),
+                    "{name}: {e} (EIO expected)"
+                );
+                failed.push(name.clone());
+            }
+        }
+    }
+    // The corrupted file fails; a neighbour may fail too (nydus fetches runs of
+    // adjacent chunks in one request and checks them all), but nothing reads wrong
+    // and a file far from it reads right, also again.
+    ensure!(
+        failed.first().map(String::as_str) == Some("file-1")
+            && !failed.iter().any(|f| f == "file-0"),
+        "failed: {failed:?} (file-1, and not file-0, expected)"
+    );
+    ensure!(
+        std::fs::read(mnt.dir.join("file-0"))? == files[0].1,
+        "file-0 reread wrong"
+    );
+    // The registry goes away: a read of what is not cached fails, and soon.
+    reg.stop();
+    let p = mnt.dir.join("file-3");
+    let started = std::time::Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || std::fs::read(p)),
+    )
+    .await
+    .context("a read with the registry gone hung for 60 s")??;
+    ensure!(
+        r.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::EIO),
+        "a read with the registry gone: {:?}",
+        r.map(|b| b.len())
+    );
+    eprintln!(
+        "a read with the registry gone failed after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    drop(mnt);
+    // A data blob the registry lacks: the mount fails naming it.
+    std::fs::remove_dir_all(reg.storage().join(format!(
+        "docker/registry/v2/repositories/gone/_layers/sha256/{}",
+        blob.trim_start_matches("sha256:")
+    )))?;
+    reg.restart().await?;
+    let gone = format!("{}/gone:1", reg.addr);
+    let m = MountedImage::mount_with(&env().imaged, std::ffi::OsStr::new(&gone), &args).await;
+    let e = match m {
+        Ok(_) => anyhow::bail!("{gone} mounted without its data blob"),
+        Err(e) => format!("{e:#}"),
+    };
+    ensure!(
+        e.contains(&blob) && e.contains(&gone),
+        "the missing blob's error does not name it: {e}"
+    );
+    Ok(())
+}

@@ -57,6 +57,7 @@ fn main() {
         imaged::a_registry_image_is_read_lazily,
         imaged::a_nydus_image_runs_in_namespace_sandboxes,
         imaged::an_image_mounted_after_a_sandbox_started_reaches_it,
+        imaged::failures_are_errors_not_wrong_bytes,
     ];
     // The vsock transport needs a host vsock device, which these machines lack: that
     // is a property of the machine, not of the tier, so it is skipped even in strict mode.

@@ -49,8 +49,12 @@ impl MountedImage {
             .stderr(std::fs::File::create(&log)?)
             .spawn()
             .context("start joey-imaged")?;
-        let up = wait_until("the FUSE mount", Duration::from_secs(20), || mounted(&dir)).await;
-        if up.is_err() || child.try_wait()?.is_some() {
+        // Until it is mounted, or the service gave up.
+        let _ = wait_until("the FUSE mount", Duration::from_secs(20), || {
+            mounted(&dir) || matches!(child.try_wait(), Ok(Some(_)))
+        })
+        .await;
+        if !mounted(&dir) || child.try_wait()?.is_some() {
             let _ = child.kill();
             let _ = child.wait();
             bail!(
