@@ -342,3 +342,54 @@ pub async fn failures_are_errors_not_wrong_bytes() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Lazy reads against registries that ask who is reading: basic auth over https with
+/// a CA of the test's (reaching the registry backend through `SSL_CERT_FILE`), and
+/// bearer tokens from a token service.
+pub async fn lazy_reads_through_https_basic_auth_and_bearer_tokens() -> anyhow::Result<()> {
+    use joey_tests::registry::Auth;
+    let (user, password) = ("joey", "s3cret");
+    let creds = format!("{user}:{password}");
+    for (tls, auth) in [
+        (
+            true,
+            Auth::Basic {
+                user: user.into(),
+                password: password.into(),
+            },
+        ),
+        (
+            false,
+            Auth::Token {
+                user: user.into(),
+                password: password.into(),
+            },
+        ),
+    ] {
+        let what = format!("{auth:?}");
+        let reg = TestRegistry::start_with(tls, auth).await?;
+        let reference = format!("{}/private:1", reg.addr);
+        let mut args: Vec<String> = vec!["--creds".into(), creds.clone()];
+        if let Some(ca) = &reg.ca {
+            args.extend(["--ca".into(), path(ca).into()]);
+        }
+        let mut push = vec!["nydus", path(&env().rootfs), "--push", &reference];
+        push.extend(args.iter().map(String::as_str));
+        let o = rootfs_builder(&push).await?;
+        converted(&o, &what)?;
+        let cache = tempfile::tempdir()?;
+        let mut mount_args: Vec<&std::ffi::OsStr> =
+            vec!["--cache-dir".as_ref(), cache.path().as_os_str()];
+        mount_args.extend(args.iter().map(|a| std::ffi::OsStr::new(a.as_str())));
+        let mnt =
+            MountedImage::mount_with(&env().imaged, std::ffi::OsStr::new(&reference), &mount_args)
+                .await
+                .with_context(|| what.clone())?;
+        let got = std::fs::read(mnt.dir.join("bin/busybox"))?;
+        ensure!(
+            got == std::fs::read(env().rootfs.join("bin/busybox"))?,
+            "{what}: bin/busybox read back wrong"
+        );
+    }
+    Ok(())
+}

@@ -400,7 +400,7 @@ impl TokenIssuer {
                             match sign_token(&key, &x5c, &target) {
                                 Ok(token) => http_reply(
                                     "200 OK",
-                                    &serde_json::json!({"token": token, "access_token": token})
+                                    &serde_json::json!({"token": token, "access_token": token, "expires_in": 600})
                                         .to_string(),
                                 ),
                                 Err(e) => http_reply("500 Internal Server Error", &e.to_string()),
@@ -450,14 +450,34 @@ fn read_request(c: &mut std::net::TcpStream) -> Option<(String, Option<String>)>
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    let text = String::from_utf8_lossy(&buf);
-    let mut lines = text.lines();
-    let target = lines.next()?.split(' ').nth(1)?.to_string();
-    let auth = lines
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.eq_ignore_ascii_case("authorization"))
-        .map(|(_, v)| v.trim().to_string());
-    Some((target, auth))
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let text = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let header = |name: &str| {
+        text.lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let mut target = text.lines().next()?.split(' ').nth(1)?.to_string();
+    // A POST (OAuth2 style, as nydus-storage asks first) carries its parameters in a
+    // form body: they join the query's.
+    let length: usize = header("content-length")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0);
+    let mut body = buf[end..].to_vec();
+    while body.len() < length.min(64 * 1024) {
+        let n = c.read(&mut chunk).ok()?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    if !body.is_empty() {
+        target.push(if target.contains('?') { '&' } else { '?' });
+        target.push_str(&String::from_utf8_lossy(&body));
+    }
+    Some((target, header("authorization")))
 }
 
 fn percent_decode(s: &str) -> String {
