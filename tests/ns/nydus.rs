@@ -80,16 +80,7 @@ fn special_tree(dir: &Path) -> anyhow::Result<()> {
     std::fs::write(data.join("owned"), "o")?;
     std::os::unix::fs::chown(data.join("owned"), Some(1000), Some(1000))?;
     xattr_set(&data.join("owned"), "user.joey", b"owned")?;
-    // Pseudo-random bytes: compressible no better than a real binary.
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let big: Vec<u8> = (0..3 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let big = joey_tests::tree::noise(0x9e37_79b9_7f4a_7c15, 3 << 20);
     std::fs::write(data.join("big"), &big)?;
     std::fs::write(data.join("big-copy"), &big)?;
     Ok(())
@@ -498,16 +489,11 @@ pub async fn bad_input_is_refused_and_leaves_nothing() -> anyhow::Result<()> {
 /// chunks stored once, in the lower layer's blob, and the mounted tree is unchanged.
 pub async fn dedup_across_layers_stores_repeated_chunks_once() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
-    // 2 MiB of pseudo-random bytes, in both layers (and a small file of its own in the
-    // upper one).
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let big: String = (0..2 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            char::from(b'a' + (x % 26) as u8)
-        })
+    // 2 MiB of pseudo-random letters, in both layers (and a small file of its own in
+    // the upper one).
+    let big: String = joey_tests::tree::noise(0x2545_f491_4f6c_dd1d, 2 << 20)
+        .into_iter()
+        .map(|b| char::from(b'a' + b % 26))
         .collect();
     use joey_tests::tree::{layer, E};
     let layers = [
@@ -569,34 +555,20 @@ pub async fn dedup_across_layers_stores_repeated_chunks_once() -> anyhow::Result
 }
 
 /// A push cut off half-way (the registry dies once the first blob is in) fails naming
-/// the reference, writes no output, and leaves no tag behind: blobs go first, the tag
-/// last.
+/// the reference, writes no output, and leaves no tag in the registry's storage:
+/// blobs go first, the tag last.
 pub async fn a_push_cut_half_way_leaves_no_tag() -> anyhow::Result<()> {
     let mut reg = TestRegistry::start().await?;
     let tmp = tempfile::tempdir()?;
     // A base layer, then 64 MiB that take a while to send.
-    let mut x: u64 = 0x1234_5678_9abc_def1;
-    let big: Vec<u8> = (0..64 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_ustar();
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_mode(0o644);
-    h.set_size(big.len() as u64);
-    b.append_data(&mut h, "big", &big[..])?;
+    let big = joey_tests::tree::noise(0x1234_5678_9abc_def1, 64 << 20);
     let layers = [
         Layer {
             tar: joey_tests::registry::tar_dir(&env().rootfs)?,
             compression: LayerCompression::Gzip,
         },
         Layer {
-            tar: b.into_inner()?,
+            tar: joey_tests::tree::tar_of(&[("big", &big)])?,
             compression: LayerCompression::None,
         },
     ];
@@ -630,7 +602,7 @@ pub async fn a_push_cut_half_way_leaves_no_tag() -> anyhow::Result<()> {
         stderr
     );
     ensure!(!out.exists(), "a failed push left {}", out.display());
-    reg.restart().await?;
+    // The registry's storage, as it was left.
     ensure!(
         tagged(&reg, "cut", "1").is_err(),
         "the tag names a half-pushed image"

@@ -237,13 +237,6 @@ impl TestRegistry {
         .with_context(|| self.log())
     }
 
-    /// Starts the registry again after [`TestRegistry::stop`], on the same address
-    /// and storage.
-    pub async fn restart(&mut self) -> anyhow::Result<()> {
-        self.stop();
-        self.serve().await
-    }
-
     /// What the registry logged (its access log included).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()

@@ -211,3 +211,30 @@ pub fn overlay_layers(base_rootfs: &Path) -> anyhow::Result<Vec<Layer>> {
     )?;
     Ok(vec![base, first, second])
 }
+
+/// `n` pseudo-random bytes from `seed` (xorshift): incompressible, like a binary, and
+/// the same on every run.
+pub fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// An uncompressed tar of regular files (mode 0644) named and filled as given.
+pub fn tar_of(files: &[(&str, &[u8])]) -> anyhow::Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, bytes) in files {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(bytes.len() as u64);
+        b.append_data(&mut h, name, *bytes)?;
+    }
+    Ok(b.into_inner()?)
+}

@@ -80,6 +80,16 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
+/// An OCI image's config and its layers as builder inputs (name, tar, not a directory).
+fn oci_inputs(img: source::OciImage) -> (serde_json::Value, Vec<(String, PathBuf, bool)>) {
+    let inputs = img
+        .layers
+        .into_iter()
+        .map(|l| (l.digest, l.tar, false))
+        .collect();
+    (img.config, inputs)
+}
+
 /// A minimal image config for a directory source.
 fn directory_config() -> serde_json::Value {
     serde_json::json!({
@@ -119,25 +129,11 @@ pub fn run(opts: &NydusOptions) -> Result<()> {
             directory_config(),
             vec![(format!("directory {}", d.display()), d.clone(), true)],
         ),
-        Source::Layout { dir, tag } => {
-            let img = source::from_layout(dir, tag.as_deref(), &work)?;
-            let inputs = img
-                .layers
-                .into_iter()
-                .map(|l| (l.digest, l.tar, false))
-                .collect();
-            (img.config, inputs)
-        }
+        Source::Layout { dir, tag } => oci_inputs(source::from_layout(dir, tag.as_deref(), &work)?),
         Source::Registry(r) => {
             eprintln!("rootfs-builder: pulling {r}");
             let settings = opts.registry.settings(&r.registry)?;
-            let img = rt.block_on(source::from_registry(r, &settings, &work))?;
-            let inputs = img
-                .layers
-                .into_iter()
-                .map(|l| (l.digest, l.tar, false))
-                .collect();
-            (img.config, inputs)
+            oci_inputs(rt.block_on(source::from_registry(r, &settings, &work))?)
         }
     };
 
