@@ -1,6 +1,5 @@
 //! Mounting behind a trait, so storage drivers are unit-tested without root.
 
-use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 #[cfg(test)]
 use std::sync::Mutex;
@@ -63,39 +62,8 @@ impl Mounter for LinuxMounter {
     }
 
     fn is_mounted(&self, target: &Path) -> bool {
-        std::fs::read_to_string("/proc/self/mountinfo")
-            .map(|info| mount_points(&info).any(|p| p == target))
-            .unwrap_or(false)
+        joey_protocols::mountinfo::is_mount_point(target)
     }
-}
-
-/// The mount points listed in a mountinfo text (field 5, octal escapes decoded).
-fn mount_points(info: &str) -> impl Iterator<Item = PathBuf> + '_ {
-    info.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|field| {
-            let b = field.as_bytes();
-            let mut out = Vec::with_capacity(b.len());
-            let mut i = 0;
-            while i < b.len() {
-                let octal = b.get(i + 1..i + 4).and_then(|d| {
-                    std::str::from_utf8(d)
-                        .ok()
-                        .and_then(|d| u8::from_str_radix(d, 8).ok())
-                });
-                match (b[i], octal) {
-                    (b'\\', Some(c)) => {
-                        out.push(c);
-                        i += 4;
-                    }
-                    (c, _) => {
-                        out.push(c);
-                        i += 1;
-                    }
-                }
-            }
-            PathBuf::from(std::ffi::OsString::from_vec(out))
-        })
 }
 
 /// A test fake that records calls and can be told to fail one target.
@@ -180,16 +148,6 @@ mod tests {
         let (f, d) = parse_options(&s(&["ro", "nosuid", "size=64m", "mode=755"]));
         assert_eq!(f, MsFlags::MS_RDONLY | MsFlags::MS_NOSUID);
         assert_eq!(d, "size=64m,mode=755");
-    }
-
-    #[test]
-    fn mount_points_are_read_from_mountinfo() {
-        let info = "22 1 0:21 / / rw shared:1 - ext4 /dev/vda rw\n\
-                    40 22 0:35 / /run/a\\040b rw - tmpfs tmpfs rw\n";
-        let points: Vec<_> = mount_points(info).collect();
-        assert_eq!(points, [PathBuf::from("/"), PathBuf::from("/run/a b")]);
-        assert!(LinuxMounter.is_mounted(Path::new("/proc")));
-        assert!(!LinuxMounter.is_mounted(Path::new("/proc/self")));
     }
 
     #[test]

@@ -114,7 +114,7 @@ pub fn make_private(keep: &Path) -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("make / rslave: {e}"))?;
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| anyhow::anyhow!("read /proc/self/mountinfo: {e}"))?;
-    for point in mount_points(&mountinfo) {
+    for point in joey_protocols::mountinfo::mount_points(&mountinfo) {
         if point.starts_with(keep) {
             continue;
         }
@@ -129,37 +129,6 @@ pub fn make_private(keep: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// The mount points `/proc/self/mountinfo` lists (its octal escapes undone).
-fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
-    mountinfo
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|field| {
-            let b = field.as_bytes();
-            let mut out = Vec::with_capacity(b.len());
-            let mut i = 0;
-            while i < b.len() {
-                let octal = (b[i] == b'\\' && i + 3 < b.len())
-                    .then(|| std::str::from_utf8(&b[i + 1..i + 4]).ok())
-                    .flatten()
-                    .and_then(|o| u8::from_str_radix(o, 8).ok());
-                match octal {
-                    Some(v) => {
-                        out.push(v);
-                        i += 4;
-                    }
-                    None => {
-                        out.push(b[i]);
-                        i += 1;
-                    }
-                }
-            }
-            use std::os::unix::ffi::OsStringExt;
-            PathBuf::from(std::ffi::OsString::from_vec(out))
-        })
-        .collect()
 }
 
 pub fn apply(steps: &[Step]) -> anyhow::Result<()> {
@@ -219,21 +188,6 @@ pub fn loopback_up() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mount_points_are_read_from_mountinfo_with_escapes_undone() {
-        let info = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n\
-                    40 22 0:39 / /run/joey/images rw shared:7 - tmpfs tmpfs rw\n\
-                    41 22 0:40 / /mnt/with\\040space rw - tmpfs tmpfs rw\n";
-        assert_eq!(
-            mount_points(info),
-            [
-                PathBuf::from("/"),
-                PathBuf::from("/run/joey/images"),
-                PathBuf::from("/mnt/with space"),
-            ]
-        );
-    }
 
     #[test]
     fn a_vm_gets_the_full_set_with_cgroup2_last() {

@@ -7,6 +7,7 @@
 //! resolve.
 
 pub mod contract;
+pub mod mountinfo;
 
 macro_rules! generated {
     ($(#[$meta:meta])* $name:ident, $file:literal) => {

@@ -33,14 +33,7 @@ pub fn log_path() -> PathBuf {
 
 pub use joey_protocols::contract::images_dir;
 
-/// Whether `dir` is a mount point (in this mount namespace).
-pub fn is_mount_point(dir: &Path) -> bool {
-    let target = dir.display().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|m| {
-        m.lines()
-            .any(|l| l.split(' ').nth(4) == Some(target.as_str()))
-    })
-}
+pub use joey_protocols::mountinfo::is_mount_point;
 
 /// Makes [`images_dir`] a mount point of its own with shared propagation (once per
 /// host boot; idempotent). A namespace sandbox started after this receives it as a

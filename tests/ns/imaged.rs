@@ -115,18 +115,13 @@ pub async fn a_nydus_image_runs_in_namespace_sandboxes() -> anyhow::Result<()> {
     }
     // The service ends on its own; nothing of it is left.
     let socket = joey_shim::imaged::socket_path();
-    let images = joey_shim::imaged::images_dir().display().to_string();
+    let images = joey_shim::imaged::images_dir();
     joey_tests::wait_until("the image service to exit", Duration::from_secs(10), || {
         // Nothing mounted under its images directory (whose own shared mount stays).
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         !socket.exists()
-            && !std::fs::read_to_string("/proc/self/mountinfo")
-                .unwrap_or_default()
-                .lines()
-                .any(|l| {
-                    l.split(' ')
-                        .nth(4)
-                        .is_some_and(|m| m.starts_with(&format!("{images}/")))
-                })
+            && !joey_protocols::mountinfo::mount_points(&info)
+                .any(|m| m.starts_with(&images) && m != images)
     })
     .await
     .with_context(|| std::fs::read_to_string(joey_shim::imaged::log_path()).unwrap_or_default())?;

@@ -14,13 +14,7 @@ pub struct MountedImage {
     _tmp: tempfile::TempDir,
 }
 
-fn mounted(dir: &Path) -> bool {
-    let target = dir.display().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo").is_ok_and(|m| {
-        m.lines()
-            .any(|l| l.split(' ').nth(4) == Some(target.as_str()))
-    })
-}
+use joey_protocols::mountinfo::is_mount_point as mounted;
 
 impl MountedImage {
     /// Mounts the Nydus image of the OCI layout `layout` with `imaged`.
