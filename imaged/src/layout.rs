@@ -7,85 +7,61 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-
-const NYDUS_FEATURE: &str = "nydus.remoteimage.v1";
-const BOOTSTRAP_ANNOTATION: &str = "containerd.io/snapshot/nydus-bootstrap";
-const BOOTSTRAP_IN_LAYER: &str = "image/image.boot";
+use joey_shim::image::layout::OciLayout;
+use joey_shim::image::layout::{ANNOTATION_NYDUS_BOOTSTRAP, BOOTSTRAP_IN_LAYER, OS_FEATURE_NYDUS};
 
 pub struct NydusLayout {
-    dir: PathBuf,
+    layout: OciLayout,
     /// The digest of the bootstrap layer.
     bootstrap_layer: String,
 }
 
-fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
-    serde_json::from_slice(&bytes).with_context(|| format!("{} is not JSON", path.display()))
-}
-
 impl NydusLayout {
-    /// The layout at `spec` (`DIR` or `DIR:TAG`).
-    pub fn open(spec: &str) -> Result<Self> {
-        let (dir, tag) = match spec.rsplit_once(':') {
-            Some((d, t)) if !Path::new(spec).is_dir() => (PathBuf::from(d), Some(t)),
-            _ => (PathBuf::from(spec), None),
-        };
-        let index = read_json(&dir.join("index.json"))?;
-        let entries: Vec<&serde_json::Value> = index["manifests"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .collect();
-        let candidates: Vec<&serde_json::Value> = entries
-            .into_iter()
-            .filter(|e| match tag {
-                Some(t) => e["annotations"]["org.opencontainers.image.ref.name"] == t,
-                None => true,
-            })
-            .collect();
+    /// The Nydus image of `layout`: the index entry (of those it was named with) that
+    /// has the Nydus feature, or its only one.
+    pub fn open(layout: OciLayout) -> Result<Self> {
+        let shown = layout.dir.display().to_string();
+        let candidates = layout.entries()?;
         let nydus = |e: &serde_json::Value| {
             e["platform"]["os.features"]
                 .as_array()
-                .is_some_and(|f| f.iter().any(|x| x == NYDUS_FEATURE))
+                .is_some_and(|f| f.iter().any(|x| x == OS_FEATURE_NYDUS))
         };
-        let entry = match candidates.iter().copied().find(|e| nydus(e)) {
+        let entry = match candidates.iter().find(|e| nydus(e)) {
             Some(e) => e,
-            None if candidates.len() == 1 => candidates[0],
+            None if candidates.len() == 1 => &candidates[0],
             None => {
-                bail!("{spec}: no Nydus image (an index entry with os.features {NYDUS_FEATURE})")
+                bail!(
+                    "{shown}: no Nydus image (an index entry with os.features {OS_FEATURE_NYDUS})"
+                )
             }
         };
         let digest = entry["digest"]
             .as_str()
             .context("an index entry without a digest")?;
-        let manifest = read_json(&Self::blob_in(&dir, digest))?;
+        let manifest = layout.json_blob(digest)?;
         let bootstrap_layer = manifest["layers"]
             .as_array()
             .into_iter()
             .flatten()
-            .find(|l| l["annotations"][BOOTSTRAP_ANNOTATION] == "true")
+            .find(|l| l["annotations"][ANNOTATION_NYDUS_BOOTSTRAP] == "true")
             .and_then(|l| l["digest"].as_str())
-            .with_context(|| format!("{spec}: manifest {digest} has no Nydus bootstrap layer"))?
+            .with_context(|| format!("{shown}: manifest {digest} has no Nydus bootstrap layer"))?
             .to_string();
         Ok(NydusLayout {
-            dir,
+            layout,
             bootstrap_layer,
         })
     }
 
-    fn blob_in(dir: &Path, digest: &str) -> PathBuf {
-        dir.join("blobs/sha256")
-            .join(digest.trim_start_matches("sha256:"))
-    }
-
     /// Where the data blobs are, each named by its hex digest.
     pub fn blob_dir(&self) -> PathBuf {
-        self.dir.join("blobs/sha256")
+        self.layout.blob_dir()
     }
 
     /// Writes the bootstrap to `out`.
     pub fn extract_bootstrap(&self, out: &Path) -> Result<PathBuf> {
-        extract_bootstrap(&Self::blob_in(&self.dir, &self.bootstrap_layer), out)
+        extract_bootstrap(&self.layout.blob_path(&self.bootstrap_layer), out)
             .with_context(|| format!("bootstrap layer {}", self.bootstrap_layer))?;
         Ok(out.to_path_buf())
     }

@@ -13,6 +13,7 @@ mod service;
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
+use joey_shim::image::layout::OciLayout;
 use joey_shim::image::reference::Reference;
 use joey_shim::image::registry::{RegistryArgs, RegistrySettings};
 
@@ -73,15 +74,6 @@ fn main() {
     }
 }
 
-/// Whether `spec` names a local OCI image layout (`DIR` or `DIR:TAG`).
-fn is_layout(spec: &str) -> bool {
-    let dir = match spec.rsplit_once(':') {
-        Some((d, _)) if !Path::new(spec).is_dir() => d,
-        _ => spec,
-    };
-    Path::new(dir).join("oci-layout").is_file()
-}
-
 pub(crate) const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// Trusts `settings`' extra CAs in the registry backend too: nydus-storage has no CA
@@ -114,8 +106,8 @@ fn mount(
     let r = (|| {
         let cache = cache_dir.unwrap_or_else(|| scratch.join("cache"));
         std::fs::create_dir_all(&cache)?;
-        let (bootstrap, backend) = if is_layout(spec) {
-            let image = layout::NydusLayout::open(spec)?;
+        let (bootstrap, backend) = if let Some(oci) = OciLayout::from_spec(spec) {
+            let image = layout::NydusLayout::open(oci)?;
             let bootstrap = image.extract_bootstrap(&scratch.join("bootstrap"))?;
             (bootstrap, rafs::local_backend(&image.blob_dir()))
         } else {

@@ -9,13 +9,12 @@ use std::sync::atomic::AtomicU64;
 use anyhow::{bail, Context, Result};
 use base64::Engine as _;
 use joey_shim::image::digest::Digest;
+use joey_shim::image::layout::{
+    ANNOTATION_NYDUS_BLOB, ANNOTATION_NYDUS_BOOTSTRAP, OS_FEATURE_NYDUS,
+};
 use joey_shim::image::reference::Reference;
 use joey_shim::image::registry::RegistrySettings;
 use oci_client::manifest::{OciDescriptor, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE};
-
-const NYDUS_FEATURE: &str = "nydus.remoteimage.v1";
-const BOOTSTRAP_ANNOTATION: &str = "containerd.io/snapshot/nydus-bootstrap";
-const NYDUS_BLOB_ANNOTATION: &str = "containerd.io/snapshot/nydus-blob";
 
 /// A Nydus image found in its registry.
 pub struct RemoteImage {
@@ -45,7 +44,7 @@ pub async fn resolve(
         let nydus = entries.iter().find(|e| {
             e["platform"]["os.features"]
                 .as_array()
-                .is_some_and(|f| f.iter().any(|x| x == NYDUS_FEATURE))
+                .is_some_and(|f| f.iter().any(|x| x == OS_FEATURE_NYDUS))
         });
         let entry = nydus
             .or_else(|| {
@@ -71,15 +70,15 @@ pub async fn resolve(
         .as_array()
         .into_iter()
         .flatten()
-        .find(|l| l["annotations"][BOOTSTRAP_ANNOTATION] == "true")
+        .find(|l| l["annotations"][ANNOTATION_NYDUS_BOOTSTRAP] == "true")
         .map(|l| serde_json::from_value(l.clone()))
         .transpose()?
         .with_context(|| {
-            format!("{shown}: not a Nydus image (no layer annotated {BOOTSTRAP_ANNOTATION})")
+            format!("{shown}: not a Nydus image (no layer annotated {ANNOTATION_NYDUS_BOOTSTRAP})")
         })?;
     // Every data blob is there: a missing one fails the mount now, not a read later.
     for l in manifest["layers"].as_array().into_iter().flatten() {
-        if l["annotations"][NYDUS_BLOB_ANNOTATION] != "true" {
+        if l["annotations"][ANNOTATION_NYDUS_BLOB] != "true" {
             continue;
         }
         let blob = l["digest"].as_str().unwrap_or_default();

@@ -25,16 +25,14 @@ use sha2::{Digest as _, Sha256};
 
 use super::build::LayerBlob;
 
-pub const MEDIA_TYPE_NYDUS_BLOB: &str = "application/vnd.oci.image.layer.nydus.blob.v1";
+pub use joey_shim::image::layout::{
+    ANNOTATION_FS_VERSION, ANNOTATION_NYDUS_BLOB, ANNOTATION_NYDUS_BOOTSTRAP, BOOTSTRAP_IN_LAYER,
+    MEDIA_TYPE_NYDUS_BLOB, OS_FEATURE_NYDUS,
+};
 pub const MEDIA_TYPE_TAR_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 pub const MEDIA_TYPE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MEDIA_TYPE_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const MEDIA_TYPE_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-pub const ANNOTATION_NYDUS_BLOB: &str = "containerd.io/snapshot/nydus-blob";
-pub const ANNOTATION_NYDUS_BOOTSTRAP: &str = "containerd.io/snapshot/nydus-bootstrap";
-pub const ANNOTATION_FS_VERSION: &str = "containerd.io/snapshot/nydus-fs-version";
-pub const OS_FEATURE_NYDUS: &str = "nydus.remoteimage.v1";
-pub const BOOTSTRAP_IN_LAYER: &str = "image/image.boot";
 
 /// A blob of the layout: its descriptor fields and where its bytes are.
 #[derive(Debug, Clone)]

@@ -129,7 +129,7 @@ pub fn run(opts: &NydusOptions) -> Result<()> {
             directory_config(),
             vec![(format!("directory {}", d.display()), d.clone(), true)],
         ),
-        Source::Layout { dir, tag } => oci_inputs(source::from_layout(dir, tag.as_deref(), &work)?),
+        Source::Layout(layout) => oci_inputs(source::from_layout(layout, &work)?),
         Source::Registry(r) => {
             eprintln!("rootfs-builder: pulling {r}");
             let settings = opts.registry.settings(&r.registry)?;

@@ -7,8 +7,9 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
 use joey_shim::image::digest::{Digest, Verifier};
+use joey_shim::image::layout::OciLayout;
 use joey_shim::image::reference::Reference;
 use joey_shim::image::registry::RegistrySettings;
 use joey_shim::image::unpack::Compression;
@@ -17,7 +18,7 @@ use joey_shim::image::unpack::Compression;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     Dir(PathBuf),
-    Layout { dir: PathBuf, tag: Option<String> },
+    Layout(OciLayout),
     Registry(Reference),
 }
 
@@ -25,25 +26,12 @@ impl Source {
     /// A directory with an `oci-layout` file is an OCI image layout (`DIR:TAG` picks a
     /// tag); another directory is a rootfs; anything else an image reference.
     pub fn parse(s: &str) -> Result<Self> {
-        let layout = |dir: &Path| dir.join("oci-layout").is_file();
+        if let Some(layout) = OciLayout::from_spec(s) {
+            return Ok(Source::Layout(layout));
+        }
         let p = Path::new(s);
         if p.is_dir() {
-            return Ok(if layout(p) {
-                Source::Layout {
-                    dir: p.to_path_buf(),
-                    tag: None,
-                }
-            } else {
-                Source::Dir(p.to_path_buf())
-            });
-        }
-        if let Some((dir, tag)) = s.rsplit_once(':') {
-            if layout(Path::new(dir)) {
-                return Ok(Source::Layout {
-                    dir: dir.into(),
-                    tag: Some(tag.into()),
-                });
-            }
+            return Ok(Source::Dir(p.to_path_buf()));
         }
         if s.starts_with('/') || s.starts_with('.') {
             bail!("{s}: no such directory");
@@ -68,28 +56,15 @@ pub struct OciImage {
     pub layers: Vec<OciLayer>,
 }
 
-fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let bytes = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
-    serde_json::from_slice(&bytes).with_context(|| format!("{} is not JSON", path.display()))
-}
-
-/// The blob `digest` of the layout at `dir`, checked against its digest.
-fn layout_blob(dir: &Path, digest: &str) -> Result<Vec<u8>> {
-    let d = Digest::parse(digest)?;
-    let path = dir.join("blobs/sha256").join(d.hex());
-    let bytes = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
-    let mut v = Verifier::new(d);
-    v.update(&bytes);
-    v.finish().with_context(|| format!("{}", path.display()))?;
-    Ok(bytes)
-}
-
 /// The linux/amd64 manifest an index names (or the manifest itself).
-fn resolve_manifest(dir: &Path, descriptor: &serde_json::Value) -> Result<serde_json::Value> {
+fn resolve_manifest(
+    layout: &OciLayout,
+    descriptor: &serde_json::Value,
+) -> Result<serde_json::Value> {
     let digest = descriptor["digest"]
         .as_str()
         .context("a descriptor without a digest")?;
-    let doc: serde_json::Value = serde_json::from_slice(&layout_blob(dir, digest)?)?;
+    let doc = layout.json_blob(digest)?;
     let is_index = doc["manifests"].is_array();
     if !is_index {
         return Ok(doc);
@@ -100,7 +75,7 @@ fn resolve_manifest(dir: &Path, descriptor: &serde_json::Value) -> Result<serde_
         .flatten()
         .find(|m| m["platform"]["os"] == "linux" && m["platform"]["architecture"] == "amd64")
         .with_context(|| format!("index {digest} has no linux/amd64 image"))?;
-    resolve_manifest(dir, amd64)
+    resolve_manifest(layout, amd64)
 }
 
 /// Copies what is read to `out`.
@@ -215,41 +190,22 @@ fn take_apart(
     Ok(OciImage { config, layers })
 }
 
-/// The image of the OCI layout at `dir` (the one named `tag`, else its only one).
-pub fn from_layout(dir: &Path, tag: Option<&str>, work: &Path) -> Result<OciImage> {
-    let index = read_json(&dir.join("index.json"))?;
-    let entries: Vec<&serde_json::Value> = index["manifests"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .collect();
-    let entry = match tag {
-        Some(t) => entries
-            .iter()
-            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == t)
-            .with_context(|| format!("{}: no image tagged {t:?}", dir.display()))?,
-        None => {
-            ensure!(
-                entries.len() == 1,
-                "{}: {} images; name one as DIR:TAG",
-                dir.display(),
-                entries.len()
-            );
-            entries[0]
-        }
+/// The image of `layout` (the one it was named with, else its only one).
+pub fn from_layout(layout: &OciLayout, work: &Path) -> Result<OciImage> {
+    let shown = layout.dir.display();
+    let entries = layout.entries()?;
+    let entry = match (&layout.tag, entries.as_slice()) {
+        (_, [one]) => one,
+        (Some(t), []) => bail!("{shown}: no image tagged {t:?}"),
+        (Some(t), _) => bail!("{shown}: more than one image tagged {t:?}"),
+        (None, all) => bail!("{shown}: {} images; name one as DIR:TAG", all.len()),
     };
-    let manifest = resolve_manifest(dir, entry)?;
+    let manifest = resolve_manifest(layout, entry)?;
     let config_digest = manifest["config"]["digest"]
         .as_str()
         .context("a manifest without a config")?;
-    let config = serde_json::from_slice(&layout_blob(dir, config_digest)?)?;
-    let blobs = dir.join("blobs/sha256");
-    take_apart(
-        &manifest,
-        config,
-        |d| blobs.join(d.trim_start_matches("sha256:")),
-        work,
-    )
+    let config = layout.json_blob(config_digest)?;
+    take_apart(&manifest, config, |d| layout.blob_path(d), work)
 }
 
 /// The image `r` from its registry: manifest and config, then every layer downloaded
@@ -315,17 +271,17 @@ mod tests {
         assert_eq!(Source::parse(&s(&dir)).unwrap(), Source::Dir(dir.clone()));
         assert_eq!(
             Source::parse(&s(&layout)).unwrap(),
-            Source::Layout {
+            Source::Layout(OciLayout {
                 dir: layout.clone(),
                 tag: None
-            }
+            })
         );
         assert_eq!(
             Source::parse(&format!("{}:v2", s(&layout))).unwrap(),
-            Source::Layout {
+            Source::Layout(OciLayout {
                 dir: layout.clone(),
                 tag: Some("v2".into())
-            }
+            })
         );
         assert!(matches!(
             Source::parse("127.0.0.1:5000/app:1").unwrap(),

@@ -160,9 +160,6 @@ pub struct PulledImage {
     pub nydus: bool,
 }
 
-/// The annotation of a Nydus image's bootstrap layer.
-pub const NYDUS_BOOTSTRAP_ANNOTATION: &str = "containerd.io/snapshot/nydus-bootstrap";
-
 impl PulledImage {
     pub fn rootfs(&self) -> PathBuf {
         self.dir.join("rootfs")
@@ -351,7 +348,7 @@ pub async fn pull(
     let is_nydus = manifest.layers.iter().any(|l| {
         l.annotations
             .as_ref()
-            .and_then(|a| a.get(NYDUS_BOOTSTRAP_ANNOTATION))
+            .and_then(|a| a.get(super::layout::ANNOTATION_NYDUS_BOOTSTRAP))
             .is_some_and(|v| v == "true")
     });
     if is_nydus {
