@@ -9,6 +9,7 @@ mod layout;
 mod rafs;
 mod registry;
 mod service;
+mod virtiofs;
 
 use std::path::{Path, PathBuf};
 

@@ -19,7 +19,7 @@ use joey_shim::image::reference::Reference;
 use joey_shim::image::registry::{Credentials, RegistrySettings};
 use joey_shim::imaged::{ensure_images_dir, images_dir, is_mount_point, lock_path, socket_path};
 
-use crate::{fuse, rafs, registry};
+use crate::{fuse, rafs, registry, virtiofs};
 
 /// One mounted image.
 struct Mounted {
@@ -27,8 +27,27 @@ struct Mounted {
     dir: PathBuf,
 }
 
+/// A VM's images device and the images mounted in it (by hex digest, with their
+/// lease counts).
+struct Vm {
+    device: Arc<virtiofs::FsDevice>,
+    images: HashMap<String, usize>,
+}
+
+/// What a client's connection holds until it hangs up.
+enum Lease {
+    /// An image mounted on the host (by hex digest).
+    Image(String),
+    /// An image in a VM's images device (the device's socket, the hex digest).
+    VmImage(PathBuf, String),
+    /// A VM's images device.
+    Device(PathBuf),
+}
+
 struct State {
     images: HashMap<String, Mounted>,
+    /// VM images devices, by their vhost-user socket.
+    vms: HashMap<PathBuf, Vm>,
     clients: usize,
     last_busy: Instant,
 }
@@ -92,6 +111,7 @@ impl Service {
             ca_bundle,
             state: Mutex::new(State {
                 images: HashMap::new(),
+                vms: HashMap::new(),
                 clients: 0,
                 last_busy: Instant::now(),
             }),
@@ -124,8 +144,9 @@ impl Service {
     }
 
     /// Mounts the image a `mount` request names (or finds it mounted) and takes a
-    /// lease on it; returns its digest and directory.
-    fn mount(&self, request: &serde_json::Value) -> Result<(String, PathBuf)> {
+    /// lease on it: on the host under the images directory, or, if the request names a
+    /// VM's device (`vm`, its socket), in that VM's images device.
+    fn mount(&self, request: &serde_json::Value) -> Result<(Lease, serde_json::Value)> {
         let spec = request["ref"]
             .as_str()
             .context("a mount request without a ref")?;
@@ -150,6 +171,7 @@ impl Service {
             creds,
             docker_config: None,
         };
+        let vm = request["vm"].as_str().map(PathBuf::from);
         let _one_at_a_time = self.mounting.lock().unwrap_or_else(|p| p.into_inner());
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -158,15 +180,48 @@ impl Service {
         std::fs::create_dir_all(&boot_dir)?;
         let image = rt.block_on(registry::resolve(&r, &settings, &boot_dir))?;
         let hex = image.digest.trim_start_matches("sha256:").to_string();
+        let open = || -> Result<nydus_rafs::fs::Rafs> {
+            let backend = registry::backend_config(&r, &settings)?;
+            rafs::open(&image.bootstrap, &backend, &self.cache_dir.join("blobs"))
+                .with_context(|| format!("{r}: open image {}", image.digest))
+        };
+        let reply = |path: &Path| serde_json::json!({"digest": image.digest, "path": path});
+        if let Some(socket) = vm {
+            let device = {
+                let mut st = self.state();
+                let vm = st.vms.get_mut(&socket).with_context(|| {
+                    format!("no VM images device is served on {}", socket.display())
+                })?;
+                if let Some(n) = vm.images.get_mut(&hex) {
+                    *n += 1;
+                    return Ok((
+                        Lease::VmImage(socket, hex.clone()),
+                        reply(&Path::new("/").join(&hex)),
+                    ));
+                }
+                vm.device.clone()
+            };
+            device.mount(Box::new(open()?), &hex)?;
+            eprintln!(
+                "joey-imaged: {r}: image {} added to the VM of {}",
+                image.digest,
+                socket.display()
+            );
+            if let Some(vm) = self.state().vms.get_mut(&socket) {
+                vm.images.insert(hex.clone(), 1);
+            }
+            return Ok((
+                Lease::VmImage(socket, hex.clone()),
+                reply(&Path::new("/").join(&hex)),
+            ));
+        }
         if let Some(m) = self.state().images.get_mut(&hex) {
             m.leases += 1;
-            return Ok((image.digest, m.dir.clone()));
+            return Ok((Lease::Image(hex), reply(&m.dir)));
         }
         let dir = images_dir().join(&hex);
         std::fs::create_dir_all(&dir)?;
-        let backend = registry::backend_config(&r, &settings)?;
-        let fs = rafs::open(&image.bootstrap, &backend, &self.cache_dir.join("blobs"))
-            .with_context(|| format!("{r}: open image {}", image.digest))?;
+        let fs = open()?;
         let served = dir.clone();
         let shown = r.to_string();
         let thread = std::thread::spawn(move || {
@@ -187,36 +242,101 @@ impl Service {
             dir.display()
         );
         self.state().images.insert(
-            hex,
+            hex.clone(),
             Mounted {
                 leases: 1,
                 dir: dir.clone(),
             },
         );
-        Ok((image.digest, dir))
+        Ok((Lease::Image(hex), reply(&dir)))
     }
 
-    /// Ends a lease on `digest`; the last one unmounts the image.
-    fn release(&self, digest: &str) {
-        let hex = digest.trim_start_matches("sha256:");
-        let mut st = self.state();
-        let Some(m) = st.images.get_mut(hex) else {
-            return;
-        };
-        m.leases -= 1;
-        if m.leases == 0 {
-            let dir = m.dir.clone();
-            st.images.remove(hex);
-            if let Err(e) = nix_umount(&dir) {
-                eprintln!("joey-imaged: unmount {}: {e}", dir.display());
+    /// Serves a VM's images device on the socket a `vm` request names, until QEMU's
+    /// session ends; the lease is the device's.
+    fn serve_vm(
+        self: &Arc<Self>,
+        request: &serde_json::Value,
+    ) -> Result<(Lease, serde_json::Value)> {
+        let socket = PathBuf::from(
+            request["socket"]
+                .as_str()
+                .context("a vm request without a socket")?,
+        );
+        anyhow::ensure!(
+            socket.is_absolute() && !self.state().vms.contains_key(&socket),
+            "{}: not an absolute path, or already served",
+            socket.display()
+        );
+        let me = Arc::downgrade(self);
+        let key = socket.clone();
+        let device = virtiofs::FsDevice::serve(&socket, move || {
+            if let Some(me) = me.upgrade() {
+                if me.state().vms.remove(&key).is_some() {
+                    eprintln!("joey-imaged: the VM of {} ended", key.display());
+                }
             }
-            let _ = std::fs::remove_dir(&dir);
-            eprintln!("joey-imaged: image {digest} unmounted");
+        })?;
+        eprintln!(
+            "joey-imaged: serving a VM images device on {}",
+            socket.display()
+        );
+        self.state().vms.insert(
+            socket.clone(),
+            Vm {
+                device: Arc::new(device),
+                images: HashMap::new(),
+            },
+        );
+        Ok((Lease::Device(socket), serde_json::json!({})))
+    }
+
+    /// Ends a lease: the last one on an image unmounts it; a device's ends its VM's
+    /// service.
+    fn release(&self, lease: Lease) {
+        let mut st = self.state();
+        match lease {
+            Lease::Image(hex) => {
+                let Some(m) = st.images.get_mut(&hex) else {
+                    return;
+                };
+                m.leases -= 1;
+                if m.leases == 0 {
+                    let dir = m.dir.clone();
+                    st.images.remove(&hex);
+                    if let Err(e) = nix_umount(&dir) {
+                        eprintln!("joey-imaged: unmount {}: {e}", dir.display());
+                    }
+                    let _ = std::fs::remove_dir(&dir);
+                    eprintln!("joey-imaged: image sha256:{hex} unmounted");
+                }
+            }
+            Lease::VmImage(socket, hex) => {
+                let Some(vm) = st.vms.get_mut(&socket) else {
+                    return;
+                };
+                let Some(n) = vm.images.get_mut(&hex) else {
+                    return;
+                };
+                *n -= 1;
+                if *n == 0 {
+                    vm.images.remove(&hex);
+                    vm.device.umount(&hex);
+                    eprintln!(
+                        "joey-imaged: image sha256:{hex} removed from the VM of {}",
+                        socket.display()
+                    );
+                }
+            }
+            Lease::Device(socket) => {
+                if let Some(vm) = st.vms.get(&socket) {
+                    vm.device.close();
+                }
+            }
         }
     }
 
     /// One client: its request, then its lease until it hangs up.
-    fn client(&self, conn: UnixStream) {
+    fn client(self: &Arc<Self>, conn: UnixStream) {
         let mut reader = BufReader::new(match conn.try_clone() {
             Ok(c) => c,
             Err(_) => return,
@@ -228,17 +348,16 @@ impl Service {
         let request: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
         let reply = match request["op"].as_str() {
             Some("mount") => self.mount(&request),
+            Some("vm") => self.serve_vm(&request),
             _ => Err(anyhow::anyhow!("unknown request {:?}", line.trim())),
         };
         let mut conn = conn;
         use std::io::Write;
-        match &reply {
-            Ok((digest, dir)) => {
-                let _ = writeln!(
-                    conn,
-                    "{}",
-                    serde_json::json!({"ok": true, "digest": digest, "path": dir})
-                );
+        let lease = match reply {
+            Ok((lease, mut body)) => {
+                body["ok"] = true.into();
+                let _ = writeln!(conn, "{body}");
+                lease
             }
             Err(e) => {
                 let _ = writeln!(
@@ -248,13 +367,11 @@ impl Service {
                 );
                 return;
             }
-        }
+        };
         // The lease lasts until the client hangs up.
         let mut buf = [0u8; 64];
         while matches!(reader.read(&mut buf), Ok(n) if n > 0) {}
-        if let Ok((digest, _)) = reply {
-            self.release(&digest);
-        }
+        self.release(lease);
     }
 
     /// Serves until idle for `idle` with no image mounted.
@@ -278,7 +395,10 @@ impl Service {
             }
             let quiet = {
                 let st = self.state();
-                st.clients == 0 && st.images.is_empty() && st.last_busy.elapsed() >= idle
+                st.clients == 0
+                    && st.images.is_empty()
+                    && st.vms.is_empty()
+                    && st.last_busy.elapsed() >= idle
             };
             if quiet {
                 // Under the start lock: a client that connected before it was taken

@@ -35,6 +35,13 @@ pub fn images_dir() -> PathBuf {
     runtime_dir().join("images")
 }
 
+/// The virtio-fs tag of a VM's images device, served by the host's image service:
+/// Nydus images appear in it at `/<hex digest>` while the VM runs.
+pub const IMAGES_FS_TAG: &str = "joey-images";
+
+/// Where joey mounts the images device in a VM (a storage of CreateSandbox).
+pub const GUEST_IMAGES_DIR: &str = "/run/joey/images";
+
 #[cfg(test)]
 mod tests {
     use super::*;

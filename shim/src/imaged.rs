@@ -8,6 +8,11 @@
 //! `{"ok": false, "error": TEXT}`. The connection is the lease: the image stays
 //! mounted at DIR (shared by every lease of the same image) until the last
 //! connection holding it closes, which a client that dies does too.
+//!
+//! For a VM, `{"op": "vm", "socket": PATH}` has the service serve the VM's images
+//! device (virtio-fs over vhost-user) on PATH, and a `mount` request with `"vm": PATH`
+//! mounts the image in that device, at `/<hex digest>` (the reply's `path`), rather
+//! than on the host; its lease removes it from the running VM.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -75,13 +80,16 @@ pub enum ImagedError {
         secs: u64,
         log: PathBuf,
     },
+    #[error("{0}")]
+    NotFound(String),
     #[error("talk to the image service")]
     Io(#[from] std::io::Error),
     #[error("the image service: {0}")]
     Refused(String),
 }
 
-/// A mounted image, held for as long as this value lives.
+/// A mounted image, held for as long as this value lives. `path` is its directory on
+/// the host, or, for an image in a VM's images device, in the guest.
 pub struct Lease {
     pub digest: String,
     pub path: PathBuf,
@@ -162,24 +170,12 @@ pub fn connect_or_start(imaged: &Path, cache_dir: &Path) -> Result<UnixStream, I
     }
 }
 
-/// Asks the service on `conn` to mount `reference`, reached with `settings`.
-pub fn mount(
-    mut conn: UnixStream,
-    reference: &str,
-    settings: &RegistrySettings,
-    registry: &str,
-) -> Result<Lease, ImagedError> {
-    let creds = settings
-        .credentials(registry)
-        .map_err(|e| ImagedError::Refused(e.to_string()))?
-        .map(|c| format!("{}:{}", c.user, c.password));
-    let request = serde_json::json!({
-        "op": "mount",
-        "ref": reference,
-        "insecure": settings.insecure,
-        "ca_pems": settings.ca_pems.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect::<Vec<_>>(),
-        "creds": creds,
-    });
+/// Sends `request` on `conn` and reads the service's reply; an `ok: false` reply is
+/// [`ImagedError::Refused`].
+fn request(
+    conn: &mut UnixStream,
+    request: serde_json::Value,
+) -> Result<serde_json::Value, ImagedError> {
     writeln!(conn, "{request}")?;
     let mut line = String::new();
     BufReader::new(conn.try_clone()?).read_line(&mut line)?;
@@ -193,9 +189,61 @@ pub fn mount(
                 .to_string(),
         ));
     }
+    Ok(reply)
+}
+
+/// Connects to the host's service, starting joey's `joey-imaged` (see
+/// [`crate::binaries::imaged`]) with its chunk cache in joey's cache directory if none
+/// runs.
+pub fn connect_default() -> Result<UnixStream, ImagedError> {
+    let imaged = crate::binaries::imaged().map_err(ImagedError::NotFound)?;
+    connect_or_start(&imaged, &crate::cache::cache_dir().join("nydus"))
+}
+
+/// Asks the service on `conn` to mount `reference`, reached with `settings`: on the
+/// host, under [`images_dir`], or with `vm` (a VM's images device, see [`serve_vm`])
+/// in that device, where the lease's path is the image's directory in the device
+/// (`/<hex digest>`).
+pub fn mount(
+    mut conn: UnixStream,
+    reference: &str,
+    settings: &RegistrySettings,
+    registry: &str,
+    vm: Option<&Path>,
+) -> Result<Lease, ImagedError> {
+    let creds = settings
+        .credentials(registry)
+        .map_err(|e| ImagedError::Refused(e.to_string()))?
+        .map(|c| format!("{}:{}", c.user, c.password));
+    let reply = request(
+        &mut conn,
+        serde_json::json!({
+            "op": "mount",
+            "ref": reference,
+            "insecure": settings.insecure,
+            "ca_pems": settings.ca_pems.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect::<Vec<_>>(),
+            "creds": creds,
+            "vm": vm,
+        }),
+    )?;
+    let path = PathBuf::from(reply["path"].as_str().unwrap_or_default());
     Ok(Lease {
         digest: reply["digest"].as_str().unwrap_or_default().to_string(),
-        path: PathBuf::from(reply["path"].as_str().unwrap_or_default()),
+        // The device is mounted in the guest at GUEST_IMAGES_DIR.
+        path: match vm {
+            Some(_) => Path::new(joey_protocols::contract::GUEST_IMAGES_DIR)
+                .join(path.strip_prefix("/").unwrap_or(&path)),
+            None => path,
+        },
         _conn: conn,
     })
+}
+
+/// Asks the service on `conn` to serve a VM's images device (virtio-fs, over
+/// vhost-user) on `socket`, for QEMU to connect to. The device lives until QEMU's
+/// session ends; while the returned connection is open, its end (EOF) means the
+/// service died.
+pub fn serve_vm(mut conn: UnixStream, socket: &Path) -> Result<UnixStream, ImagedError> {
+    request(&mut conn, serde_json::json!({"op": "vm", "socket": socket}))?;
+    Ok(conn)
 }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use joey_protocols::contract::RUNTIME_DIR;
+use joey_protocols::contract::{GUEST_IMAGES_DIR, IMAGES_FS_TAG, RUNTIME_DIR};
 use joey_protocols::{agent, oci};
 
 use crate::addr::AgentAddr;
@@ -134,6 +134,14 @@ impl Sandbox {
         }
     }
 
+    /// Why the sandbox was ended from the host (a VM device's server died), if it was.
+    pub fn failure(&self) -> Option<&str> {
+        match self {
+            Sandbox::Ns(_) => None,
+            Sandbox::Vm(s) => s.failure(),
+        }
+    }
+
     /// Whether the host may dial the agent yet (see [`Pod::connect`]).
     fn may_dial(&self) -> bool {
         match self {
@@ -148,6 +156,23 @@ impl Sandbox {
             Sandbox::Ns(s) => s.dir.join("guest"),
             // The guest's own runtime directory, never moved by the host's environment.
             Sandbox::Vm(_) => Path::new(RUNTIME_DIR).to_path_buf(),
+        }
+    }
+
+    /// The storages CreateSandbox mounts for every container: a VM's images device
+    /// (kata's `virtio-fs` storage, read-only) at [`GUEST_IMAGES_DIR`].
+    pub fn sandbox_storages(&self) -> Vec<agent::Storage> {
+        match self {
+            Sandbox::Vm(vm) if vm.images_socket().is_some() => {
+                let mut fs = agent::Storage::new();
+                fs.driver = "virtio-fs".into();
+                fs.source = IMAGES_FS_TAG.into();
+                fs.fstype = "virtiofs".into();
+                fs.options = vec!["ro".into()];
+                fs.mount_point = GUEST_IMAGES_DIR.into();
+                vec![fs]
+            }
+            _ => Vec::new(),
         }
     }
 
@@ -166,6 +191,9 @@ pub enum RootfsSource {
     HostDir(PathBuf),
     /// An EROFS image attached to the VM as a virtio-blk disk with this serial.
     Disk { serial: String },
+    /// A directory the sandbox already has: an image in a VM's images device
+    /// (`<GUEST_IMAGES_DIR>/<hex digest>`).
+    SandboxDir(PathBuf),
 }
 
 /// What CreateContainer carries for one container besides its id: the storages the
@@ -265,7 +293,7 @@ impl Pod {
         let id = sandbox.id().to_string();
         let hostname = format!("joey-{}", &id[..8]);
         if let Err(e) = client
-            .create_sandbox(&id, &hostname, sandbox_pidns, vec![])
+            .create_sandbox(&id, &hostname, sandbox_pidns, sandbox.sandbox_storages())
             .await
         {
             return Err(with_console(&sandbox, e.into()));
@@ -300,7 +328,7 @@ impl Pod {
         let mount_point = self.rootfs_mount_point(cid);
         let mut storages = Vec::new();
         let lower = match rootfs {
-            RootfsSource::HostDir(dir) => dir.display().to_string(),
+            RootfsSource::HostDir(dir) | RootfsSource::SandboxDir(dir) => dir.display().to_string(),
             RootfsSource::Disk { serial } => {
                 let image = self
                     .sandbox

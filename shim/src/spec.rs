@@ -44,7 +44,8 @@ const READONLY: &[&str] = &[
     "/proc/sysrq-trigger",
 ];
 
-fn mount(dest: &str, typ: &str, src: &str, opts: &[&str]) -> oci::Mount {
+/// An OCI mount of `src` at `dest`.
+pub fn mount(dest: &str, typ: &str, src: &str, opts: &[&str]) -> oci::Mount {
     let mut m = oci::Mount::new();
     m.destination = dest.into();
     m.type_ = typ.into();

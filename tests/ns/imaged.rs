@@ -14,21 +14,6 @@ use joey_tests::tree::{noise, tar_of};
 use crate::common::env;
 use crate::nydus::{converted, path, rootfs_builder};
 
-/// The bytes of blob data the registry served (blob GETs logged after `from`, a byte
-/// offset into its log).
-fn blob_bytes_served(reg: &TestRegistry, repo: &str, from: usize) -> u64 {
-    let log = reg.log();
-    log[from.min(log.len())..]
-        .lines()
-        .filter(|l| l.contains(&format!("\"GET /v2/{repo}/blobs/sha256:")))
-        .filter_map(|l| {
-            // `… HTTP/1.1" STATUS SIZE "referer" "agent"`
-            let after = l.split("HTTP/1.1\" ").nth(1)?;
-            after.split(' ').nth(1)?.parse::<u64>().ok()
-        })
-        .sum()
-}
-
 /// A Nydus image mounted from the registry is read lazily: reading one 4 KiB file of
 /// an image with 64 MiB of data makes the registry serve at most 256 KiB of blob
 /// bytes, and a second mount over the same cache makes it serve none.
@@ -59,7 +44,7 @@ pub async fn a_registry_image_is_read_lazily() -> anyhow::Result<()> {
         let mark = reg.log().len();
         let got = std::fs::read(mnt.dir.join("small"))?;
         ensure!(got == small, "the small file read back wrong");
-        served.push(blob_bytes_served(&reg, "lazy", mark));
+        served.push(reg.blob_bytes_served("lazy", mark));
         drop(mnt);
     }
     ensure!(
@@ -151,6 +136,7 @@ pub async fn an_image_mounted_after_a_sandbox_started_reaches_it() -> anyhow::Re
             &shown,
             &joey_shim::image::registry::RegistrySettings::default(),
             &registry,
+            None,
         )
     })
     .await??;

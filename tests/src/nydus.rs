@@ -1,5 +1,5 @@
-//! A Nydus image mounted for a test: `joey-imaged mount LAYOUT MOUNTPOINT` running until
-//! the mount is dropped.
+//! Nydus images for tests: pushed to a registry by `rootfs-builder nydus`, or mounted
+//! with `joey-imaged mount LAYOUT MOUNTPOINT` running until the mount is dropped.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -7,6 +7,27 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 use crate::wait_until;
+
+/// Converts the directory `src` to a Nydus image with `rootfs_builder` and pushes it
+/// to `reference` (a plain-http registry).
+pub async fn push(rootfs_builder: &Path, src: &Path, reference: &str) -> anyhow::Result<()> {
+    let o = crate::run_command(
+        rootfs_builder,
+        &["nydus", &src.to_string_lossy(), "--push", reference],
+        b"",
+        Duration::from_secs(300),
+    )
+    .await?;
+    anyhow::ensure!(
+        o.code == 0,
+        "rootfs-builder nydus {} --push {reference} exited {}: {}{}",
+        src.display(),
+        o.code,
+        o.stdout,
+        o.stderr
+    );
+    Ok(())
+}
 
 pub struct MountedImage {
     pub dir: PathBuf,

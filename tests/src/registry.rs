@@ -242,6 +242,22 @@ impl TestRegistry {
         std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
     }
 
+    /// The bytes of blob data the registry served for `repo` (blob GETs logged after
+    /// `from`, a byte offset into [`log`](Self::log); the access log records each
+    /// response's size).
+    pub fn blob_bytes_served(&self, repo: &str, from: usize) -> u64 {
+        let log = self.log();
+        log[from.min(log.len())..]
+            .lines()
+            .filter(|l| l.contains(&format!("\"GET /v2/{repo}/blobs/sha256:")))
+            .filter_map(|l| {
+                // `… HTTP/1.1" STATUS SIZE "referer" "agent"`
+                let after = l.split("HTTP/1.1\" ").nth(1)?;
+                after.split(' ').nth(1)?.parse::<u64>().ok()
+            })
+            .sum()
+    }
+
     /// The registry's storage directory.
     pub fn storage(&self) -> PathBuf {
         self.dir.path().join("storage")

@@ -3,6 +3,7 @@
 //! runs only PVM guests, so the VMs run under QEMU's software emulation. Needs root,
 //! QEMU, vhost-device-vsock and the artifacts in images/out (see README).
 
+mod nydus;
 mod vm;
 
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ struct Env {
     /// VM directories that existed before this run (another joeyctl's, or stale).
     existing: Vec<PathBuf>,
     joeyctl: PathBuf,
+    rootfs_builder: PathBuf,
     artifacts: Artifacts,
     backend: Backend,
     rootfs: PathBuf,
@@ -75,6 +77,7 @@ fn detect() -> Result<(), String> {
     let _ = ENV.set(Env {
         existing,
         joeyctl,
+        rootfs_builder: bin_dir().join("rootfs-builder"),
         artifacts,
         backend,
         rootfs,
@@ -91,6 +94,7 @@ fn vm_options(rootfs_image: Option<PathBuf>, kernel_args: &[&str]) -> VmOptions 
         initrd: None,
         memory_mib: 256,
         vsock: joey_shim::vm::config::VsockServer::Joey,
+        images_fs: false,
         backend: env().backend,
         kernel_args: kernel_args.iter().map(|s| s.to_string()).collect(),
         quiet: true,
@@ -149,6 +153,11 @@ fn new_vm_dirs() -> Vec<PathBuf> {
 }
 
 fn main() {
+    // The image service the tests start (in this process or through joeyctl) exits as
+    // soon as it serves nothing, so no test's service outlives it.
+    if std::env::var_os("JOEY_IMAGED_IDLE_SECS").is_none() {
+        std::env::set_var("JOEY_IMAGED_IDLE_SECS", "0");
+    }
     let tests = joey_tests::tier_tests![
         vm::boot_check_and_clean_end,
         vm::run_output_and_exit_code,
@@ -163,6 +172,9 @@ fn main() {
         vm::interop_with_vhost_device_vsock,
         vm::a_dead_vsock_backend_is_reported,
         vm::run_by_reference,
+        nydus::a_nydus_image_is_added_to_a_running_vm_and_read_lazily,
+        nydus::joeyctl_runs_a_nydus_image_in_a_vm,
+        nydus::a_dead_image_service_ends_the_vm,
     ];
     run_tier("vm", tests, detect().err(), true);
 }

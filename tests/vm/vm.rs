@@ -147,13 +147,13 @@ pub async fn killed_joeyctl_leaves_nothing_running() -> anyhow::Result<()> {
 }
 
 /// The container image attached at launch, as the agent finds it.
-fn disk() -> RootfsSource {
+pub(crate) fn disk() -> RootfsSource {
     RootfsSource::Disk {
         serial: joey_shim::vm::qemu::ROOTFS_SERIAL.into(),
     }
 }
 
-fn sh(script: &str, terminal: bool) -> ProcessSpec {
+pub(crate) fn sh(script: &str, terminal: bool) -> ProcessSpec {
     ProcessSpec {
         args: vec!["/bin/sh".into(), "-c".into(), script.into()],
         terminal,

@@ -8,6 +8,7 @@ mod blk;
 mod ephemeral;
 mod local;
 mod overlayfs;
+mod virtiofs;
 
 use std::path::{Path, PathBuf};
 
@@ -61,7 +62,14 @@ pub struct StorageContext<'a> {
     pub scratch: &'a Path,
 }
 
-pub const DRIVERS: &[&str] = &["local", "ephemeral", "overlayfs", "blk", "mmioblk"];
+pub const DRIVERS: &[&str] = &[
+    "local",
+    "ephemeral",
+    "overlayfs",
+    "blk",
+    "mmioblk",
+    "virtio-fs",
+];
 
 /// Mounts one storage. On error, every step already taken is undone.
 pub fn add(ctx: &StorageContext<'_>, req: &StorageRequest) -> Result<MountedStorage> {
@@ -72,6 +80,7 @@ pub fn add(ctx: &StorageContext<'_>, req: &StorageRequest) -> Result<MountedStor
         "ephemeral" => ephemeral::add(ctx, req, &mount_point, &mut undo),
         "overlayfs" | "overlay" => overlayfs::add(ctx, req, &mount_point, &mut undo),
         "blk" | "mmioblk" => blk::add(ctx, req, &mount_point, &mut undo),
+        "virtio-fs" => virtiofs::add(ctx, req, &mount_point, &mut undo),
         other => Err(invalid(format!(
             "unsupported storage driver {other:?} (this agent supports {})",
             DRIVERS.join(", ")

@@ -52,6 +52,9 @@ pub struct VmOptions {
     pub kernel_args: Vec<String>,
     /// Which process serves the VM's vsock device.
     pub vsock: VsockServer,
+    /// Give the VM an images device (virtio-fs served by the host's image service),
+    /// into which Nydus images are added while it runs.
+    pub images_fs: bool,
     /// Keep the kernel quiet (benchmarks; serial output is slow under emulation).
     pub quiet: bool,
 }
@@ -99,6 +102,7 @@ mod tests {
             initrd: None,
             memory_mib: 256,
             vsock: VsockServer::Joey,
+            images_fs: false,
             backend: Backend::QemuTcg,
             kernel_args: vec!["joey.debug=1".into()],
             quiet: true,

@@ -1,6 +1,7 @@
-//! The devices of a VM. Each contributes its QEMU arguments and, if it needs one, the
-//! process that serves it (a vhost-user backend), which the VM starts before QEMU,
-//! waits for, ends with itself and watches for an early death.
+//! The devices of a VM. Each contributes its QEMU arguments and, if it needs one, what
+//! serves it over vhost-user: a process of its own, which the VM starts before QEMU,
+//! waits for, ends with itself and watches for an early death; or the host's image
+//! service, asked to serve it, whose death ends the VM too.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -12,13 +13,19 @@ use crate::binaries::which;
 use crate::cache::cache_dir;
 use crate::nssandbox::check_socket_path;
 
-/// A process serving a device, started before QEMU.
-pub struct BackendSpec {
-    /// What it is, for errors and logs.
-    pub name: &'static str,
-    pub command: Command,
-    /// It is ready once this path exists (the socket QEMU connects to).
-    pub ready: PathBuf,
+/// What serves a device, set up before QEMU starts.
+pub enum BackendSpec {
+    /// A process of its own.
+    Process {
+        /// What it is, for errors and logs.
+        name: &'static str,
+        command: Command,
+        /// It is ready once this path exists (the socket QEMU connects to).
+        ready: PathBuf,
+    },
+    /// The host's image service (started if none runs), asked to serve the VM's
+    /// images device on `socket`.
+    ImageService { socket: PathBuf },
 }
 
 pub trait Device {
@@ -143,10 +150,50 @@ impl Device for Vsock {
             .stdin(Stdio::null())
             .stdout(log("vsock.log")?)
             .stderr(log("vsock.err")?);
-        Ok(Some(BackendSpec {
+        Ok(Some(BackendSpec::Process {
             name,
             command,
             ready: self.vhost_user.clone(),
+        }))
+    }
+
+    fn shares_memory(&self) -> bool {
+        true
+    }
+}
+
+/// The VM's images device: virtio-fs with the tag
+/// [`IMAGES_FS_TAG`](joey_protocols::contract::IMAGES_FS_TAG), served by the host's
+/// image service, which adds Nydus images to it (and removes them) while the VM runs.
+pub struct ImagesFs {
+    /// The vhost-user socket QEMU and the service share.
+    pub socket: PathBuf,
+}
+
+impl ImagesFs {
+    pub fn in_dir(dir: &Path) -> Result<Self, VmError> {
+        let socket = dir.join("images.sock");
+        check_socket_path(&socket).map_err(VmError::Setup)?;
+        Ok(ImagesFs { socket })
+    }
+}
+
+impl Device for ImagesFs {
+    fn qemu_args(&self) -> Vec<String> {
+        vec![
+            "-chardev".into(),
+            format!("socket,id=images,path={}", self.socket.display()),
+            "-device".into(),
+            format!(
+                "vhost-user-fs-device,chardev=images,tag={}",
+                joey_protocols::contract::IMAGES_FS_TAG
+            ),
+        ]
+    }
+
+    fn backend(&self) -> Result<Option<BackendSpec>, VmError> {
+        Ok(Some(BackendSpec::ImageService {
+            socket: self.socket.clone(),
         }))
     }
 
@@ -195,14 +242,24 @@ mod tests {
         let vsock = Vsock::in_dir(tmp.path(), VsockServer::VhostDeviceVsock, 3).unwrap();
         assert!(vsock.shares_memory());
         assert!(vsock.qemu_args()[1].ends_with("vhu.sock"));
-        if let Ok(Some(b)) = vsock.backend() {
-            assert_eq!(b.ready, tmp.path().join("vhu.sock"));
-            let args: Vec<_> = b.command.get_args().collect();
+        if let Ok(Some(BackendSpec::Process { ready, command, .. })) = vsock.backend() {
+            assert_eq!(ready, tmp.path().join("vhu.sock"));
+            let args: Vec<_> = command.get_args().collect();
             assert!(
                 args[1].to_string_lossy().starts_with("guest-cid=3,"),
                 "{args:?}"
             );
         }
+        let images = ImagesFs::in_dir(tmp.path()).unwrap();
+        assert!(images.shares_memory());
+        assert_eq!(
+            images.qemu_args()[3],
+            "vhost-user-fs-device,chardev=images,tag=joey-images"
+        );
+        assert!(matches!(
+            images.backend().unwrap(),
+            Some(BackendSpec::ImageService { socket }) if socket == tmp.path().join("images.sock")
+        ));
         let long = Path::new("/").join("d".repeat(100));
         assert!(Vsock::in_dir(&long, VsockServer::Joey, 3).is_err());
     }

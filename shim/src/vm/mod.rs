@@ -15,6 +15,7 @@ pub mod devices;
 pub mod error;
 pub mod image;
 pub mod qemu;
+pub mod service;
 pub mod tsc;
 
 pub use artifacts::Artifacts;

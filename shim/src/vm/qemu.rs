@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use joey_protocols::contract::{runtime_dir, AGENT_VSOCK_PORT, INIT_START_MARKER};
 
 use super::config::{cmdline, Backend, VmOptions, VsockServer};
-use super::devices::{BackendSpec, Device, Disk, SerialConsole, Vsock};
+use super::devices::{BackendSpec, Device, Disk, ImagesFs, SerialConsole, Vsock};
 use super::error::VmError;
+use super::service::ServiceLink;
 use crate::addr::AgentAddr;
 use crate::binaries::which;
 use crate::nssandbox::{last_lines, random_id};
@@ -43,22 +44,36 @@ fn setup(msg: impl Into<String>) -> VmError {
     VmError::Setup(msg.into())
 }
 
-/// The processes serving a VM's devices; killed when dropped.
+/// What serves one of a VM's devices.
+enum Server {
+    /// A process of its own, killed with the VM.
+    Process(&'static str, Child),
+    /// The host's image service.
+    Service(ServiceLink),
+}
+
+/// What serves a VM's devices; processes are killed when dropped.
 #[derive(Default)]
-struct Backends(Vec<(&'static str, Child)>);
+struct Backends(Vec<Server>);
 
 impl Backends {
-    /// Starts `spec` and waits until it is ready (its socket exists), it dies, or the
-    /// deadline passes.
+    /// Starts what `spec` names and waits until it is ready (a process: its socket
+    /// exists; the image service: it has answered), it dies, or the deadline passes.
     fn start(&mut self, spec: BackendSpec) -> Result<(), VmError> {
-        let BackendSpec {
-            name,
-            command,
-            ready,
-        } = spec;
+        let (name, command, ready) = match spec {
+            BackendSpec::Process {
+                name,
+                command,
+                ready,
+            } => (name, command, ready),
+            BackendSpec::ImageService { socket } => {
+                self.0.push(Server::Service(ServiceLink::start(&socket)?));
+                return Ok(());
+            }
+        };
         let child = spawn_owned(command).map_err(|e| setup(format!("start {name}: {e}")))?;
         let pid = child.id() as i32;
-        self.0.push((name, child));
+        self.0.push(Server::Process(name, child));
         let watch = Watch::new()
             .dir(ready.parent().unwrap_or(Path::new("/")))
             .process(pid);
@@ -82,27 +97,45 @@ impl Backends {
         }
     }
 
-    /// Why a backend has failed, if one has: it exited with an error or a signal. One
-    /// that exits cleanly saw QEMU close its socket, which is how a VM ends.
+    /// Has the service links end QEMU (`pid`) if the service dies.
+    fn watch_services(&mut self, qemu: i32) -> Result<(), VmError> {
+        for s in &mut self.0 {
+            if let Server::Service(link) = s {
+                link.watch(qemu)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Why a backend has failed, if one has: a process exited with an error or a
+    /// signal (one that exits cleanly saw QEMU close its socket, which is how a VM
+    /// ends), or the image service died.
     fn dead(&mut self) -> Option<String> {
-        self.0.iter_mut().find_map(|(name, c)| {
-            c.try_wait()
+        self.0.iter_mut().find_map(|s| match s {
+            Server::Process(name, c) => c
+                .try_wait()
                 .ok()
                 .flatten()
                 .filter(|status| !status.success())
-                .map(|status| format!("{name} exited ({status})"))
+                .map(|status| format!("{name} exited ({status})")),
+            Server::Service(link) => link.failure(),
         })
     }
 
     fn kill(&mut self) {
-        for (_, c) in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
+        for s in &mut self.0 {
+            if let Server::Process(_, c) = s {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
         }
     }
 
     fn pids(&self) -> impl Iterator<Item = i32> + '_ {
-        self.0.iter().map(|(_, c)| c.id() as i32)
+        self.0.iter().filter_map(|s| match s {
+            Server::Process(_, c) => Some(c.id() as i32),
+            Server::Service(_) => None,
+        })
     }
 }
 
@@ -120,6 +153,8 @@ pub struct VmSandbox {
     backends: Backends,
     vsock: AgentAddr,
     vsock_server: VsockServer,
+    /// The images device's vhost-user socket, if the VM has one.
+    images: Option<PathBuf>,
     exit: Option<i32>,
     /// Why the VM was ended from the host (a device's backend died).
     failure: Option<String>,
@@ -203,6 +238,14 @@ impl VmSandbox {
                 serial: ROOTFS_SERIAL.into(),
             }));
         }
+        let images = if opts.images_fs {
+            let fs = ImagesFs::in_dir(dir)?;
+            let socket = fs.socket.clone();
+            devices.push(Box::new(fs));
+            Some(socket)
+        } else {
+            None
+        };
         devices.push(Box::new(vsock));
 
         // QEMU must find each backend's socket at start.
@@ -220,7 +263,12 @@ impl VmSandbox {
             .stdout(log("qemu.log")?)
             .stderr(log("qemu.err")?);
         let started = Instant::now();
-        let qemu = spawn_owned(cmd).map_err(|e| setup(format!("start qemu: {e}")))?;
+        let mut qemu = spawn_owned(cmd).map_err(|e| setup(format!("start qemu: {e}")))?;
+        if let Err(e) = backends.watch_services(qemu.id() as i32) {
+            let _ = qemu.kill();
+            let _ = qemu.wait();
+            return Err(e);
+        }
         tracing::debug!(vm = %id, backend = opts.backend.name(), "VM started");
         Ok(VmSandbox {
             id,
@@ -230,6 +278,7 @@ impl VmSandbox {
             backends,
             vsock: agent,
             vsock_server: opts.vsock,
+            images,
             exit: None,
             failure: None,
             started,
@@ -238,6 +287,17 @@ impl VmSandbox {
 
     pub fn agent_addr(&self) -> AgentAddr {
         self.vsock.clone()
+    }
+
+    /// The vhost-user socket of the VM's images device, which names the VM to the
+    /// image service when an image is added to it.
+    pub fn images_socket(&self) -> Option<&Path> {
+        self.images.as_deref()
+    }
+
+    /// Why the VM was ended from the host (a device's server died), if it was.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
     }
 
     /// Whether the host may dial the agent yet. joey's vsock device queues a host
@@ -258,7 +318,9 @@ impl VmSandbox {
     pub fn try_wait(&mut self) -> Option<i32> {
         if self.exit.is_none() {
             if let Ok(Some(s)) = self.qemu.try_wait() {
-                self.exit = Some(s.code().unwrap_or(-1));
+                // QEMU killed for a backend that died (the image service's link).
+                self.failure = self.backends.dead();
+                self.exit = Some(s.code().unwrap_or(128 + libc::SIGKILL));
             } else if let Some(why) = self.backends.dead() {
                 tracing::warn!(vm = %self.id, "{why}; ending the VM");
                 self.failure = Some(why);

@@ -54,6 +54,7 @@ fn vm_base() -> anyhow::Result<(VmOptions, Artifacts)> {
         initrd: None,
         memory_mib: 256,
         vsock: joey_shim::vm::config::VsockServer::Joey,
+        images_fs: false,
         backend,
         kernel_args: vec![],
         quiet: true,

@@ -1,10 +1,12 @@
 //! `joeyctl image`, and the pull a run makes.
 
+use std::path::{Path, PathBuf};
+
 use anyhow::Context;
 use clap::Subcommand;
 use joey_shim::image::pull::{pull, PullPolicy, PulledImage};
 use joey_shim::image::reference::Reference;
-use joey_shim::image::registry::RegistryArgs;
+use joey_shim::image::registry::{RegistryArgs, RegistrySettings};
 use joey_shim::image::store::{self, ImageStore};
 
 /// What a run holds while its container runs, so its image stays: a hold on a cache
@@ -15,20 +17,50 @@ pub enum Hold {
     Served(#[allow(dead_code)] joey_shim::imaged::Lease),
 }
 
-/// An image ready for a run: its config, the directory its tree is in, and the hold.
+/// A Nydus image, which the host's image service serves (fetching its chunks as they
+/// are read) rather than joey pulling it.
+pub struct NydusImage {
+    reference: Reference,
+    settings: RegistrySettings,
+}
+
+impl NydusImage {
+    /// Has the host's image service (started if none runs) mount the image: on the
+    /// host, or with `vm` (a VM's images device socket) in that VM.
+    pub async fn serve(&self, vm: Option<&Path>) -> anyhow::Result<joey_shim::imaged::Lease> {
+        let (shown, settings, registry) = (
+            self.reference.to_string(),
+            self.settings.clone(),
+            self.reference.registry.clone(),
+        );
+        let vm = vm.map(Path::to_path_buf);
+        let lease = tokio::task::spawn_blocking(move || {
+            let conn = joey_shim::imaged::connect_default()?;
+            joey_shim::imaged::mount(conn, &shown, &settings, &registry, vm.as_deref())
+        })
+        .await??;
+        tracing::info!(path = %lease.path.display(), "Nydus image served");
+        Ok(lease)
+    }
+}
+
+/// An image ready for a run: its config, the directory its tree is in on this host
+/// (not for a Nydus image in a VM, which the VM's images device gets), and the hold.
 pub struct RunImage {
     pub pulled: PulledImage,
-    pub rootfs: std::path::PathBuf,
-    pub hold: Hold,
+    pub rootfs: Option<PathBuf>,
+    pub hold: Option<Hold>,
+    pub nydus: Option<NydusImage>,
 }
 
 /// Pulls `reference` (as `policy` allows) for a run; a Nydus image is not pulled but
-/// mounted by the host's image service (started if none runs), which fetches its
-/// chunks as they are read.
+/// served by the host's image service, which fetches its chunks as they are read:
+/// mounted on the host for a namespace sandbox, left to the VM (`in_vm`) otherwise.
 pub async fn pull_for_run(
     reference: &str,
     opts: &RegistryArgs,
     policy: PullPolicy,
+    in_vm: bool,
 ) -> anyhow::Result<RunImage> {
     let r = Reference::parse(reference)?;
     let settings = opts.settings(&r.registry)?;
@@ -36,19 +68,19 @@ pub async fn pull_for_run(
     let pulled = pull(&images, &r, &settings, policy).await?;
     tracing::info!(image = %r, digest = %pulled.digest, nydus = pulled.nydus, report = ?pulled.report, "image ready");
     if pulled.nydus {
-        let imaged = joey_shim::binaries::imaged().map_err(anyhow::Error::msg)?;
-        let cache = joey_shim::cache::cache_dir().join("nydus");
-        let shown = r.to_string();
-        let lease = tokio::task::spawn_blocking(move || {
-            let conn = joey_shim::imaged::connect_or_start(&imaged, &cache)?;
-            joey_shim::imaged::mount(conn, &shown, &settings, &r.registry)
-        })
-        .await??;
-        tracing::info!(path = %lease.path.display(), "Nydus image served");
+        let nydus = NydusImage {
+            reference: r,
+            settings,
+        };
+        let lease = match in_vm {
+            true => None,
+            false => Some(nydus.serve(None).await?),
+        };
         return Ok(RunImage {
-            rootfs: lease.path.clone(),
+            rootfs: lease.as_ref().map(|l| l.path.clone()),
+            hold: lease.map(Hold::Served),
             pulled,
-            hold: Hold::Served(lease),
+            nydus: Some(nydus),
         });
     }
     let in_use =
@@ -57,9 +89,10 @@ pub async fn pull_for_run(
         tracing::info!(digest = %gone.digest, bytes = gone.bytes, "evicted from the image cache");
     }
     Ok(RunImage {
-        rootfs: pulled.rootfs(),
+        rootfs: Some(pulled.rootfs()),
         pulled,
-        hold: Hold::Cached(in_use),
+        hold: Some(Hold::Cached(in_use)),
+        nydus: None,
     })
 }
 

@@ -104,26 +104,36 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
     let mut pulled_image = None;
     // Held while the container runs: the image stays (cached or served).
     let mut _hold = None;
+    let mut nydus = None;
     if let Some(r) = reference {
-        let image = crate::image::pull_for_run(&r, &registry, pull.unwrap_or_default()).await?;
+        let image =
+            crate::image::pull_for_run(&r, &registry, pull.unwrap_or_default(), !ns).await?;
         let pulled = image.pulled;
-        if pulled.nydus && !ns {
-            anyhow::bail!(
-                "{r} is a Nydus image: microVMs get Nydus images over virtio-fs, which is not built yet; run it with --ns"
-            );
-        }
         (cmd, env) = pulled.config.process(&cmd, &env);
         cwd = cwd.or(pulled.config.working_dir.clone());
         user = user.or(pulled.config.user.clone());
-        rootfs = Some(image.rootfs);
-        _hold = Some(image.hold);
+        rootfs = image.rootfs;
+        _hold = image.hold;
+        nydus = image.nydus;
         pulled_image = Some(pulled);
     }
     anyhow::ensure!(
         !cmd.is_empty(),
         "no command: give one after `--` (or use an image whose config has one)"
     );
-    let user = joey_shim::user::resolve(user.as_deref().unwrap_or_default(), rootfs.as_deref())?;
+    let user = user.unwrap_or_default();
+    // A user name is looked up in the image's own /etc/passwd: a Nydus image bound
+    // for a VM is then served on this host too (lazily; the chunks it reads are the
+    // VM's to reuse).
+    let lookup = match (&nydus, &rootfs) {
+        (Some(n), None) if !user.is_empty() => Some(n.serve(None).await?),
+        _ => None,
+    };
+    let user_root = rootfs
+        .as_deref()
+        .or(lookup.as_ref().map(|l| l.path.as_path()));
+    let user = joey_shim::user::resolve(&user, user_root)?;
+    drop(lookup);
     let process = ProcessSpec {
         args: cmd,
         env,
@@ -140,25 +150,30 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
             eprintln!("joeyctl: VM backend {} ({why})", backend.name());
         }
         let tmp = crate::tempfile_dir()?;
-        let rootfs_image = match (image, rootfs, &pulled_image) {
-            (Some(img), _, _) => img,
+        let rootfs_image = match (image, rootfs, &pulled_image, &nydus) {
+            (Some(img), _, _, _) => Some(img),
+            // A Nydus image goes to the VM's images device once the VM runs.
+            (None, _, _, Some(_)) => None,
             // A pulled image's EROFS image is made once and kept in its cache entry.
-            (None, Some(_), Some(pulled)) => joey_shim::vm::image::erofs_of_pulled(pulled)?,
-            (None, Some(dir), None) => {
+            (None, Some(_), Some(pulled), None) => {
+                Some(joey_shim::vm::image::erofs_of_pulled(pulled)?)
+            }
+            (None, Some(dir), None, None) => {
                 let img = tmp.join("rootfs.erofs");
                 joey_shim::vm::image::make_erofs(
                     &dir,
                     &img,
                     joey_shim::vm::image::Compression::None,
                 )?;
-                img
+                Some(img)
             }
-            (None, None, _) => anyhow::bail!("--vm needs --rootfs DIR or --image FILE"),
+            (None, None, _, None) => anyhow::bail!("--vm needs --rootfs DIR or --image FILE"),
         };
         let opts = VmOptions {
             kernel: artifacts.kernel,
             guest_image: artifacts.guest_image,
-            rootfs_image: Some(rootfs_image),
+            images_fs: rootfs_image.is_none(),
+            rootfs_image,
             initrd: None,
             memory_mib: memory,
             vsock: joey_shim::vm::config::VsockServer::Joey,
@@ -170,7 +185,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
             },
             quiet: !debug,
         };
-        let r = run_vm(&opts, &process, debug).await;
+        let r = run_vm(&opts, nydus.as_ref(), &process, debug).await;
         let _ = std::fs::remove_dir_all(&tmp);
         return r;
     }
@@ -204,25 +219,39 @@ async fn run_ns(
     run_pod(pod, RootfsSource::HostDir(rootfs), process, signals).await
 }
 
-/// Runs the container in a microVM whose `rootfs_image` is the container's rootfs.
-/// With `show_console` the guest's console is copied to stderr as it is written.
-async fn run_vm(vm: &VmOptions, process: &ProcessSpec, show_console: bool) -> anyhow::Result<i32> {
-    anyhow::ensure!(
-        vm.rootfs_image.is_some(),
-        "a VM run needs a container rootfs image"
-    );
+/// Runs the container in a microVM whose rootfs is its `rootfs_image` disk, or the
+/// `nydus` image, added to the VM's images device while the VM boots. With
+/// `show_console` the guest's console is copied to stderr as it is written.
+async fn run_vm(
+    vm: &VmOptions,
+    nydus: Option<&crate::image::NydusImage>,
+    process: &ProcessSpec,
+    show_console: bool,
+) -> anyhow::Result<i32> {
     let mut signals = Interrupts::new()?;
     let vm = VmSandbox::start(vm)?;
+    let images = vm.images_socket().map(Path::to_path_buf);
     let console = show_console.then(|| tail_to_stderr(vm.console_path(), vm.watch()));
     let r = async {
-        let pod = signals
-            .unless_interrupted(
-                "booting the VM",
-                Pod::connect(Sandbox::Vm(vm), VM_READY_DEADLINE, false),
-            )
-            .await?;
-        let serial = joey_shim::vm::qemu::ROOTFS_SERIAL.to_string();
-        run_pod(pod, RootfsSource::Disk { serial }, process, signals).await
+        let boot = signals.unless_interrupted(
+            "booting the VM",
+            Pod::connect(Sandbox::Vm(vm), VM_READY_DEADLINE, false),
+        );
+        // Held until the container is done: the image stays in the VM.
+        let (pod, rootfs, _lease) = match (nydus, &images) {
+            (Some(image), Some(socket)) => {
+                let (pod, lease) = tokio::join!(boot, image.serve(Some(socket)));
+                let (pod, lease) = (pod?, lease?);
+                let dir = RootfsSource::SandboxDir(lease.path.clone());
+                (pod, dir, Some(lease))
+            }
+            (None, _) => {
+                let serial = joey_shim::vm::qemu::ROOTFS_SERIAL.to_string();
+                (boot.await?, RootfsSource::Disk { serial }, None)
+            }
+            (Some(_), None) => anyhow::bail!("a Nydus image needs the VM's images device"),
+        };
+        run_pod(pod, rootfs, process, signals).await
     }
     .await;
     if let Some(c) = console {
@@ -326,11 +355,15 @@ async fn run_pod(
             Ok(status)
         }
         Err(e) => {
-            // Notice a sandbox (or a device backend) that died under the run, so the
-            // console tail says so.
+            // Notice a sandbox (or a device's server) that died under the run, so the
+            // error says so.
             pod.sandbox.try_wait();
-            Err(match console_context(&pod.sandbox) {
+            let e = match console_context(&pod.sandbox) {
                 Some(console) => e.context(console),
+                None => e,
+            };
+            Err(match pod.sandbox.failure() {
+                Some(why) => e.context(why.to_string()),
                 None => e,
             })
         } // `pod` drops here on error: the sandbox is killed and its directory removed.
