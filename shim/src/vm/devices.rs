@@ -19,7 +19,7 @@ pub enum BackendSpec {
     Process {
         /// What it is, for errors and logs.
         name: &'static str,
-        command: Command,
+        command: Box<Command>,
         /// It is ready once this path exists (the socket QEMU connects to).
         ready: PathBuf,
     },
@@ -152,7 +152,7 @@ impl Device for Vsock {
             .stderr(log("vsock.err")?);
         Ok(Some(BackendSpec::Process {
             name,
-            command,
+            command: Box::new(command),
             ready: self.vhost_user.clone(),
         }))
     }

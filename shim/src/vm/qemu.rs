@@ -71,7 +71,7 @@ impl Backends {
                 return Ok(());
             }
         };
-        let child = spawn_owned(command).map_err(|e| setup(format!("start {name}: {e}")))?;
+        let child = spawn_owned(*command).map_err(|e| setup(format!("start {name}: {e}")))?;
         let pid = child.id() as i32;
         self.0.push(Server::Process(name, child));
         let watch = Watch::new()
