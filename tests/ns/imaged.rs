@@ -286,19 +286,29 @@ pub async fn failures_are_errors_not_wrong_bytes() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Lazy reads against a registry that asks who is reading: basic auth over https with
-/// a CA of the test's (reaching the registry backend through `SSL_CERT_FILE`).
-pub async fn lazy_reads_through_https_and_basic_auth() -> anyhow::Result<()> {
+/// Lazy reads against registries that ask who is reading: bearer tokens from a token
+/// service, and basic auth over https with a CA of the test's (reaching the registry
+/// backend through `SSL_CERT_FILE`).
+pub async fn lazy_reads_through_https_basic_auth_and_bearer_tokens() -> anyhow::Result<()> {
     use joey_tests::registry::Auth;
     let (user, password) = ("joey", "s3cret");
     let creds = format!("{user}:{password}");
-    for (tls, auth) in [(
-        true,
-        Auth::Basic {
-            user: user.into(),
-            password: password.into(),
-        },
-    )] {
+    for (tls, auth) in [
+        (
+            false,
+            Auth::Token {
+                user: user.into(),
+                password: password.into(),
+            },
+        ),
+        (
+            true,
+            Auth::Basic {
+                user: user.into(),
+                password: password.into(),
+            },
+        ),
+    ] {
         let what = format!("{auth:?}");
         let reg = TestRegistry::start_with(tls, auth).await?;
         let reference = format!("{}/private:1", reg.addr);

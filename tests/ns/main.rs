@@ -58,7 +58,7 @@ fn main() {
         imaged::a_nydus_image_runs_in_namespace_sandboxes,
         imaged::an_image_mounted_after_a_sandbox_started_reaches_it,
         imaged::failures_are_errors_not_wrong_bytes,
-        imaged::lazy_reads_through_https_and_basic_auth,
+        imaged::lazy_reads_through_https_basic_auth_and_bearer_tokens,
     ];
     // The vsock transport needs a host vsock device, which these machines lack: that
     // is a property of the machine, not of the tier, so it is skipped even in strict mode.
