@@ -4,6 +4,7 @@
 //! over FUSE in the foreground, from a local OCI image layout (how joey checks the
 //! images `rootfs-builder nydus` makes) or lazily from a registry.
 
+mod chunks;
 mod fuse;
 mod layout;
 mod rafs;

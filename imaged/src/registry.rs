@@ -22,6 +22,8 @@ pub struct RemoteImage {
     pub digest: String,
     /// The bootstrap, on disk.
     pub bootstrap: PathBuf,
+    /// Its data blobs (hex digests, which name their files in the chunk cache).
+    pub blobs: Vec<String>,
 }
 
 /// Finds `r`'s Nydus manifest and fetches its bootstrap into `dir`.
@@ -77,11 +79,13 @@ pub async fn resolve(
             format!("{shown}: not a Nydus image (no layer annotated {ANNOTATION_NYDUS_BOOTSTRAP})")
         })?;
     // Every data blob is there: a missing one fails the mount now, not a read later.
+    let mut blobs = Vec::new();
     for l in manifest["layers"].as_array().into_iter().flatten() {
         if l["annotations"][ANNOTATION_NYDUS_BLOB] != "true" {
             continue;
         }
         let blob = l["digest"].as_str().unwrap_or_default();
+        blobs.push(Digest::parse(blob)?.hex().to_string());
         let present = client
             .blob_exists(&oref, blob)
             .await
@@ -107,7 +111,11 @@ pub async fn resolve(
     let bootstrap = dir.join(format!("{}.boot", Digest::parse(&digest)?.hex()));
     crate::layout::extract_bootstrap(&layer, &bootstrap)?;
     let _ = std::fs::remove_file(&layer);
-    Ok(RemoteImage { digest, bootstrap })
+    Ok(RemoteImage {
+        digest,
+        bootstrap,
+        blobs,
+    })
 }
 
 /// The nydus-storage `[backend]` section for `r`'s registry.

@@ -19,19 +19,23 @@ use joey_shim::image::reference::Reference;
 use joey_shim::image::registry::{Credentials, RegistrySettings};
 use joey_shim::imaged::{ensure_images_dir, images_dir, is_mount_point, lock_path, socket_path};
 
-use crate::{fuse, rafs, registry, virtiofs};
+use joey_shim::image::store;
+
+use crate::{chunks, fuse, rafs, registry, virtiofs};
 
 /// One mounted image.
 struct Mounted {
     leases: usize,
     dir: PathBuf,
+    /// Its data blobs (kept in the chunk cache while it is mounted).
+    blobs: Vec<String>,
 }
 
 /// A VM's images device and the images mounted in it (by hex digest, with their
-/// lease counts).
+/// lease counts and data blobs).
 struct Vm {
     device: Arc<virtiofs::FsDevice>,
-    images: HashMap<String, usize>,
+    images: HashMap<String, (usize, Vec<String>)>,
 }
 
 /// What a client's connection holds until it hangs up.
@@ -192,7 +196,7 @@ impl Service {
                 let vm = st.vms.get_mut(&socket).with_context(|| {
                     format!("no VM images device is served on {}", socket.display())
                 })?;
-                if let Some(n) = vm.images.get_mut(&hex) {
+                if let Some((n, _)) = vm.images.get_mut(&hex) {
                     *n += 1;
                     return Ok((
                         Lease::VmImage(socket, hex.clone()),
@@ -208,7 +212,7 @@ impl Service {
                 socket.display()
             );
             if let Some(vm) = self.state().vms.get_mut(&socket) {
-                vm.images.insert(hex.clone(), 1);
+                vm.images.insert(hex.clone(), (1, image.blobs.clone()));
             }
             return Ok((
                 Lease::VmImage(socket, hex.clone()),
@@ -246,6 +250,7 @@ impl Service {
             Mounted {
                 leases: 1,
                 dir: dir.clone(),
+                blobs: image.blobs.clone(),
             },
         );
         Ok((Lease::Image(hex), reply(&dir)))
@@ -290,9 +295,32 @@ impl Service {
         Ok((Lease::Device(socket), serde_json::json!({})))
     }
 
+    /// Keeps the chunk cache to the image cache cap, sparing every mounted image's
+    /// blobs.
+    fn trim_chunks(&self) {
+        let in_use: std::collections::HashSet<String> = {
+            let st = self.state();
+            let host = st.images.values().flat_map(|m| m.blobs.iter());
+            let vms = st
+                .vms
+                .values()
+                .flat_map(|vm| vm.images.values().flat_map(|(_, b)| b.iter()));
+            host.chain(vms).cloned().collect()
+        };
+        let dir = self.cache_dir.join("blobs");
+        for (blob, bytes) in chunks::enforce_cap(&dir, store::cap(), &in_use) {
+            eprintln!("joey-imaged: chunk cache over its cap: removed blob {blob} ({bytes} bytes)");
+        }
+    }
+
     /// Ends a lease: the last one on an image unmounts it; a device's ends its VM's
     /// service.
     fn release(&self, lease: Lease) {
+        self.release_one(lease);
+        self.trim_chunks();
+    }
+
+    fn release_one(&self, lease: Lease) {
         let mut st = self.state();
         match lease {
             Lease::Image(hex) => {
@@ -314,7 +342,7 @@ impl Service {
                 let Some(vm) = st.vms.get_mut(&socket) else {
                     return;
                 };
-                let Some(n) = vm.images.get_mut(&hex) else {
+                let Some((n, _)) = vm.images.get_mut(&hex) else {
                     return;
                 };
                 *n -= 1;
@@ -377,6 +405,7 @@ impl Service {
     /// Serves until idle for `idle` with no image mounted.
     pub fn run(self: Arc<Self>, idle: Duration) -> Result<()> {
         prepare_images_dir(&images_dir())?;
+        self.trim_chunks();
         let socket = socket_path();
         let _ = std::fs::remove_file(&socket);
         let listener = UnixListener::bind(&socket)

@@ -93,7 +93,38 @@ pub enum ImagedError {
 pub struct Lease {
     pub digest: String,
     pub path: PathBuf,
-    _conn: UnixStream,
+    conn: UnixStream,
+    on_host: bool,
+}
+
+/// Whether the service at the other end of `conn` has gone (its end closed): it
+/// sends nothing after its reply.
+fn service_gone(conn: &UnixStream) -> bool {
+    use std::io::Read;
+    if conn.set_nonblocking(true).is_err() {
+        return false;
+    }
+    !matches!((&*conn).read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+impl Drop for Lease {
+    /// A service that died left its mount behind, dead (reads fail with ENOTCONN):
+    /// the last holder takes it away (the next service would too).
+    fn drop(&mut self) {
+        // Only a dead mount (ENOTCONN): a new service may have mounted the image again.
+        // (statfs always asks the server; a stat may be answered from cached
+        // attributes.)
+        let dead =
+            || nix::sys::statfs::statfs(&self.path).err() == Some(nix::errno::Errno::ENOTCONN);
+        if self.on_host && service_gone(&self.conn) && dead() {
+            if let Ok(c) = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()) {
+                // SAFETY: a lazy unmount of a valid path.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+            let _ = std::fs::remove_dir(&self.path);
+            tracing::warn!(path = %self.path.display(), "the image service died; removed its mount");
+        }
+    }
 }
 
 /// Takes an exclusive `flock` on the service's lock file, waiting for it.
@@ -235,7 +266,8 @@ pub fn mount(
                 .join(path.strip_prefix("/").unwrap_or(&path)),
             None => path,
         },
-        _conn: conn,
+        conn,
+        on_host: vm.is_none(),
     })
 }
 

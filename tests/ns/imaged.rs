@@ -336,3 +336,260 @@ pub async fn lazy_reads_through_https_basic_auth_and_bearer_tokens() -> anyhow::
     }
     Ok(())
 }
+
+/// 16 readers at once over 8 files of a lazily mounted image, two on each file (so on
+/// the same chunks) and eight files apart (different chunks): every file reads back
+/// right, and the registry serves at most 1.1 times the blob bytes one reader reading
+/// all 8 files makes it serve.
+pub async fn concurrent_readers_fetch_each_chunk_once() -> anyhow::Result<()> {
+    let reg = TestRegistry::start().await?;
+    let tmp = tempfile::tempdir()?;
+    let files: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|i| (format!("file-{i}"), noise(i + 31, 1 << 20)))
+        .collect();
+    let entries: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (n.as_str(), &b[..])).collect();
+    let layer = Layer {
+        tar: tar_of(&entries)?,
+        compression: LayerCompression::Gzip,
+    };
+    let src = tmp.path().join("src");
+    write_layout(std::slice::from_ref(&layer), &src, serde_json::json!({}))?;
+    let reference = format!("{}/readers:1", reg.addr);
+    let o = rootfs_builder(&["nydus", path(&src), "--push", &reference]).await?;
+    converted(&o, "the readers' image")?;
+    let files = std::sync::Arc::new(files);
+    let mut served = Vec::new();
+    for readers in [1usize, 16] {
+        // A cache of its own each time: both start cold.
+        let cache = tmp.path().join(format!("cache-{readers}"));
+        let args = [std::ffi::OsStr::new("--cache-dir"), cache.as_os_str()];
+        let mnt = MountedImage::mount_with(&env().imaged, std::ffi::OsStr::new(&reference), &args)
+            .await?;
+        let mark = reg.log().len();
+        let mut tasks = Vec::new();
+        for r in 0..readers {
+            let (dir, files) = (mnt.dir.clone(), files.clone());
+            // One reader reads every file; sixteen read one file each, two per file.
+            let mine: Vec<usize> = match readers {
+                1 => (0..files.len()).collect(),
+                _ => vec![r % files.len()],
+            };
+            tasks.push(tokio::task::spawn_blocking(
+                move || -> anyhow::Result<()> {
+                    for i in mine {
+                        let (name, want) = &files[i];
+                        let got = std::fs::read(dir.join(name))?;
+                        ensure!(&got == want, "reader {r}: {name} read back wrong");
+                    }
+                    Ok(())
+                },
+            ));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        served.push(reg.blob_bytes_served("readers", mark));
+        drop(mnt);
+    }
+    eprintln!(
+        "blob bytes served: one reader {}, 16 readers {}",
+        served[0], served[1]
+    );
+    ensure!(
+        served[0] > 0 && (served[1] as f64) <= 1.1 * served[0] as f64,
+        "16 concurrent readers made the registry serve {} bytes, one reader {}",
+        served[1],
+        served[0]
+    );
+    Ok(())
+}
+
+/// The image service killed under a namespace sandbox's image: reads of what it had
+/// not served fail at once (ENOTCONN), never hang; the last lease on the dead mount
+/// takes it away; the next service mounts the image again.
+pub async fn reads_fail_at_once_when_the_service_dies() -> anyhow::Result<()> {
+    let reg = TestRegistry::start().await?;
+    let reference = format!("{}/dies:1", reg.addr);
+    let o = rootfs_builder(&["nydus", path(&env().rootfs), "--push", &reference]).await?;
+    converted(&o, "the busybox rootfs")?;
+    let tmp = tempfile::tempdir()?;
+    let service = PrivateService::new(tmp.path(), &[]);
+    let mut child = service.start()?;
+    let lease = service.mount(&reg, &reference).await?;
+    ensure!(
+        std::fs::read(lease.path.join("bin/busybox"))?
+            == std::fs::read(env().rootfs.join("bin/busybox"))?,
+        "bin/busybox read back wrong"
+    );
+    child.kill()?;
+    child.wait()?;
+    let p = lease.path.join("etc/group");
+    let started = std::time::Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || std::fs::read(p)),
+    )
+    .await
+    .context("a read after the service died hung for 10 s")??;
+    let took = started.elapsed();
+    ensure!(
+        r.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::ENOTCONN),
+        "a read after the service died: {:?} (ENOTCONN expected)",
+        r.map(|b| b.len())
+    );
+    ensure!(
+        took < Duration::from_secs(1),
+        "the read failed only after {took:?}"
+    );
+    let dir = lease.path.clone();
+    drop(lease);
+    ensure!(
+        !joey_shim::imaged::is_mount_point(&dir),
+        "the dead mount {} is left",
+        dir.display()
+    );
+    let mut child = service.start()?;
+    let lease = service.mount(&reg, &reference).await?;
+    let again = std::fs::read(lease.path.join("etc/group"));
+    drop(lease);
+    let _ = child.kill();
+    let _ = child.wait();
+    ensure!(
+        again? == std::fs::read(env().rootfs.join("etc/group"))?,
+        "etc/group read back wrong from the new service"
+    );
+    Ok(())
+}
+
+/// An image service of a test's own (its own runtime directory and chunk cache), so
+/// killing it or capping its cache touches no other test's.
+struct PrivateService {
+    dir: std::path::PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl PrivateService {
+    fn new(dir: &Path, env: &[(&str, &str)]) -> Self {
+        PrivateService {
+            dir: dir.to_path_buf(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    fn run_dir(&self) -> std::path::PathBuf {
+        self.dir.join("run")
+    }
+
+    fn start(&self) -> anyhow::Result<std::process::Child> {
+        Ok(std::process::Command::new(&env().imaged)
+            .args(["serve", "--cache-dir"])
+            .arg(self.dir.join("cache"))
+            .env("JOEY_RUNTIME_DIR", self.run_dir())
+            // Killed by the test, not idle.
+            .env("JOEY_IMAGED_IDLE_SECS", "600")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(self.dir.join("imaged.log"))?)
+            .spawn()?)
+    }
+
+    /// What the service logged.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("imaged.log")).unwrap_or_default()
+    }
+
+    /// Asks the service (once its socket answers) to mount `reference` on the host.
+    async fn mount(
+        &self,
+        reg: &TestRegistry,
+        reference: &str,
+    ) -> anyhow::Result<joey_shim::imaged::Lease> {
+        let socket = self.run_dir().join("imaged.sock");
+        let (reference, registry) = (reference.to_string(), reg.addr.clone());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<joey_shim::imaged::Lease> {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let conn = loop {
+                match std::os::unix::net::UnixStream::connect(&socket) {
+                    Ok(c) => break c,
+                    Err(_) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    Err(e) => return Err(e).context("the service's socket"),
+                }
+            };
+            Ok(joey_shim::imaged::mount(
+                conn,
+                &reference,
+                &joey_shim::image::registry::RegistrySettings::default(),
+                &registry,
+                None,
+            )?)
+        })
+        .await?
+    }
+}
+
+impl Drop for PrivateService {
+    /// The runtime directory's images mount (the shared one) goes with the test.
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(
+            &self.run_dir().join("images"),
+            nix::mount::MntFlags::MNT_DETACH,
+        );
+    }
+}
+
+/// The chunk cache keeps to the image cache's cap (`JOEY_IMAGE_CACHE_MAX`): a mounted
+/// image's chunks stay while it is mounted, and go once it is unmounted.
+pub async fn the_chunk_cache_keeps_to_the_cache_cap() -> anyhow::Result<()> {
+    let reg = TestRegistry::start().await?;
+    let reference = format!("{}/capped:1", reg.addr);
+    let o = rootfs_builder(&["nydus", path(&env().rootfs), "--push", &reference]).await?;
+    converted(&o, "the busybox rootfs")?;
+    let tmp = tempfile::tempdir()?;
+    let service = PrivateService::new(tmp.path(), &[("JOEY_IMAGE_CACHE_MAX", "4096")]);
+    let mut child = service.start()?;
+    let blobs = tmp.path().join("cache/blobs");
+    let cached = || -> u64 {
+        std::fs::read_dir(&blobs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+            .sum()
+    };
+    let r = async {
+        let lease = service.mount(&reg, &reference).await?;
+        let busybox = std::fs::read(lease.path.join("bin/busybox"))?;
+        ensure!(busybox.len() > 1 << 19, "bin/busybox read short");
+        let held = cached();
+        ensure!(
+            held > 1 << 19,
+            "the mounted image's chunks are not in the cache ({held} bytes)"
+        );
+        drop(lease);
+        joey_tests::wait_until(
+            "the service to trim its cache",
+            Duration::from_secs(10),
+            || cached() <= 4096,
+        )
+        .await?;
+        ensure!(
+            service
+                .log()
+                .contains("chunk cache over its cap: removed blob"),
+            "no eviction logged: {}",
+            service.log()
+        );
+        Ok(())
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    r
+}

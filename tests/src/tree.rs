@@ -215,7 +215,8 @@ pub fn overlay_layers(base_rootfs: &Path) -> anyhow::Result<Vec<Layer>> {
 /// `n` pseudo-random bytes from `seed` (xorshift): incompressible, like a binary, and
 /// the same on every run.
 pub fn noise(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed | 1;
+    // Spread the seed (xorshift's state must not be 0, and nearby seeds must differ).
+    let mut x = seed.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..n)
         .map(|_| {
             x ^= x << 13;

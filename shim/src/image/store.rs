@@ -16,6 +16,15 @@ use crate::cache::cache_dir;
 pub const CAP_ENV: &str = "JOEY_IMAGE_CACHE_MAX";
 const DEFAULT_CAP: u64 = 20 << 30;
 
+/// The size cap of joey's image caches: `$JOEY_IMAGE_CACHE_MAX` (bytes), else 20 GiB.
+/// The pulled images' cache and the image service's chunk cache each keep to it.
+pub fn cap() -> u64 {
+    std::env::var(CAP_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(DEFAULT_CAP)
+}
+
 /// One cached image.
 #[derive(Debug, Clone)]
 pub struct CachedImage {
@@ -189,10 +198,7 @@ impl ImageStore {
     /// Removes the least recently used images no run holds until the cache fits its cap
     /// (`$JOEY_IMAGE_CACHE_MAX`). Returns what was removed.
     pub fn enforce_cap(&self) -> Vec<CachedImage> {
-        let cap = std::env::var(CAP_ENV)
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(DEFAULT_CAP);
+        let cap = cap();
         let all = self.list();
         let mut total: u64 = all.iter().map(|i| i.bytes).sum();
         let mut removed = Vec::new();
