@@ -50,6 +50,11 @@ enum Cmd {
         /// the end).
         #[arg(long)]
         cache_dir: Option<PathBuf>,
+        /// Do not check chunks against their digests as they are fetched: only to
+        /// measure what the check costs (`scripts/bench-chunk-validation`); the
+        /// service always checks.
+        #[arg(long)]
+        no_chunk_validation: bool,
         #[command(flatten)]
         registry: RegistryArgs,
     },
@@ -67,8 +72,15 @@ fn main() {
             image,
             mountpoint,
             cache_dir,
+            no_chunk_validation,
             registry,
-        } => mount(&image, &mountpoint, cache_dir, &registry),
+        } => mount(
+            &image,
+            &mountpoint,
+            cache_dir,
+            &registry,
+            !no_chunk_validation,
+        ),
     };
     if let Err(e) = r {
         eprintln!("joey-imaged: {e:#}");
@@ -102,6 +114,7 @@ fn mount(
     mountpoint: &Path,
     cache_dir: Option<PathBuf>,
     registry: &RegistryArgs,
+    validate: bool,
 ) -> anyhow::Result<()> {
     let scratch = std::env::temp_dir().join(format!("joey-imaged-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
@@ -123,7 +136,7 @@ fn mount(
             eprintln!("joey-imaged: {r}: Nydus image {}", image.digest);
             (image.bootstrap, registry::backend_config(&r, &settings)?)
         };
-        let fs = rafs::open(&bootstrap, &backend, &cache)?;
+        let fs = rafs::open(&bootstrap, &backend, &cache, validate)?;
         fuse::serve(Box::new(fs), mountpoint)
     })();
     let _ = std::fs::remove_dir_all(&scratch);

@@ -20,7 +20,10 @@ pub fn local_backend(dir: &Path) -> String {
     )
 }
 
-pub fn open(bootstrap: &Path, backend: &str, cache_dir: &Path) -> Result<Rafs> {
+/// Opens the image of `bootstrap`; `validate` checks each chunk's digest as it enters
+/// the cache (always, when serving sandboxes; `joey-imaged mount
+/// --no-chunk-validation` turns it off to measure what it costs).
+pub fn open(bootstrap: &Path, backend: &str, cache_dir: &Path, validate: bool) -> Result<Rafs> {
     let config = format!(
         r#"
 version = 2
@@ -28,7 +31,7 @@ id = "joey"
 {backend}
 [cache]
 type = "filecache"
-validate = true
+validate = {validate}
 [cache.filecache]
 work_dir = "{}"
 [rafs]

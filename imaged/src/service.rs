@@ -186,7 +186,7 @@ impl Service {
         let hex = image.digest.trim_start_matches("sha256:").to_string();
         let open = || -> Result<nydus_rafs::fs::Rafs> {
             let backend = registry::backend_config(&r, &settings)?;
-            rafs::open(&image.bootstrap, &backend, &self.cache_dir.join("blobs"))
+            rafs::open(&image.bootstrap, &backend, &self.cache_dir.join("blobs"), true)
                 .with_context(|| format!("{r}: open image {}", image.digest))
         };
         let reply = |path: &Path| serde_json::json!({"digest": image.digest, "path": path});
