@@ -3,8 +3,10 @@
 //! Nydus image it is asked for once, at `<runtime dir>/images/<hex digest>` (a
 //! shared-propagation mount, so sandboxes that receive it as a slave see images
 //! mounted later), serves it over FUSE on a thread of its own, and unmounts it when the
-//! last connection holding it closes. With no image and no client for `idle`, it
-//! exits (the chunk cache stays on disk).
+//! last connection holding it closes. For a VM it serves the VM's images device
+//! (virtio-fs over vhost-user, [`crate::virtiofs`]) and mounts images into that, at
+//! `/<hex digest>`, while the VM runs. With no image, VM or client for `idle`, it
+//! exits; the chunk cache stays on disk, kept to the image cache cap.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
@@ -46,6 +48,22 @@ enum Lease {
     VmImage(PathBuf, String),
     /// A VM's images device.
     Device(PathBuf),
+}
+
+/// The image a mount request names, resolved.
+struct Wanted {
+    r: Reference,
+    settings: RegistrySettings,
+    image: registry::RemoteImage,
+    /// Its manifest digest's hex, which names its directory.
+    hex: String,
+}
+
+impl Wanted {
+    /// The reply to the request: the image's digest and `path`.
+    fn reply(&self, path: &Path) -> serde_json::Value {
+        serde_json::json!({"digest": self.image.digest, "path": path})
+    }
 }
 
 struct State {
@@ -151,6 +169,17 @@ impl Service {
     /// lease on it: on the host under the images directory, or, if the request names a
     /// VM's device (`vm`, its socket), in that VM's images device.
     fn mount(&self, request: &serde_json::Value) -> Result<(Lease, serde_json::Value)> {
+        let _one_at_a_time = self.mounting.lock().unwrap_or_else(|p| p.into_inner());
+        let wanted = self.resolve(request)?;
+        match request["vm"].as_str() {
+            Some(socket) => self.mount_in_vm(&wanted, PathBuf::from(socket)),
+            None => self.mount_on_host(&wanted),
+        }
+    }
+
+    /// The image a `mount` request names, found in its registry with the request's
+    /// settings (its CAs added to the bundle the registry backend trusts).
+    fn resolve(&self, request: &serde_json::Value) -> Result<Wanted> {
         let spec = request["ref"]
             .as_str()
             .context("a mount request without a ref")?;
@@ -175,8 +204,6 @@ impl Service {
             creds,
             docker_config: None,
         };
-        let vm = request["vm"].as_str().map(PathBuf::from);
-        let _one_at_a_time = self.mounting.lock().unwrap_or_else(|p| p.into_inner());
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -184,50 +211,66 @@ impl Service {
         std::fs::create_dir_all(&boot_dir)?;
         let image = rt.block_on(registry::resolve(&r, &settings, &boot_dir))?;
         let hex = image.digest.trim_start_matches("sha256:").to_string();
-        let open = || -> Result<nydus_rafs::fs::Rafs> {
-            let backend = registry::backend_config(&r, &settings)?;
-            rafs::open(&image.bootstrap, &backend, &self.cache_dir.join("blobs"), true)
-                .with_context(|| format!("{r}: open image {}", image.digest))
-        };
-        let reply = |path: &Path| serde_json::json!({"digest": image.digest, "path": path});
-        if let Some(socket) = vm {
-            let device = {
-                let mut st = self.state();
-                let vm = st.vms.get_mut(&socket).with_context(|| {
-                    format!("no VM images device is served on {}", socket.display())
-                })?;
-                if let Some((n, _)) = vm.images.get_mut(&hex) {
-                    *n += 1;
-                    return Ok((
-                        Lease::VmImage(socket, hex.clone()),
-                        reply(&Path::new("/").join(&hex)),
-                    ));
-                }
-                vm.device.clone()
-            };
-            device.mount(Box::new(open()?), &hex)?;
-            eprintln!(
-                "joey-imaged: {r}: image {} added to the VM of {}",
-                image.digest,
-                socket.display()
-            );
-            if let Some(vm) = self.state().vms.get_mut(&socket) {
-                vm.images.insert(hex.clone(), (1, image.blobs.clone()));
+        Ok(Wanted {
+            r,
+            settings,
+            image,
+            hex,
+        })
+    }
+
+    /// A RAFS filesystem of the image, its chunks read through the registry backend
+    /// into the shared chunk cache.
+    fn open(&self, w: &Wanted) -> Result<nydus_rafs::fs::Rafs> {
+        let backend = registry::backend_config(&w.r, &w.settings)?;
+        rafs::open(
+            &w.image.bootstrap,
+            &backend,
+            &self.cache_dir.join("blobs"),
+            true,
+        )
+        .with_context(|| format!("{}: open image {}", w.r, w.image.digest))
+    }
+
+    /// Adds the image to the VM images device served on `socket` (once per VM).
+    fn mount_in_vm(&self, w: &Wanted, socket: PathBuf) -> Result<(Lease, serde_json::Value)> {
+        let reply = w.reply(&Path::new("/").join(&w.hex));
+        let device = {
+            let mut st = self.state();
+            let vm = st.vms.get_mut(&socket).with_context(|| {
+                format!("no VM images device is served on {}", socket.display())
+            })?;
+            if let Some((n, _)) = vm.images.get_mut(&w.hex) {
+                *n += 1;
+                return Ok((Lease::VmImage(socket, w.hex.clone()), reply));
             }
-            return Ok((
-                Lease::VmImage(socket, hex.clone()),
-                reply(&Path::new("/").join(&hex)),
-            ));
+            vm.device.clone()
+        };
+        device.mount(Box::new(self.open(w)?), &w.hex)?;
+        eprintln!(
+            "joey-imaged: {}: image {} added to the VM of {}",
+            w.r,
+            w.image.digest,
+            socket.display()
+        );
+        if let Some(vm) = self.state().vms.get_mut(&socket) {
+            vm.images.insert(w.hex.clone(), (1, w.image.blobs.clone()));
         }
-        if let Some(m) = self.state().images.get_mut(&hex) {
+        Ok((Lease::VmImage(socket, w.hex.clone()), reply))
+    }
+
+    /// Mounts the image over FUSE under the images directory (once per host), served on
+    /// a thread of its own until it is unmounted.
+    fn mount_on_host(&self, w: &Wanted) -> Result<(Lease, serde_json::Value)> {
+        if let Some(m) = self.state().images.get_mut(&w.hex) {
             m.leases += 1;
-            return Ok((Lease::Image(hex), reply(&m.dir)));
+            return Ok((Lease::Image(w.hex.clone()), w.reply(&m.dir)));
         }
-        let dir = images_dir().join(&hex);
+        let dir = images_dir().join(&w.hex);
         std::fs::create_dir_all(&dir)?;
-        let fs = open()?;
+        let fs = self.open(w)?;
         let served = dir.clone();
-        let shown = r.to_string();
+        let shown = w.r.to_string();
         let thread = std::thread::spawn(move || {
             if let Err(e) = fuse::serve(Box::new(fs), &served) {
                 eprintln!("joey-imaged: {shown}: {e:#}");
@@ -236,24 +279,29 @@ impl Service {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !is_mount_point(&dir) {
             if thread.is_finished() || Instant::now() > deadline {
-                anyhow::bail!("{r}: the FUSE mount at {} did not come up", dir.display());
+                anyhow::bail!(
+                    "{}: the FUSE mount at {} did not come up",
+                    w.r,
+                    dir.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(5));
         }
         eprintln!(
-            "joey-imaged: {r}: image {} mounted at {}",
-            image.digest,
+            "joey-imaged: {}: image {} mounted at {}",
+            w.r,
+            w.image.digest,
             dir.display()
         );
         self.state().images.insert(
-            hex.clone(),
+            w.hex.clone(),
             Mounted {
                 leases: 1,
                 dir: dir.clone(),
-                blobs: image.blobs.clone(),
+                blobs: w.image.blobs.clone(),
             },
         );
-        Ok((Lease::Image(hex), reply(&dir)))
+        Ok((Lease::Image(w.hex.clone()), w.reply(&dir)))
     }
 
     /// Serves a VM's images device on the socket a `vm` request names, until QEMU's
