@@ -14,6 +14,16 @@ use joey_tests::tree::{noise, tar_of};
 use crate::common::env;
 use crate::nydus::{converted, path, rootfs_builder};
 
+/// A registry of the test's own holding the busybox rootfs as a Nydus image
+/// `repo_tag`; returns it and the image's reference.
+async fn busybox_nydus(repo_tag: &str) -> anyhow::Result<(TestRegistry, String)> {
+    let reg = TestRegistry::start().await?;
+    let reference = format!("{}/{repo_tag}", reg.addr);
+    let o = rootfs_builder(&["nydus", path(&env().rootfs), "--push", &reference]).await?;
+    converted(&o, "the busybox rootfs")?;
+    Ok((reg, reference))
+}
+
 /// A Nydus image mounted from the registry is read lazily: reading one 4 KiB file of
 /// an image with 64 MiB of data makes the registry serve at most 256 KiB of blob
 /// bytes, and a second mount over the same cache makes it serve none.
@@ -66,10 +76,7 @@ pub async fn a_registry_image_is_read_lazily() -> anyhow::Result<()> {
 /// own writable layer, from one mount; when they are done the service unmounts the
 /// image and (idle at once here) exits, leaving nothing mounted or running.
 pub async fn a_nydus_image_runs_in_namespace_sandboxes() -> anyhow::Result<()> {
-    let reg = TestRegistry::start().await?;
-    let reference = format!("{}/nyd-run:1", reg.addr);
-    let o = rootfs_builder(&["nydus", path(&env().rootfs), "--push", &reference]).await?;
-    converted(&o, "the busybox rootfs")?;
+    let (_reg, reference) = busybox_nydus("nyd-run:1").await?;
     let cache = tempfile::tempdir()?;
     let idle = Path::new("0");
     let run = |tag: &'static str| {
@@ -117,10 +124,7 @@ pub async fn a_nydus_image_runs_in_namespace_sandboxes() -> anyhow::Result<()> {
 /// the images directory stays a slave of the host's in the sandbox, and a container
 /// created afterwards runs from it.
 pub async fn an_image_mounted_after_a_sandbox_started_reaches_it() -> anyhow::Result<()> {
-    let reg = TestRegistry::start().await?;
-    let reference = format!("{}/late:1", reg.addr);
-    let o = rootfs_builder(&["nydus", path(&env().rootfs), "--push", &reference]).await?;
-    converted(&o, "the busybox rootfs")?;
+    let (reg, reference) = busybox_nydus("late:1").await?;
     let pod = crate::common::pod().await?;
     let cache = tempfile::tempdir()?;
     let (imaged, cache_dir, shown) = (
@@ -408,10 +412,7 @@ pub async fn concurrent_readers_fetch_each_chunk_once() -> anyhow::Result<()> {
 /// not served fail at once (ENOTCONN), never hang; the last lease on the dead mount
 /// takes it away; the next service mounts the image again.
 pub async fn reads_fail_at_once_when_the_service_dies() -> anyhow::Result<()> {
-    let reg = TestRegistry::start().await?;
-    let reference = format!("{}/dies:1", reg.addr);
-    let o = rootfs_builder(&["nydus", path(&env().rootfs), "--push", &reference]).await?;
-    converted(&o, "the busybox rootfs")?;
+    let (reg, reference) = busybox_nydus("dies:1").await?;
     let tmp = tempfile::tempdir()?;
     let service = PrivateService::new(tmp.path(), &[]);
     let mut child = service.start()?;
@@ -546,10 +547,7 @@ impl Drop for PrivateService {
 /// The chunk cache keeps to the image cache's cap (`JOEY_IMAGE_CACHE_MAX`): a mounted
 /// image's chunks stay while it is mounted, and go once it is unmounted.
 pub async fn the_chunk_cache_keeps_to_the_cache_cap() -> anyhow::Result<()> {
-    let reg = TestRegistry::start().await?;
-    let reference = format!("{}/capped:1", reg.addr);
-    let o = rootfs_builder(&["nydus", path(&env().rootfs), "--push", &reference]).await?;
-    converted(&o, "the busybox rootfs")?;
+    let (reg, reference) = busybox_nydus("capped:1").await?;
     let tmp = tempfile::tempdir()?;
     let service = PrivateService::new(tmp.path(), &[("JOEY_IMAGE_CACHE_MAX", "4096")]);
     let mut child = service.start()?;
