@@ -10,11 +10,12 @@ use joey_shim::vm::{Artifacts, VmOptions};
 use joey_shim::image::registry::RegistryArgs;
 
 pub mod ns;
+pub mod nydus;
 pub mod pull;
 pub mod vm;
 
 #[derive(clap::Args)]
-#[group(id = "kind", required = true, multiple = false, args = ["ns", "vm", "pull"])]
+#[group(id = "kind", required = true, multiple = false, args = ["ns", "vm", "pull", "nydus"])]
 pub struct BenchArgs {
     /// Benchmark namespace sandboxes against crun.
     #[arg(long)]
@@ -27,16 +28,37 @@ pub struct BenchArgs {
     /// against skopeo copy + umoci unpack.
     #[arg(long, requires = "reference")]
     pull: bool,
+    /// Benchmark a cold start from a Nydus image (`--nydus-ref`) against the full
+    /// pull of the same image (`--ref`), to the first output of `-- CMD`, with the
+    /// registry's bytes from its access log (`--registry-log`); `scripts/bench-nydus`
+    /// builds the images and runs it.
+    #[arg(long, requires_all = ["reference", "nydus_ref", "registry_log"])]
+    nydus: bool,
     /// With --ns or --vm: the container rootfs (a busybox rootfs: `joeyctl rootfs
     /// busybox DIR`).
-    #[arg(long, required_unless_present = "pull")]
+    #[arg(long, required_unless_present_any = ["pull", "nydus"])]
     rootfs: Option<PathBuf>,
-    /// With --pull: the image (it needs /bin/echo).
+    /// With --pull: the image (it needs /bin/echo); with --nydus, the ordinary image.
     #[arg(long = "ref", value_name = "REF")]
     reference: Option<String>,
+    /// With --nydus: the Nydus conversion of --ref.
+    #[arg(long, value_name = "REF")]
+    nydus_ref: Option<String>,
+    /// With --nydus: the registry's access log.
+    #[arg(long, value_name = "FILE")]
+    registry_log: Option<PathBuf>,
+    /// With --nydus: the sandbox kinds, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "ns,vm")]
+    modes: Vec<String>,
+    /// With --nydus: a name for the network the registry is reached over (printed).
+    #[arg(long, default_value = "loopback")]
+    net: String,
+    /// With --nydus: the container's command.
+    #[arg(last = true)]
+    cmd: Vec<String>,
     #[command(flatten)]
     registry: RegistryArgs,
-    /// Iterations (default: 20, 3 with --pull).
+    /// Iterations (default: 20, 3 with --pull, 5 with --nydus).
     #[arg(long)]
     iterations: Option<usize>,
 }
@@ -63,6 +85,29 @@ fn vm_base() -> anyhow::Result<(VmOptions, Artifacts)> {
 }
 
 pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if args.nydus {
+        for m in &args.modes {
+            anyhow::ensure!(
+                m == "ns" || m == "vm",
+                "--modes: {m:?} is neither ns nor vm"
+            );
+        }
+        anyhow::ensure!(
+            !args.cmd.is_empty(),
+            "--nydus needs the container's command after --"
+        );
+        let o = nydus::NydusBenchOptions {
+            baseline: args.reference.unwrap_or_default(),
+            lazy: args.nydus_ref.unwrap_or_default(),
+            registry: args.registry,
+            registry_log: args.registry_log.unwrap_or_default(),
+            iterations: args.iterations.unwrap_or(5),
+            modes: args.modes,
+            net: args.net,
+            cmd: args.cmd,
+        };
+        return nydus::bench_nydus(&o).await;
+    }
     if args.pull {
         let bins = Binaries::locate().map_err(anyhow::Error::msg)?;
         let (vm, _) = vm_base()?;

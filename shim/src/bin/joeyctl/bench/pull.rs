@@ -77,7 +77,10 @@ async fn first_output(pod: &Pod, rootfs: &RootfsSource) -> anyhow::Result<Durati
 
 /// Streams every layer of `r` from the registry to nothing, all at once. Returns the
 /// time and the bytes.
-async fn floor(r: &Reference, settings: &RegistrySettings) -> anyhow::Result<(Duration, u64)> {
+pub(super) async fn floor(
+    r: &Reference,
+    settings: &RegistrySettings,
+) -> anyhow::Result<(Duration, u64)> {
     let client = settings.client(&r.registry);
     let auth = settings.auth(&r.registry)?;
     let oref: oci_client::Reference = r.to_string().parse()?;
