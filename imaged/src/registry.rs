@@ -26,7 +26,8 @@ pub struct RemoteImage {
     pub blobs: Vec<String>,
 }
 
-/// Finds `r`'s Nydus manifest and fetches its bootstrap into `dir`.
+/// Finds `r`'s Nydus manifest and fetches its bootstrap into `dir` (unless an earlier
+/// call did: it is named by the manifest's digest).
 pub async fn resolve(
     r: &Reference,
     settings: &RegistrySettings,
@@ -94,23 +95,30 @@ pub async fn resolve(
             bail!("{shown}: the registry lacks data blob {blob}");
         }
     }
-    let d = Digest::parse(&boot.digest)?;
-    let layer = dir.join(format!("{}.tar.gz", d.hex()));
-    let _ = std::fs::remove_file(&layer);
-    joey_shim::image::pull::download_blob(
-        &client,
-        &oref,
-        &boot,
-        &d,
-        &layer,
-        |_| {},
-        &AtomicU64::new(0),
-    )
-    .await
-    .with_context(|| format!("{shown}: bootstrap layer {}", boot.digest))?;
+    // The manifest's digest pins its bootstrap: one fetched before is used again.
     let bootstrap = dir.join(format!("{}.boot", Digest::parse(&digest)?.hex()));
-    crate::layout::extract_bootstrap(&layer, &bootstrap)?;
-    let _ = std::fs::remove_file(&layer);
+    if !bootstrap.is_file() {
+        let d = Digest::parse(&boot.digest)?;
+        let layer = dir.join(format!("{}.tar.gz", d.hex()));
+        let _ = std::fs::remove_file(&layer);
+        joey_shim::image::pull::download_blob(
+            &client,
+            &oref,
+            &boot,
+            &d,
+            &layer,
+            |_| {},
+            &AtomicU64::new(0),
+        )
+        .await
+        .with_context(|| format!("{shown}: bootstrap layer {}", boot.digest))?;
+        // Whole or not at all: renamed into place once written.
+        let partial = bootstrap.with_extension("boot.partial");
+        let extracted = crate::layout::extract_bootstrap(&layer, &partial);
+        let _ = std::fs::remove_file(&layer);
+        extracted?;
+        std::fs::rename(&partial, &bootstrap)?;
+    }
     Ok(RemoteImage {
         digest,
         bootstrap,
