@@ -14,6 +14,24 @@ use joey_tests::tree::{noise, tar_of};
 use crate::common::env;
 use crate::nydus::{converted, path, rootfs_builder};
 
+/// `n` files of `size` incompressible bytes, `<prefix>-<i>`, from seeds `seed + i`.
+fn noise_files(prefix: &str, n: u64, seed: u64, size: usize) -> Vec<(String, Vec<u8>)> {
+    (0..n)
+        .map(|i| (format!("{prefix}-{i}"), noise(seed + i, size)))
+        .collect()
+}
+
+/// An OCI image layout at `dir` of one gzip layer holding `files` (regular files).
+fn layout_of(files: &[(String, Vec<u8>)], dir: &Path) -> anyhow::Result<()> {
+    let entries: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (n.as_str(), &b[..])).collect();
+    let layer = Layer {
+        tar: tar_of(&entries)?,
+        compression: LayerCompression::Gzip,
+    };
+    write_layout(std::slice::from_ref(&layer), dir, serde_json::json!({}))?;
+    Ok(())
+}
+
 /// A registry of the test's own holding the busybox rootfs as a Nydus image
 /// `repo_tag`; returns it and the image's reference.
 async fn busybox_nydus(repo_tag: &str) -> anyhow::Result<(TestRegistry, String)> {
@@ -30,18 +48,11 @@ async fn busybox_nydus(repo_tag: &str) -> anyhow::Result<(TestRegistry, String)>
 pub async fn a_registry_image_is_read_lazily() -> anyhow::Result<()> {
     let reg = TestRegistry::start().await?;
     let tmp = tempfile::tempdir()?;
-    let data: Vec<(String, Vec<u8>)> = (0..16)
-        .map(|i| (format!("data-{i}"), noise(i, 4 << 20)))
-        .collect();
+    let mut files = noise_files("data", 16, 0, 4 << 20);
     let small = noise(99, 4096);
-    let mut files: Vec<(&str, &[u8])> = data.iter().map(|(n, b)| (n.as_str(), &b[..])).collect();
-    files.push(("small", &small));
-    let layers = [Layer {
-        tar: tar_of(&files)?,
-        compression: LayerCompression::Gzip,
-    }];
+    files.push(("small".into(), small.clone()));
     let src = tmp.path().join("src");
-    write_layout(&layers, &src, serde_json::json!({}))?;
+    layout_of(&files, &src)?;
     let reference = format!("{}/lazy:1", reg.addr);
     let o = rootfs_builder(&["nydus", path(&src), "--push", &reference]).await?;
     converted(&o, "the lazy image")?;
@@ -174,16 +185,9 @@ pub async fn an_image_mounted_after_a_sandbox_started_reaches_it() -> anyhow::Re
 pub async fn failures_are_errors_not_wrong_bytes() -> anyhow::Result<()> {
     let mut reg = TestRegistry::start().await?;
     let tmp = tempfile::tempdir()?;
-    let files: Vec<(String, Vec<u8>)> = (0..4)
-        .map(|i| (format!("file-{i}"), noise(i + 7, 1 << 20)))
-        .collect();
-    let entries: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (n.as_str(), &b[..])).collect();
-    let layer = Layer {
-        tar: tar_of(&entries)?,
-        compression: LayerCompression::Gzip,
-    };
+    let files = noise_files("file", 4, 7, 1 << 20);
     let src = tmp.path().join("src");
-    write_layout(std::slice::from_ref(&layer), &src, serde_json::json!({}))?;
+    layout_of(&files, &src)?;
     for tag in ["fail:1", "gone:1"] {
         let reference = format!("{}/{tag}", reg.addr);
         let o = rootfs_builder(&["nydus", path(&src), "--push", &reference]).await?;
@@ -348,16 +352,9 @@ pub async fn lazy_reads_through_https_basic_auth_and_bearer_tokens() -> anyhow::
 pub async fn concurrent_readers_fetch_each_chunk_once() -> anyhow::Result<()> {
     let reg = TestRegistry::start().await?;
     let tmp = tempfile::tempdir()?;
-    let files: Vec<(String, Vec<u8>)> = (0..8)
-        .map(|i| (format!("file-{i}"), noise(i + 31, 1 << 20)))
-        .collect();
-    let entries: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (n.as_str(), &b[..])).collect();
-    let layer = Layer {
-        tar: tar_of(&entries)?,
-        compression: LayerCompression::Gzip,
-    };
+    let files = noise_files("file", 8, 31, 1 << 20);
     let src = tmp.path().join("src");
-    write_layout(std::slice::from_ref(&layer), &src, serde_json::json!({}))?;
+    layout_of(&files, &src)?;
     let reference = format!("{}/readers:1", reg.addr);
     let o = rootfs_builder(&["nydus", path(&src), "--push", &reference]).await?;
     converted(&o, "the readers' image")?;
