@@ -95,12 +95,8 @@ fn init_logging_to<W>(writer: W)
 where
     W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
 {
-    let level = std::env::var("JOEY_LOG")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
     let _ = tracing_subscriber::fmt()
-        .with_max_level(level)
+        .with_max_level(joey_protocols::contract::log_level())
         .with_writer(writer)
         .with_target(false)
         .with_ansi(false)

@@ -35,6 +35,18 @@ pub fn images_dir() -> PathBuf {
     runtime_dir().join("images")
 }
 
+/// The environment variable naming the log level of joey's processes.
+pub const LOG_ENV: &str = "JOEY_LOG";
+
+/// The level [`LOG_ENV`] names (`error`, `warn`, `info`, `debug`, `trace` or `off`);
+/// `info` when unset or unreadable.
+pub fn log_level() -> tracing::level_filters::LevelFilter {
+    std::env::var(LOG_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(tracing::level_filters::LevelFilter::INFO)
+}
+
 /// The virtio-fs tag of a VM's images device, served by the host's image service:
 /// Nydus images appear in it at `/<hex digest>` while the VM runs.
 pub const IMAGES_FS_TAG: &str = "joey-images";

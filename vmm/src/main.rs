@@ -42,12 +42,8 @@ enum Device {
 }
 
 fn main() {
-    let level = std::env::var("JOEY_LOG")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
     let _ = tracing_subscriber::fmt()
-        .with_max_level(level)
+        .with_max_level(joey_protocols::contract::log_level())
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();

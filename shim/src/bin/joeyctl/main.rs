@@ -82,7 +82,7 @@ pub(crate) fn tempfile_dir() -> anyhow::Result<PathBuf> {
 }
 
 fn main() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("JOEY_LOG")
+    let filter = tracing_subscriber::EnvFilter::try_from_env(joey_protocols::contract::LOG_ENV)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

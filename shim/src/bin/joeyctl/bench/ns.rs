@@ -109,7 +109,7 @@ fn launcher_once(agent: &Path) -> anyhow::Result<Duration> {
     // An empty request: the launcher starts, fails to parse it and exits.
     let out = Command::new(agent)
         .arg("launch")
-        .env("JOEY_LOG", "off")
+        .env(joey_protocols::contract::LOG_ENV, "off")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
