@@ -25,16 +25,13 @@ mod tests {
     use super::*;
     use crate::mount::RecordingMounter;
     use crate::storage::add as add_storage;
+    use crate::storage::TestBed;
     use nix::mount::MsFlags;
 
     #[test]
     fn mounts_a_tmpfs_with_the_options_and_undoes_it() {
-        let tmp = tempfile::tempdir().unwrap();
-        let m = RecordingMounter::default();
-        let ctx = StorageContext {
-            mounter: &m,
-            scratch: tmp.path(),
-        };
+        let bed = TestBed::new();
+        let (tmp, m, ctx) = (&bed.tmp, &bed.m, bed.ctx());
         let dir = tmp.path().join("eph");
         let req = StorageRequest {
             driver: "ephemeral".into(),
@@ -48,7 +45,7 @@ mod tests {
         assert_eq!(mounts[0].fstype, "tmpfs");
         assert_eq!(mounts[0].flags, MsFlags::MS_NOSUID);
         assert_eq!(mounts[0].data, "size=1m");
-        s.remove(&m);
+        s.remove(m);
         assert_eq!(*m.umounts.lock().unwrap(), vec![dir.clone()]);
         assert!(!dir.exists());
     }

@@ -30,17 +30,13 @@ pub(super) fn add(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mount::RecordingMounter;
+    use crate::storage::TestBed;
     use crate::storage::{add as add_storage, StorageRequest};
 
     #[test]
     fn creates_the_directory_with_its_mode_and_removes_it() {
-        let tmp = tempfile::tempdir().unwrap();
-        let m = RecordingMounter::default();
-        let ctx = StorageContext {
-            mounter: &m,
-            scratch: tmp.path(),
-        };
+        let bed = TestBed::new();
+        let (tmp, m, ctx) = (&bed.tmp, &bed.m, bed.ctx());
         let dir = tmp.path().join("a/b");
         let req = StorageRequest {
             driver: "local".into(),
@@ -51,18 +47,14 @@ mod tests {
         let s = add_storage(&ctx, &req).unwrap();
         let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode, 0o750);
-        s.remove(&m);
+        s.remove(m);
         assert!(!tmp.path().join("a").exists());
     }
 
     #[test]
     fn a_bad_mode_is_an_error() {
-        let tmp = tempfile::tempdir().unwrap();
-        let m = RecordingMounter::default();
-        let ctx = StorageContext {
-            mounter: &m,
-            scratch: tmp.path(),
-        };
+        let bed = TestBed::new();
+        let (tmp, ctx) = (&bed.tmp, bed.ctx());
         let req = StorageRequest {
             driver: "local".into(),
             options: vec!["mode=99".into()],

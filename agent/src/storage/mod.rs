@@ -172,6 +172,30 @@ pub(crate) fn create_dir(dir: &Path, undo: &mut Vec<Undo>) -> Result<()> {
     Ok(())
 }
 
+/// A scratch directory and a recording mounter: the context driver tests mount in.
+#[cfg(test)]
+pub(crate) struct TestBed {
+    pub tmp: tempfile::TempDir,
+    pub m: crate::mount::RecordingMounter,
+}
+
+#[cfg(test)]
+impl TestBed {
+    pub fn new() -> Self {
+        TestBed {
+            tmp: tempfile::tempdir().unwrap(),
+            m: Default::default(),
+        }
+    }
+
+    pub fn ctx(&self) -> StorageContext<'_> {
+        StorageContext {
+            mounter: &self.m,
+            scratch: self.tmp.path(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,12 +203,8 @@ mod tests {
 
     #[test]
     fn unknown_drivers_are_refused_by_name() {
-        let m = RecordingMounter::default();
-        let tmp = tempfile::tempdir().unwrap();
-        let ctx = StorageContext {
-            mounter: &m,
-            scratch: tmp.path(),
-        };
+        let bed = TestBed::new();
+        let (tmp, ctx) = (&bed.tmp, bed.ctx());
         let req = StorageRequest {
             driver: "nfs9".into(),
             mount_point: tmp.path().join("x").display().to_string(),

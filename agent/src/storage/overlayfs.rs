@@ -115,6 +115,7 @@ mod tests {
     use super::*;
     use crate::mount::RecordingMounter;
     use crate::storage::add as add_storage;
+    use crate::storage::TestBed;
 
     #[test]
     fn a_private_tmpfs_upper_is_mounted_under_the_overlay() {
@@ -151,12 +152,8 @@ mod tests {
 
     #[test]
     fn a_missing_lower_layer_is_refused_before_mounting() {
-        let tmp = tempfile::tempdir().unwrap();
-        let m = RecordingMounter::default();
-        let ctx = StorageContext {
-            mounter: &m,
-            scratch: tmp.path(),
-        };
+        let bed = TestBed::new();
+        let (tmp, m, ctx) = (&bed.tmp, &bed.m, bed.ctx());
         let req = StorageRequest {
             driver: "overlayfs".into(),
             source: "/does/not/exist".into(),

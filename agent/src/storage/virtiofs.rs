@@ -53,6 +53,7 @@ mod tests {
     use super::*;
     use crate::mount::{MountSpec, RecordingMounter};
     use crate::storage::add as add_storage;
+    use crate::storage::TestBed;
     use nix::mount::MsFlags;
 
     fn request(dir: &Path, source: &str, fstype: &str) -> StorageRequest {
@@ -67,12 +68,8 @@ mod tests {
 
     #[test]
     fn mounts_the_tag_with_the_options_and_undoes_it() {
-        let tmp = tempfile::tempdir().unwrap();
-        let m = RecordingMounter::default();
-        let ctx = StorageContext {
-            mounter: &m,
-            scratch: tmp.path(),
-        };
+        let bed = TestBed::new();
+        let (tmp, m, ctx) = (&bed.tmp, &bed.m, bed.ctx());
         let dir = tmp.path().join("images");
         let s = add_storage(&ctx, &request(&dir, "joey-images", "virtiofs")).unwrap();
         let mounts = m.mounts.lock().unwrap().clone();
@@ -81,19 +78,15 @@ mod tests {
         assert_eq!(mounts[0].fstype, "virtiofs");
         assert_eq!(mounts[0].flags, MsFlags::MS_RDONLY);
         assert!(dir.is_dir());
-        s.remove(&m);
+        s.remove(m);
         assert_eq!(*m.umounts.lock().unwrap(), vec![dir.clone()]);
         assert!(!dir.exists());
     }
 
     #[test]
     fn a_missing_tag_or_another_fstype_is_refused() {
-        let tmp = tempfile::tempdir().unwrap();
-        let m = RecordingMounter::default();
-        let ctx = StorageContext {
-            mounter: &m,
-            scratch: tmp.path(),
-        };
+        let bed = TestBed::new();
+        let (tmp, m, ctx) = (&bed.tmp, &bed.m, bed.ctx());
         let dir = tmp.path().join("x");
         for (source, fstype, says) in [("", "virtiofs", "tag"), ("t", "9p", "\"9p\"")] {
             let err = add_storage(&ctx, &request(&dir, source, fstype))
