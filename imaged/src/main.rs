@@ -4,6 +4,7 @@
 //! over FUSE in the foreground, from a local OCI image layout (how joey checks the
 //! images `rootfs-builder nydus` makes) or lazily from a registry.
 
+mod cabundle;
 mod chunks;
 mod fuse;
 mod layout;
@@ -17,7 +18,7 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand};
 use joey_shim::image::layout::OciLayout;
 use joey_shim::image::reference::Reference;
-use joey_shim::image::registry::{RegistryArgs, RegistrySettings};
+use joey_shim::image::registry::RegistryArgs;
 
 #[derive(Parser)]
 #[command(name = "joey-imaged", version, about = "Serve Nydus images over FUSE")]
@@ -88,27 +89,6 @@ fn main() {
     }
 }
 
-pub(crate) const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
-
-/// Trusts `settings`' extra CAs in the registry backend too: nydus-storage has no CA
-/// setting, but its TLS library reads `SSL_CERT_FILE`, which gets the system bundle
-/// plus those CAs (never `skip_verify`).
-fn trust_extra_cas(settings: &RegistrySettings, dir: &Path) -> anyhow::Result<()> {
-    if settings.ca_pems.is_empty() {
-        return Ok(());
-    }
-    let mut bundle = std::fs::read(SYSTEM_CA_BUNDLE).unwrap_or_default();
-    for pem in &settings.ca_pems {
-        bundle.push(b'\n');
-        bundle.extend_from_slice(pem);
-    }
-    let path = dir.join("ca-bundle.pem");
-    std::fs::write(&path, bundle)?;
-    // Set while this process has one thread, before any TLS client exists.
-    std::env::set_var("SSL_CERT_FILE", &path);
-    Ok(())
-}
-
 fn mount(
     spec: &str,
     mountpoint: &Path,
@@ -128,7 +108,10 @@ fn mount(
         } else {
             let r = Reference::parse(spec)?;
             let settings = registry.settings(&r.registry)?;
-            trust_extra_cas(&settings, &scratch)?;
+            if !settings.ca_pems.is_empty() {
+                cabundle::CaBundle::install(scratch.join("ca-bundle.pem"))?
+                    .add(&settings.ca_pems)?;
+            }
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;

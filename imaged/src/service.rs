@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -19,10 +18,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use joey_shim::image::reference::Reference;
 use joey_shim::image::registry::{Credentials, RegistrySettings};
-use joey_shim::imaged::{ensure_images_dir, images_dir, is_mount_point, lock_path, socket_path};
+use joey_shim::imaged::{detach, ensure_images_dir, images_dir, is_mount_point, lock, socket_path};
 
 use joey_shim::image::store;
 
+use crate::cabundle::CaBundle;
 use crate::{chunks, fuse, rafs, registry, virtiofs};
 
 /// One mounted image.
@@ -76,17 +76,12 @@ struct State {
 
 pub struct Service {
     cache_dir: PathBuf,
-    /// The CA bundle the registry backend trusts (`SSL_CERT_FILE`): the system's, plus
-    /// every `--ca` a client has passed.
-    ca_bundle: PathBuf,
+    /// The CA bundle the registry backend trusts: the system's, plus every `--ca` a
+    /// client has passed.
+    ca_bundle: CaBundle,
     state: Mutex<State>,
     /// Serialises mounts: two clients asking for one image mount it once.
     mounting: Mutex<()>,
-}
-
-fn flock(f: &std::fs::File, op: libc::c_int) -> bool {
-    // SAFETY: flock on an fd the caller owns.
-    unsafe { libc::flock(f.as_raw_fd(), op) == 0 }
 }
 
 /// Unmounts what a service that died left under the images directory, and makes sure
@@ -96,38 +91,17 @@ fn prepare_images_dir(dir: &Path) -> Result<()> {
     for e in std::fs::read_dir(dir)?.flatten() {
         let p = e.path();
         if is_mount_point(&p) {
-            let _ = nix_umount(&p);
+            let _ = detach(&p);
         }
         let _ = std::fs::remove_dir(&p);
     }
     ensure_images_dir().with_context(|| format!("make {} a shared mount", dir.display()))
 }
 
-fn cstr(p: &Path) -> std::ffi::CString {
-    use std::os::unix::ffi::OsStrExt;
-    std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap_or_default()
-}
-
-fn nix_umount(dir: &Path) -> std::io::Result<()> {
-    let c = cstr(dir);
-    // SAFETY: a lazy unmount of a valid path.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 impl Service {
     pub fn new(cache_dir: PathBuf) -> Result<Arc<Self>> {
         std::fs::create_dir_all(&cache_dir)?;
-        let ca_bundle = cache_dir.join("ca-bundle.pem");
-        std::fs::write(
-            &ca_bundle,
-            std::fs::read(crate::SYSTEM_CA_BUNDLE).unwrap_or_default(),
-        )?;
-        // Set while this process has one thread, before any TLS client exists.
-        std::env::set_var("SSL_CERT_FILE", &ca_bundle);
+        let ca_bundle = CaBundle::install(cache_dir.join("ca-bundle.pem"))?;
         Ok(Arc::new(Service {
             cache_dir,
             ca_bundle,
@@ -143,26 +117,6 @@ impl Service {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Adds `pems` the bundle lacks.
-    fn trust(&self, pems: &[String]) -> Result<()> {
-        let mut bundle = std::fs::read_to_string(&self.ca_bundle).unwrap_or_default();
-        let mut changed = false;
-        for pem in pems {
-            if !bundle.contains(pem.trim()) {
-                bundle.push('\n');
-                bundle.push_str(pem.trim());
-                bundle.push('\n');
-                changed = true;
-            }
-        }
-        if changed {
-            let tmp = self.ca_bundle.with_extension("tmp");
-            std::fs::write(&tmp, bundle)?;
-            std::fs::rename(&tmp, &self.ca_bundle)?;
-        }
-        Ok(())
     }
 
     /// Mounts the image a `mount` request names (or finds it mounted) and takes a
@@ -193,7 +147,6 @@ impl Service {
                 .collect()
         };
         let ca = strings("ca_pems");
-        self.trust(&ca)?;
         let creds = request["creds"]
             .as_str()
             .map(|c| c.parse::<Credentials>().map(|c| (r.registry.clone(), c)))
@@ -204,6 +157,7 @@ impl Service {
             creds,
             docker_config: None,
         };
+        self.ca_bundle.add(&settings.ca_pems)?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -379,7 +333,7 @@ impl Service {
                 if m.leases == 0 {
                     let dir = m.dir.clone();
                     st.images.remove(&hex);
-                    if let Err(e) = nix_umount(&dir) {
+                    if let Err(e) = detach(&dir) {
                         eprintln!("joey-imaged: unmount {}: {e}", dir.display());
                     }
                     let _ = std::fs::remove_dir(&dir);
@@ -481,23 +435,17 @@ impl Service {
                 // Under the start lock: a client that connected before it was taken
                 // is in the backlog and is served; one that comes after starts a new
                 // service.
-                let lock = std::fs::OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .open(lock_path())?;
-                if flock(&lock, libc::LOCK_EX) {
-                    if let Ok((conn, _)) = listener.accept() {
-                        let _ = conn.set_nonblocking(false);
-                        self.spawn_client(conn);
-                        continue;
-                    }
-                    // The images directory's own mount stays: sandboxes hold it as
-                    // their link to the next service's images.
-                    let _ = std::fs::remove_file(&socket);
-                    eprintln!("joey-imaged: idle, exiting");
-                    return Ok(());
+                let _lock = lock()?;
+                if let Ok((conn, _)) = listener.accept() {
+                    let _ = conn.set_nonblocking(false);
+                    self.spawn_client(conn);
+                    continue;
                 }
+                // The images directory's own mount stays: sandboxes hold it as
+                // their link to the next service's images.
+                let _ = std::fs::remove_file(&socket);
+                eprintln!("joey-imaged: idle, exiting");
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
         }

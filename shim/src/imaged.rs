@@ -117,18 +117,22 @@ impl Drop for Lease {
         let dead =
             || nix::sys::statfs::statfs(&self.path).err() == Some(nix::errno::Errno::ENOTCONN);
         if self.on_host && service_gone(&self.conn) && dead() {
-            if let Ok(c) = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()) {
-                // SAFETY: a lazy unmount of a valid path.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            }
+            let _ = detach(&self.path);
             let _ = std::fs::remove_dir(&self.path);
             tracing::warn!(path = %self.path.display(), "the image service died; removed its mount");
         }
     }
 }
 
-/// Takes an exclusive `flock` on the service's lock file, waiting for it.
-fn lock() -> std::io::Result<std::fs::File> {
+/// Unmounts an image's mount lazily (`MNT_DETACH`): what still uses it keeps it until
+/// done.
+pub fn detach(dir: &Path) -> std::io::Result<()> {
+    nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH).map_err(std::io::Error::from)
+}
+
+/// Takes an exclusive `flock` on the service's lock file, waiting for it: clients hold
+/// it to find or start the service, the service to decide it may exit.
+pub fn lock() -> std::io::Result<std::fs::File> {
     use std::os::fd::AsRawFd;
     let path = lock_path();
     if let Some(dir) = path.parent() {
