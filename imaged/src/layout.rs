@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use joey_shim::image::layout::OciLayout;
-use joey_shim::image::layout::{ANNOTATION_NYDUS_BOOTSTRAP, BOOTSTRAP_IN_LAYER, OS_FEATURE_NYDUS};
+use joey_shim::image::layout::{
+    is_nydus_entry, nydus_bootstrap_layer, BOOTSTRAP_IN_LAYER, OS_FEATURE_NYDUS,
+};
 
 pub struct NydusLayout {
     layout: OciLayout,
@@ -22,12 +24,7 @@ impl NydusLayout {
     pub fn open(layout: OciLayout) -> Result<Self> {
         let shown = layout.dir.display().to_string();
         let candidates = layout.entries()?;
-        let nydus = |e: &serde_json::Value| {
-            e["platform"]["os.features"]
-                .as_array()
-                .is_some_and(|f| f.iter().any(|x| x == OS_FEATURE_NYDUS))
-        };
-        let entry = match candidates.iter().find(|e| nydus(e)) {
+        let entry = match candidates.iter().find(|e| is_nydus_entry(e)) {
             Some(e) => e,
             None if candidates.len() == 1 => &candidates[0],
             None => {
@@ -40,11 +37,7 @@ impl NydusLayout {
             .as_str()
             .context("an index entry without a digest")?;
         let manifest = layout.json_blob(digest)?;
-        let bootstrap_layer = manifest["layers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|l| l["annotations"][ANNOTATION_NYDUS_BOOTSTRAP] == "true")
+        let bootstrap_layer = nydus_bootstrap_layer(&manifest)
             .and_then(|l| l["digest"].as_str())
             .with_context(|| format!("{shown}: manifest {digest} has no Nydus bootstrap layer"))?
             .to_string();

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use base64::Engine as _;
 use joey_shim::image::digest::Digest;
 use joey_shim::image::layout::{
-    ANNOTATION_NYDUS_BLOB, ANNOTATION_NYDUS_BOOTSTRAP, OS_FEATURE_NYDUS,
+    is_nydus_entry, nydus_bootstrap_layer, ANNOTATION_NYDUS_BLOB, ANNOTATION_NYDUS_BOOTSTRAP,
 };
 use joey_shim::image::reference::Reference;
 use joey_shim::image::registry::RegistrySettings;
@@ -44,11 +44,7 @@ pub async fn resolve(
         .with_context(|| shown.clone())?;
     let doc: serde_json::Value = serde_json::from_slice(&bytes)?;
     let (manifest, digest) = if let Some(entries) = doc["manifests"].as_array() {
-        let nydus = entries.iter().find(|e| {
-            e["platform"]["os.features"]
-                .as_array()
-                .is_some_and(|f| f.iter().any(|x| x == OS_FEATURE_NYDUS))
-        });
+        let nydus = entries.iter().find(|e| is_nydus_entry(e));
         let entry = nydus
             .or_else(|| {
                 entries.iter().find(|e| {
@@ -69,11 +65,7 @@ pub async fn resolve(
     } else {
         (doc, digest)
     };
-    let boot: OciDescriptor = manifest["layers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|l| l["annotations"][ANNOTATION_NYDUS_BOOTSTRAP] == "true")
+    let boot: OciDescriptor = nydus_bootstrap_layer(&manifest)
         .map(|l| serde_json::from_value(l.clone()))
         .transpose()?
         .with_context(|| {

@@ -27,6 +27,32 @@ pub const OS_FEATURE_NYDUS: &str = "nydus.remoteimage.v1";
 /// The bootstrap's name in the bootstrap layer's tar.
 pub const BOOTSTRAP_IN_LAYER: &str = "image/image.boot";
 
+/// Whether an index entry names a Nydus manifest (its platform's `os.features` holds
+/// [`OS_FEATURE_NYDUS`]).
+pub fn is_nydus_entry(entry: &serde_json::Value) -> bool {
+    entry["platform"]["os.features"]
+        .as_array()
+        .is_some_and(|f| f.iter().any(|x| x == OS_FEATURE_NYDUS))
+}
+
+/// A Nydus manifest's bootstrap layer (annotated [`ANNOTATION_NYDUS_BOOTSTRAP`]), if
+/// it has one.
+pub fn nydus_bootstrap_layer(manifest: &serde_json::Value) -> Option<&serde_json::Value> {
+    manifest["layers"]
+        .as_array()?
+        .iter()
+        .find(|l| l["annotations"][ANNOTATION_NYDUS_BOOTSTRAP] == "true")
+}
+
+/// Whether a layer descriptor is a Nydus bootstrap layer.
+pub fn is_nydus_bootstrap(layer: &oci_client::manifest::OciDescriptor) -> bool {
+    layer
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_NYDUS_BOOTSTRAP))
+        .is_some_and(|v| v == "true")
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OciLayout {
     pub dir: PathBuf,
@@ -105,6 +131,38 @@ impl OciLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nydus_entries_and_bootstrap_layers_are_recognised() {
+        let entry =
+            serde_json::json!({"platform": {"os": "linux", "os.features": [OS_FEATURE_NYDUS]}});
+        assert!(is_nydus_entry(&entry));
+        assert!(!is_nydus_entry(
+            &serde_json::json!({"platform": {"os": "linux"}})
+        ));
+        let manifest = serde_json::json!({"layers": [
+            {"digest": "sha256:aa", "annotations": {ANNOTATION_NYDUS_BLOB: "true"}},
+            {"digest": "sha256:bb", "annotations": {ANNOTATION_NYDUS_BOOTSTRAP: "true"}},
+        ]});
+        let boot = nydus_bootstrap_layer(&manifest).unwrap();
+        assert_eq!(boot["digest"], "sha256:bb");
+        assert!(nydus_bootstrap_layer(&serde_json::json!({"layers": []})).is_none());
+        let typed: oci_client::manifest::OciDescriptor =
+            serde_json::from_value(serde_json::json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": "sha256:bb", "size": 1,
+                "annotations": {ANNOTATION_NYDUS_BOOTSTRAP: "true"},
+            }))
+            .unwrap();
+        assert!(is_nydus_bootstrap(&typed));
+        let plain: oci_client::manifest::OciDescriptor =
+            serde_json::from_value(serde_json::json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": "sha256:aa", "size": 1,
+            }))
+            .unwrap();
+        assert!(!is_nydus_bootstrap(&plain));
+    }
 
     #[test]
     fn layouts_are_named_by_dir_or_dir_and_tag() {

@@ -345,12 +345,10 @@ pub async fn pull(
     let digest = Digest::parse(&digest)
         .map_err(|e| generic(format!("the registry's manifest digest: {e}")))?;
     // A Nydus image is not pulled: the image service reads it lazily.
-    let is_nydus = manifest.layers.iter().any(|l| {
-        l.annotations
-            .as_ref()
-            .and_then(|a| a.get(super::layout::ANNOTATION_NYDUS_BOOTSTRAP))
-            .is_some_and(|v| v == "true")
-    });
+    let is_nydus = manifest
+        .layers
+        .iter()
+        .any(super::layout::is_nydus_bootstrap);
     if is_nydus {
         let config = ImageConfig::parse(&config).map_err(|source| PullError::Config {
             reference: shown.clone(),

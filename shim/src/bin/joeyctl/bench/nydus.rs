@@ -165,12 +165,7 @@ pub async fn bench_nydus(o: &NydusBenchOptions) -> anyhow::Result<()> {
     let bootstrap = manifest
         .layers
         .iter()
-        .find(|l| {
-            l.annotations.as_ref().is_some_and(|a| {
-                a.get(joey_shim::image::layout::ANNOTATION_NYDUS_BOOTSTRAP)
-                    .is_some_and(|v| v == "true")
-            })
-        })
+        .find(|l| joey_shim::image::layout::is_nydus_bootstrap(l))
         .with_context(|| format!("{lazy}: not a Nydus image"))?;
     let nydus_bytes: i64 = manifest.layers.iter().map(|l| l.size).sum();
     let data_bytes = (nydus_bytes - bootstrap.size).max(1) as f64;
