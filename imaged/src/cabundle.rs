@@ -6,8 +6,6 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
-
 pub struct CaBundle {
     path: PathBuf,
 }
@@ -16,7 +14,10 @@ impl CaBundle {
     /// Writes the system's bundle to `path` and points `SSL_CERT_FILE` at it. Call it
     /// while the process has one thread, before any TLS client exists.
     pub fn install(path: PathBuf) -> Result<Self> {
-        std::fs::write(&path, std::fs::read(SYSTEM_CA_BUNDLE).unwrap_or_default())?;
+        let system = joey_shim::image::registry::system_ca_bundle()
+            .and_then(|f| std::fs::read(f).ok())
+            .unwrap_or_default();
+        std::fs::write(&path, system)?;
         std::env::set_var("SSL_CERT_FILE", &path);
         Ok(CaBundle { path })
     }

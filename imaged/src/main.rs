@@ -38,6 +38,10 @@ enum Cmd {
         /// Exit after this many seconds with no image mounted and no client.
         #[arg(long, env = "JOEY_IMAGED_IDLE_SECS", default_value_t = 5)]
         idle_secs: u64,
+        /// Keep an image no sandbox uses mounted this long (default: the idle time),
+        /// so a sandbox started soon after finds it mounted, its pages cached.
+        #[arg(long, env = "JOEY_IMAGED_KEEP_SECS")]
+        keep_secs: Option<u64>,
     },
     /// Mount a Nydus image read-only at MOUNTPOINT and serve it until the mount goes
     /// away: IMAGE is an OCI image layout (DIR or DIR:TAG) or an image reference
@@ -51,11 +55,6 @@ enum Cmd {
         /// the end).
         #[arg(long)]
         cache_dir: Option<PathBuf>,
-        /// Do not check chunks against their digests as they are fetched: only to
-        /// measure what the check costs (`scripts/bench-chunk-validation`); the
-        /// service always checks.
-        #[arg(long)]
-        no_chunk_validation: bool,
         #[command(flatten)]
         registry: RegistryArgs,
     },
@@ -67,21 +66,18 @@ fn main() {
         Cmd::Serve {
             cache_dir,
             idle_secs,
-        } => service::Service::new(cache_dir)
-            .and_then(|s| s.run(std::time::Duration::from_secs(idle_secs))),
+            keep_secs,
+        } => {
+            let secs = std::time::Duration::from_secs;
+            let keep = secs(keep_secs.unwrap_or(idle_secs));
+            service::Service::new(cache_dir, keep).and_then(|s| s.run(secs(idle_secs)))
+        }
         Cmd::Mount {
             image,
             mountpoint,
             cache_dir,
-            no_chunk_validation,
             registry,
-        } => mount(
-            &image,
-            &mountpoint,
-            cache_dir,
-            &registry,
-            !no_chunk_validation,
-        ),
+        } => mount(&image, &mountpoint, cache_dir, &registry),
     };
     if let Err(e) = r {
         eprintln!("joey-imaged: {e:#}");
@@ -94,7 +90,6 @@ fn mount(
     mountpoint: &Path,
     cache_dir: Option<PathBuf>,
     registry: &RegistryArgs,
-    validate: bool,
 ) -> anyhow::Result<()> {
     let scratch = std::env::temp_dir().join(format!("joey-imaged-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
@@ -119,7 +114,7 @@ fn mount(
             eprintln!("joey-imaged: {r}: Nydus image {}", image.digest);
             (image.bootstrap, registry::backend_config(&r, &settings)?)
         };
-        let fs = rafs::open(&bootstrap, &backend, &cache, validate)?;
+        let (fs, _) = rafs::open(&bootstrap, &backend, &cache)?;
         fuse::serve(Box::new(fs), mountpoint)
     })();
     let _ = std::fs::remove_dir_all(&scratch);

@@ -1,8 +1,19 @@
 //! A RAFS v6 filesystem over a bootstrap, its data blobs read through a nydus-storage
 //! backend (files in a directory, or a registry), chunk by chunk, into a file cache
-//! shared by every image that names the same blob; chunks are validated against their
-//! digests as they enter the cache (RAFS v6 has no validation at the filesystem
-//! level). No prefetch: a read fetches what it needs.
+//! shared by every image that names the same blob (RAFS v6 has no checks at the
+//! filesystem level: they are the cache's).
+//!
+//! What is checked: the bootstrap is fetched whole and checked against its layer's
+//! sha256 before anything is mounted. A chunk whose chunk table carries a CRC32C
+//! checksum (every image `rootfs-builder nydus` makes) is checked against it as it
+//! enters the cache, and read from the cache as it is after that. A chunk without one
+//! is checked against its sha256 digest on every read, cached or not (nydus-storage
+//! has no check on entry only for those). A CRC32C catches corruption, not a registry
+//! that forges data: that takes the digests, and their cost on every read.
+//!
+//! A read fetches what it needs; an image whose bootstrap has a prefetch table
+//! (`rootfs-builder nydus --prefetch`) has the listed files fetched as it is opened,
+//! in reads of up to 1 MiB on worker threads, while the sandbox starts.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -11,6 +22,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use nydus_api::ConfigV2;
 use nydus_rafs::fs::Rafs;
+use nydus_rafs::metadata::RafsSuper;
 
 /// The backend section for blobs that are files named by their digest in `dir`.
 pub fn local_backend(dir: &Path) -> String {
@@ -20,10 +32,52 @@ pub fn local_backend(dir: &Path) -> String {
     )
 }
 
-/// Opens the image of `bootstrap`; `validate` checks each chunk's digest as it enters
-/// the cache (always, when serving sandboxes; `joey-imaged mount
-/// --no-chunk-validation` turns it off to measure what it costs).
-pub fn open(bootstrap: &Path, backend: &str, cache_dir: &Path, validate: bool) -> Result<Rafs> {
+/// Prefetch settings: what the bootstrap's prefetch table lists (nothing if it has
+/// none; never the whole image), by worker threads, in reads of up to 1 MiB.
+const PREFETCH: &str =
+    "enable = true\nthreads_count = 4\nbatch_size = 1048576\nprefetch_all = false";
+
+/// What a bootstrap says about its image's data.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Facts {
+    /// The compressed bytes of its blobs' chunk tables (fetched when it is opened).
+    pub chunk_tables: u64,
+    /// Whether its chunks carry CRC32C checksums (checked as chunks enter the cache).
+    pub crc32: bool,
+}
+
+/// Reads the facts of the bootstrap at `path`.
+pub fn facts(path: &Path) -> Result<Facts> {
+    let config = Arc::new(ConfigV2::default());
+    let (sb, _) = RafsSuper::load_from_file(path, config, false)
+        .with_context(|| format!("load bootstrap {}", path.display()))?;
+    let chunk_tables = sb
+        .superblock
+        .get_blob_infos()
+        .iter()
+        .map(|b| b.meta_ci_compressed_size())
+        .sum();
+    // The builder gives every chunk a checksum or none: the first one tells. The walk
+    // stops (with an error) once it is found.
+    let mut crc32 = None;
+    let _ = sb.walk_directory::<&Path>(sb.superblock.root_ino(), None, &mut |inode, _| {
+        if inode.is_reg() && inode.get_chunk_count() > 0 {
+            crc32 = Some(inode.get_chunk_info(0)?.has_crc32());
+            anyhow::bail!("found");
+        }
+        Ok(())
+    });
+    Ok(Facts {
+        chunk_tables,
+        crc32: crc32.unwrap_or(false),
+    })
+}
+
+/// Opens the image of `bootstrap`, its chunks checked as [`Facts::crc32`] says (see
+/// the module's text); returns it and its facts.
+pub fn open(bootstrap: &Path, backend: &str, cache_dir: &Path) -> Result<(Rafs, Facts)> {
+    let facts = facts(bootstrap)?;
+    let check_every_read = !facts.crc32;
     let config = format!(
         r#"
 version = 2
@@ -31,14 +85,16 @@ id = "joey"
 {backend}
 [cache]
 type = "filecache"
-validate = {validate}
+validate = {check_every_read}
+[cache.prefetch]
+{PREFETCH}
 [cache.filecache]
 work_dir = "{}"
 [rafs]
 mode = "direct"
 batch_size = 0
 [rafs.prefetch]
-enable = false
+{PREFETCH}
 "#,
         cache_dir.display()
     );
@@ -47,5 +103,5 @@ enable = false
         .with_context(|| format!("open bootstrap {}", bootstrap.display()))?;
     rafs.import(reader, None)
         .with_context(|| format!("load bootstrap {}", bootstrap.display()))?;
-    Ok(rafs)
+    Ok((rafs, facts))
 }

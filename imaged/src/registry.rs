@@ -26,17 +26,49 @@ pub struct RemoteImage {
     pub blobs: Vec<String>,
 }
 
-/// Finds `r`'s Nydus manifest and fetches its bootstrap into `dir` (unless an earlier
-/// call did: it is named by the manifest's digest).
+/// The data blobs (hex digests) a Nydus manifest names.
+fn data_blobs(manifest: &serde_json::Value) -> Result<Vec<(String, String)>> {
+    manifest["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["annotations"][ANNOTATION_NYDUS_BLOB] == "true")
+        .map(|l| {
+            let blob = l["digest"].as_str().unwrap_or_default();
+            Ok((blob.to_string(), Digest::parse(blob)?.hex().to_string()))
+        })
+        .collect()
+}
+
+/// `r` from what an earlier [`resolve`] left in `dir`, if `r` names its manifest by
+/// digest: the digest pins the manifest and so the bootstrap, and no registry is asked.
+fn resolved_before(r: &Reference, dir: &Path) -> Option<RemoteImage> {
+    let hex = r.digest.as_ref()?.hex().to_string();
+    let bootstrap = dir.join(format!("{hex}.boot"));
+    let manifest = std::fs::read(dir.join(format!("{hex}.manifest"))).ok()?;
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).ok()?;
+    let blobs = data_blobs(&manifest).ok()?;
+    bootstrap.is_file().then(|| RemoteImage {
+        digest: format!("sha256:{hex}"),
+        bootstrap,
+        blobs: blobs.into_iter().map(|(_, hex)| hex).collect(),
+    })
+}
+
+/// Finds `r`'s Nydus manifest and fetches its bootstrap into `dir`, beside the manifest
+/// (both named by the manifest's digest), unless an earlier call did.
 pub async fn resolve(
     r: &Reference,
     settings: &RegistrySettings,
     dir: &Path,
 ) -> Result<RemoteImage> {
+    if let Some(image) = resolved_before(r, dir) {
+        return Ok(image);
+    }
     let shown = r.to_string();
     let client = settings.client(&r.registry);
     let auth = settings.auth(&r.registry)?;
-    let oref: oci_client::Reference = shown.parse()?;
+    let oref = r.to_oci();
     let accept = [OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE];
     let (bytes, digest) = client
         .pull_manifest_raw(&oref, &auth, &accept)
@@ -55,8 +87,12 @@ pub async fn resolve(
         let d = entry["digest"]
             .as_str()
             .context("an index entry without a digest")?;
-        let by_digest: oci_client::Reference =
-            format!("{}/{}@{d}", r.registry, r.repository).parse()?;
+        let by_digest = Reference {
+            tag: None,
+            digest: Some(Digest::parse(d)?),
+            ..r.clone()
+        }
+        .to_oci();
         let (bytes, digest) = client
             .pull_manifest_raw(&by_digest, &auth, &accept)
             .await
@@ -71,51 +107,78 @@ pub async fn resolve(
         .with_context(|| {
             format!("{shown}: not a Nydus image (no layer annotated {ANNOTATION_NYDUS_BOOTSTRAP})")
         })?;
-    // Every data blob is there: a missing one fails the mount now, not a read later.
-    let mut blobs = Vec::new();
-    for l in manifest["layers"].as_array().into_iter().flatten() {
-        if l["annotations"][ANNOTATION_NYDUS_BLOB] != "true" {
-            continue;
+    let hex = Digest::parse(&digest)?.hex().to_string();
+    let bootstrap = dir.join(format!("{hex}.boot"));
+    let listed = data_blobs(&manifest)?;
+    // Every data blob is there (a missing one fails the mount now, not a read later),
+    // asked while the bootstrap comes.
+    let present = listed.iter().map(|(blob, _)| {
+        let (client, oref, shown) = (&client, &oref, &shown);
+        async move {
+            let there = client
+                .blob_exists(oref, blob)
+                .await
+                .with_context(|| format!("{shown}: ask for blob {blob}"))?;
+            if !there {
+                bail!("{shown}: the registry lacks data blob {blob}");
+            }
+            Ok(())
         }
-        let blob = l["digest"].as_str().unwrap_or_default();
-        blobs.push(Digest::parse(blob)?.hex().to_string());
-        let present = client
-            .blob_exists(&oref, blob)
-            .await
-            .with_context(|| format!("{shown}: ask for blob {blob}"))?;
-        if !present {
-            bail!("{shown}: the registry lacks data blob {blob}");
-        }
+    });
+    let (_, fetched) = tokio::try_join!(
+        futures::future::try_join_all(present),
+        fetch_bootstrap(&client, &oref, &shown, &boot, &bootstrap),
+    )?;
+    // Kept for a later request by digest (see resolved_before), whole or not at all,
+    // before the bootstrap is.
+    let saved = dir.join(format!("{hex}.manifest"));
+    if !saved.is_file() {
+        let partial = saved.with_extension("manifest.partial");
+        std::fs::write(&partial, serde_json::to_vec(&manifest)?)?;
+        std::fs::rename(&partial, &saved)?;
     }
-    // The manifest's digest pins its bootstrap: one fetched before is used again.
-    let bootstrap = dir.join(format!("{}.boot", Digest::parse(&digest)?.hex()));
-    if !bootstrap.is_file() {
-        let d = Digest::parse(&boot.digest)?;
-        let layer = dir.join(format!("{}.tar.gz", d.hex()));
-        let _ = std::fs::remove_file(&layer);
-        joey_shim::image::pull::download_blob(
-            &client,
-            &oref,
-            &boot,
-            &d,
-            &layer,
-            |_| {},
-            &AtomicU64::new(0),
-        )
-        .await
-        .with_context(|| format!("{shown}: bootstrap layer {}", boot.digest))?;
-        // Whole or not at all: renamed into place once written.
-        let partial = bootstrap.with_extension("boot.partial");
-        let extracted = crate::layout::extract_bootstrap(&layer, &partial);
-        let _ = std::fs::remove_file(&layer);
-        extracted?;
-        std::fs::rename(&partial, &bootstrap)?;
+    if fetched {
+        std::fs::rename(bootstrap.with_extension("boot.partial"), &bootstrap)?;
     }
+    let blobs = listed.into_iter().map(|(_, hex)| hex).collect();
     Ok(RemoteImage {
         digest,
         bootstrap,
         blobs,
     })
+}
+
+/// Fetches the bootstrap layer `boot` and extracts its bootstrap to
+/// `<bootstrap>.boot.partial` (renamed into place by the caller), unless `bootstrap`
+/// is there (the manifest's digest, which names it, pins it); returns whether it did.
+async fn fetch_bootstrap(
+    client: &oci_client::Client,
+    oref: &oci_client::Reference,
+    shown: &str,
+    boot: &OciDescriptor,
+    bootstrap: &Path,
+) -> Result<bool> {
+    if bootstrap.is_file() {
+        return Ok(false);
+    }
+    let d = Digest::parse(&boot.digest)?;
+    let layer = bootstrap.with_extension("tar.gz");
+    let _ = std::fs::remove_file(&layer);
+    joey_shim::image::pull::download_blob(
+        client,
+        oref,
+        boot,
+        &d,
+        &layer,
+        |_| {},
+        &AtomicU64::new(0),
+    )
+    .await
+    .with_context(|| format!("{shown}: bootstrap layer {}", boot.digest))?;
+    let extracted =
+        crate::layout::extract_bootstrap(&layer, &bootstrap.with_extension("boot.partial"));
+    let _ = std::fs::remove_file(&layer);
+    extracted.map(|()| true)
 }
 
 /// The nydus-storage `[backend]` section for `r`'s registry.

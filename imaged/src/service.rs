@@ -28,6 +28,8 @@ use crate::{chunks, fuse, rafs, registry, virtiofs};
 /// One mounted image.
 struct Mounted {
     leases: usize,
+    /// Since when no lease holds it (it is unmounted [`Service::keep`] later).
+    unused_since: Option<Instant>,
     dir: PathBuf,
     /// Its data blobs (kept in the chunk cache while it is mounted).
     blobs: Vec<String>,
@@ -57,6 +59,9 @@ struct Wanted {
     image: registry::RemoteImage,
     /// Its manifest digest's hex, which names its directory.
     hex: String,
+    /// When the request came, and how long finding the image took.
+    asked: Instant,
+    resolve: Duration,
 }
 
 impl Wanted {
@@ -76,12 +81,42 @@ struct State {
 
 pub struct Service {
     cache_dir: PathBuf,
+    /// How long an image no lease holds stays mounted.
+    keep: Duration,
     /// The CA bundle the registry backend trusts: the system's, plus every `--ca` a
     /// client has passed.
     ca_bundle: CaBundle,
     state: Mutex<State>,
     /// Serialises mounts: two clients asking for one image mount it once.
     mounting: Mutex<()>,
+}
+
+/// Set by SIGTERM or SIGINT.
+static TERMINATED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_termination(_: libc::c_int) {
+    TERMINATED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Has SIGTERM and SIGINT set [`TERMINATED`] (the accept loop looks at it at least
+/// every 100 ms).
+fn catch_termination() {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { libc::signal(sig, on_termination as *const () as libc::sighandler_t) };
+    }
+}
+
+/// Waits until `listener` has a connection to accept, or `timeout`.
+fn wait_readable(listener: &UnixListener, timeout: Duration) {
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd that lives across the call; an error or EINTR just returns.
+    unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as libc::c_int) };
 }
 
 /// Unmounts what a service that died left under the images directory, and makes sure
@@ -99,11 +134,12 @@ fn prepare_images_dir(dir: &Path) -> Result<()> {
 }
 
 impl Service {
-    pub fn new(cache_dir: PathBuf) -> Result<Arc<Self>> {
+    pub fn new(cache_dir: PathBuf, keep: Duration) -> Result<Arc<Self>> {
         std::fs::create_dir_all(&cache_dir)?;
         let ca_bundle = CaBundle::install(cache_dir.join("ca-bundle.pem"))?;
         Ok(Arc::new(Service {
             cache_dir,
+            keep,
             ca_bundle,
             state: Mutex::new(State {
                 images: HashMap::new(),
@@ -134,6 +170,7 @@ impl Service {
     /// The image a `mount` request names, found in its registry with the request's
     /// settings (its CAs added to the bundle the registry backend trusts).
     fn resolve(&self, request: &serde_json::Value) -> Result<Wanted> {
+        let asked = Instant::now();
         let spec = request["ref"]
             .as_str()
             .context("a mount request without a ref")?;
@@ -170,20 +207,17 @@ impl Service {
             settings,
             image,
             hex,
+            asked,
+            resolve: asked.elapsed(),
         })
     }
 
     /// A RAFS filesystem of the image, its chunks read through the registry backend
     /// into the shared chunk cache.
-    fn open(&self, w: &Wanted) -> Result<nydus_rafs::fs::Rafs> {
+    fn open(&self, w: &Wanted) -> Result<(nydus_rafs::fs::Rafs, rafs::Facts)> {
         let backend = registry::backend_config(&w.r, &w.settings)?;
-        rafs::open(
-            &w.image.bootstrap,
-            &backend,
-            &self.cache_dir.join("blobs"),
-            true,
-        )
-        .with_context(|| format!("{}: open image {}", w.r, w.image.digest))
+        rafs::open(&w.image.bootstrap, &backend, &self.cache_dir.join("blobs"))
+            .with_context(|| format!("{}: open image {}", w.r, w.image.digest))
     }
 
     /// Adds the image to the VM images device served on `socket` (once per VM).
@@ -200,7 +234,7 @@ impl Service {
             }
             vm.device.clone()
         };
-        device.mount(Box::new(self.open(w)?), &w.hex)?;
+        device.mount(Box::new(self.open(w)?.0), &w.hex)?;
         eprintln!(
             "joey-imaged: {}: image {} added to the VM of {}",
             w.r,
@@ -218,11 +252,14 @@ impl Service {
     fn mount_on_host(&self, w: &Wanted) -> Result<(Lease, serde_json::Value)> {
         if let Some(m) = self.state().images.get_mut(&w.hex) {
             m.leases += 1;
+            m.unused_since = None;
             return Ok((Lease::Image(w.hex.clone()), w.reply(&m.dir)));
         }
         let dir = images_dir().join(&w.hex);
         std::fs::create_dir_all(&dir)?;
-        let fs = self.open(w)?;
+        let opening = Instant::now();
+        let (fs, facts) = self.open(w)?;
+        let open = opening.elapsed();
         let served = dir.clone();
         let shown = w.r.to_string();
         let thread = std::thread::spawn(move || {
@@ -239,18 +276,29 @@ impl Service {
                     dir.display()
                 );
             }
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(1));
         }
         eprintln!(
-            "joey-imaged: {}: image {} mounted at {}",
+            "joey-imaged: {}: image {} mounted at {} in {} ms (resolve {} ms, open {} ms; \
+             chunk tables {} bytes; chunks checked {})",
             w.r,
             w.image.digest,
-            dir.display()
+            dir.display(),
+            w.asked.elapsed().as_millis(),
+            w.resolve.as_millis(),
+            open.as_millis(),
+            facts.chunk_tables,
+            if facts.crc32 {
+                "against CRC32C as they enter the cache"
+            } else {
+                "against their digests on every read"
+            },
         );
         self.state().images.insert(
             w.hex.clone(),
             Mounted {
                 leases: 1,
+                unused_since: None,
                 dir: dir.clone(),
                 blobs: w.image.blobs.clone(),
             },
@@ -315,11 +363,37 @@ impl Service {
         }
     }
 
-    /// Ends a lease: the last one on an image unmounts it; a device's ends its VM's
-    /// service.
+    /// Ends a lease: an image the last one ends on is unmounted [`Service::keep`]
+    /// later (see [`Service::unmount_unused`]); a device's ends its VM's service.
     fn release(&self, lease: Lease) {
         self.release_one(lease);
+        self.unmount_unused();
         self.trim_chunks();
+    }
+
+    /// Unmounts the images no lease has held for [`Service::keep`]; returns whether
+    /// it unmounted any.
+    fn unmount_unused(&self) -> bool {
+        let gone: Vec<(String, PathBuf)> = {
+            let mut st = self.state();
+            let due: Vec<String> = st
+                .images
+                .iter()
+                .filter(|(_, m)| m.unused_since.is_some_and(|t| t.elapsed() >= self.keep))
+                .map(|(hex, _)| hex.clone())
+                .collect();
+            due.into_iter()
+                .filter_map(|hex| st.images.remove(&hex).map(|m| (hex, m.dir)))
+                .collect()
+        };
+        for (hex, dir) in &gone {
+            if let Err(e) = detach(dir) {
+                eprintln!("joey-imaged: unmount {}: {e}", dir.display());
+            }
+            let _ = std::fs::remove_dir(dir);
+            eprintln!("joey-imaged: image sha256:{hex} unmounted");
+        }
+        !gone.is_empty()
     }
 
     fn release_one(&self, lease: Lease) {
@@ -331,13 +405,7 @@ impl Service {
                 };
                 m.leases -= 1;
                 if m.leases == 0 {
-                    let dir = m.dir.clone();
-                    st.images.remove(&hex);
-                    if let Err(e) = detach(&dir) {
-                        eprintln!("joey-imaged: unmount {}: {e}", dir.display());
-                    }
-                    let _ = std::fs::remove_dir(&dir);
-                    eprintln!("joey-imaged: image sha256:{hex} unmounted");
+                    m.unused_since = Some(Instant::now());
                 }
             }
             Lease::VmImage(socket, hex) => {
@@ -404,8 +472,10 @@ impl Service {
         self.release(lease);
     }
 
-    /// Serves until idle for `idle` with no image mounted.
+    /// Serves until idle for `idle` with no image mounted, or until SIGTERM or SIGINT,
+    /// on which it unmounts every image (sandboxes still using one lose it) and exits.
     pub fn run(self: Arc<Self>, idle: Duration) -> Result<()> {
+        catch_termination();
         prepare_images_dir(&images_dir())?;
         self.trim_chunks();
         let socket = socket_path();
@@ -423,6 +493,19 @@ impl Service {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e).context("accept"),
+            }
+            if TERMINATED.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = std::fs::remove_file(&socket);
+                let held: Vec<PathBuf> = self.state().images.drain().map(|(_, m)| m.dir).collect();
+                for dir in held {
+                    let _ = detach(&dir);
+                    let _ = std::fs::remove_dir(&dir);
+                }
+                eprintln!("joey-imaged: terminated, images unmounted");
+                return Ok(());
+            }
+            if self.unmount_unused() {
+                self.trim_chunks();
             }
             let quiet = {
                 let st = self.state();
@@ -447,7 +530,7 @@ impl Service {
                 eprintln!("joey-imaged: idle, exiting");
                 return Ok(());
             }
-            std::thread::sleep(Duration::from_millis(20));
+            wait_readable(&listener, Duration::from_millis(100));
         }
     }
 

@@ -72,6 +72,12 @@ enum Cmd {
         /// layers below it, so it is shared only by images with the same lower layers.
         #[arg(long)]
         dedup_across_layers: bool,
+        /// A list of files (absolute paths in the image, one per line) to lay out first
+        /// and record in the bootstrap's prefetch table: the image service fetches them
+        /// in a few large reads as soon as it mounts the image, as Nydus's prefetch
+        /// policy `fs` does. Typically the files a container reads as it starts.
+        #[arg(long, value_name = "FILE")]
+        prefetch: Option<PathBuf>,
         #[command(flatten)]
         registry: joey_shim::image::registry::RegistryArgs,
     },
@@ -115,6 +121,7 @@ fn main() {
             chunk_size,
             compressor,
             dedup_across_layers,
+            prefetch,
             registry,
         } => nydus::run(&nydus::NydusOptions {
             source,
@@ -123,7 +130,9 @@ fn main() {
             build: nydus::build::BuildOptions {
                 chunk_size,
                 compressor,
+                prefetch: Default::default(),
             },
+            prefetch,
             dedup_across_layers,
             registry,
         }),

@@ -201,7 +201,7 @@ pub fn connect_or_start(imaged: &Path, cache_dir: &Path) -> Result<UnixStream, I
                 log: log_path(),
             });
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 

@@ -486,8 +486,9 @@ impl PrivateService {
             .args(["serve", "--cache-dir"])
             .arg(self.dir.join("cache"))
             .env("JOEY_RUNTIME_DIR", self.run_dir())
-            // Killed by the test, not idle.
+            // Killed by the test, not idle; an image no lease holds is unmounted.
             .env("JOEY_IMAGED_IDLE_SECS", "600")
+            .env("JOEY_IMAGED_KEEP_SECS", "0")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

@@ -13,8 +13,8 @@ use nydus_api::ConfigV2;
 use nydus_builder::attributes::Attributes;
 use nydus_builder::{
     ArtifactStorage, BlobManager, BootstrapManager, BuildContext, Builder, ConversionType,
-    DirectoryBuilder, Features, HashChunkDict, Merger, Prefetch, TarballBuilder, Tree,
-    WhiteoutSpec,
+    DirectoryBuilder, Features, HashChunkDict, Merger, Prefetch, PrefetchPolicy, TarballBuilder,
+    Tree, WhiteoutSpec,
 };
 use nydus_rafs::metadata::{RafsSuper, RafsSuperConfig, RafsVersion};
 use nydus_utils::{compress, digest};
@@ -37,11 +37,61 @@ impl Compressor {
 }
 
 /// What every layer of one image is built with.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct BuildOptions {
     /// A power of two from 4 KiB to 16 MiB.
     pub chunk_size: u32,
     pub compressor: Compressor,
+    /// The files read first (a fresh copy per build: building fills it in).
+    pub prefetch: Prefetch,
+}
+
+/// The prefetch list of `path`: absolute paths in the image, one per line (blank
+/// lines and `#` comments skipped). Each layer puts the listed files' data first in
+/// its blob, in the list's order, and the bootstrap's prefetch table names them, so
+/// the image service fetches them in a few large reads as soon as it mounts the
+/// image (`nydus-image create --prefetch-policy fs`).
+pub fn prefetch_list(path: &Path, work: &Path) -> Result<(Prefetch, usize)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let mut paths = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if !line.starts_with('/') || line.split('/').any(|c| c == "..") {
+            bail!(
+                "{}:{}: {line:?} is not an absolute path in the image",
+                path.display(),
+                n + 1
+            );
+        }
+        paths.push(line);
+    }
+    if paths.is_empty() {
+        bail!("{}: no path to prefetch in it", path.display());
+    }
+    // nydus-builder reads the list from standard input only: it is given a file
+    // holding the checked list as standard input for that one call.
+    let list = work.join("prefetch.list");
+    std::fs::write(&list, paths.join("\n") + "\n")?;
+    let file = std::fs::File::open(&list)?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain descriptor calls; fd 0 is restored before returning.
+    let saved = unsafe { libc::dup(0) };
+    if saved < 0 || unsafe { libc::dup2(file.as_raw_fd(), 0) } < 0 {
+        bail!(
+            "redirect standard input: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let prefetch = Prefetch::new(PrefetchPolicy::Fs);
+    // SAFETY: as above.
+    unsafe {
+        libc::dup2(saved, 0);
+        libc::close(saved);
+    }
+    Ok((prefetch.context("read the prefetch list")?, paths.len()))
 }
 
 impl BuildOptions {
@@ -134,7 +184,7 @@ pub fn build_layer(
         WhiteoutSpec::Oci,
         conversion,
         source.to_path_buf(),
-        Prefetch::default(),
+        opts.prefetch.clone(),
         Some(ArtifactStorage::SingleFile(blob.clone())),
         None,
         // The layer's bootstrap travels inside its blob, as nydusify's layers do.
@@ -198,14 +248,21 @@ pub fn build_layer(
 }
 
 /// Merges the layers' bootstraps (bottom first) into `target`, naming each layer's
-/// blob by its digest. `dict` is the bootstrap the top layer was built against, if
-/// any: the lower blobs a layer references through it are not its own.
-pub fn merge(layers: &[LayerBlob], target: &Path, dict: Option<&Path>) -> Result<()> {
+/// blob by its digest, with `prefetch`'s table. `dict` is the bootstrap the top layer
+/// was built against, if any: the lower blobs a layer references through it are not
+/// its own.
+pub fn merge(
+    layers: &[LayerBlob],
+    target: &Path,
+    dict: Option<&Path>,
+    prefetch: &Prefetch,
+) -> Result<()> {
     let config = Arc::new(ConfigV2::default());
     // Blob ids come from `original_blob_ids`, not from the placeholder in each layer.
     config.internal.set_blob_accessible(false);
     let mut ctx = BuildContext {
         configuration: config.clone(),
+        prefetch: prefetch.clone(),
         ..Default::default()
     };
     Merger::merge(

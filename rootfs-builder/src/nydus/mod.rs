@@ -26,6 +26,8 @@ pub struct NydusOptions {
     pub output: Option<PathBuf>,
     pub push: Option<String>,
     pub build: BuildOptions,
+    /// The prefetch list (see [`build::prefetch_list`]).
+    pub prefetch: Option<PathBuf>,
     /// Store a chunk a lower layer already stores only there (nydusify's chunk dict).
     pub dedup_across_layers: bool,
     pub registry: RegistryArgs,
@@ -119,6 +121,11 @@ pub fn run(opts: &NydusOptions) -> Result<()> {
     let work = joey_shim::cache::cache_dir().join(format!("nydus-work-{}", std::process::id()));
     std::fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
     let _work = WorkDir(work.clone());
+    let mut build = opts.build.clone();
+    let mut prefetched = 0;
+    if let Some(list) = &opts.prefetch {
+        (build.prefetch, prefetched) = build::prefetch_list(list, &work)?;
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -156,7 +163,7 @@ pub fn run(opts: &NydusOptions) -> Result<()> {
         };
         let blob = {
             let _ticker = Ticker::start(format!("layer {}/{n}", i + 1));
-            build::build_layer(input, i, &work, &opts.build, dict.as_deref())
+            build::build_layer(input, i, &work, &build, dict.as_deref())
                 .with_context(|| format!("layer {}/{n} ({name})", i + 1))?
         };
         eprintln!(
@@ -178,7 +185,7 @@ pub fn run(opts: &NydusOptions) -> Result<()> {
         layers.push(blob);
         if opts.dedup_across_layers && i + 1 < n {
             let below = work.join(format!("dict-{i}.boot"));
-            build::merge(&layers, &below, dict.as_deref())?;
+            build::merge(&layers, &below, dict.as_deref(), &Default::default())?;
             dict = Some(below);
         }
     }
@@ -192,7 +199,7 @@ pub fn run(opts: &NydusOptions) -> Result<()> {
     } else {
         None
     };
-    build::merge(&layers, &bootstrap, top_dict)?;
+    build::merge(&layers, &bootstrap, top_dict, &build.prefetch)?;
     let stats = build::tree_stats(&bootstrap)?;
 
     // The layout, in the work directory until it is whole.
@@ -238,9 +245,12 @@ pub fn run(opts: &NydusOptions) -> Result<()> {
         mib(blob_bytes),
         image.bootstrap_size as f64 / 1024.0,
         image.layers.last().map_or(0, |b| b.size) as f64 / 1024.0,
-        opts.build.chunk_size / 1024,
-        opts.build.compressor,
+        build.chunk_size / 1024,
+        build.compressor,
     );
+    if prefetched > 0 {
+        println!("  prefetch list: {prefetched} paths, their files first in the blobs");
+    }
     println!(
         "  {elapsed:.1} s, {:.1} MiB/s of file data; manifest {}",
         mib(stats.bytes) / elapsed.max(1e-9),

@@ -152,7 +152,8 @@ fn registry_hint(e: &OciDistributionError) -> &'static str {
 pub struct PulledImage {
     /// `sha256:…` of the image manifest.
     pub digest: String,
-    /// Its cache entry (none for a Nydus image, which is not pulled but served).
+    /// Its cache entry (for a Nydus image, which is not pulled but served, only its
+    /// config and digest).
     pub dir: PathBuf,
     pub config: ImageConfig,
     pub report: PullReport,
@@ -184,10 +185,10 @@ impl PulledImage {
         })?;
         Ok(PulledImage {
             digest,
+            nydus: dir.join(super::store::NYDUS_MARK).is_file(),
             dir,
             config,
             report,
-            nydus: false,
         })
     }
 }
@@ -331,9 +332,7 @@ pub async fn pull(
         .auth(&r.registry)
         .map_err(|e| generic(e.to_string()))?;
     let client = settings.client(&r.registry);
-    let oref: oci_client::Reference = shown
-        .parse()
-        .map_err(|e: oci_client::ParseError| generic(e.to_string()))?;
+    let oref = r.to_oci();
     let mut report = PullReport::default();
     let started = Instant::now();
     let (manifest, digest, config) = client
@@ -350,17 +349,35 @@ pub async fn pull(
         .iter()
         .any(super::layout::is_nydus_bootstrap);
     if is_nydus {
-        let config = ImageConfig::parse(&config).map_err(|source| PullError::Config {
+        // Its entry holds what a run needs besides the data (the config) and marks it
+        // Nydus, so a later run the policy lets use the cache needs no registry.
+        ImageConfig::parse(&config).map_err(|source| PullError::Config {
             reference: shown.clone(),
             source,
         })?;
-        return Ok(PulledImage {
-            digest: digest.to_string(),
-            dir: PathBuf::new(),
-            config,
-            report,
-            nydus: true,
-        });
+        let entry = images.join(digest.hex());
+        if !entry.join("digest").exists() {
+            let scratch = images.join(format!(".pull-{}-{}", digest.hex(), std::process::id()));
+            let mut guard = Scratch(Some(scratch.clone()));
+            std::fs::create_dir_all(&scratch).map_err(|e| cache_err(&scratch, e))?;
+            for (name, text) in [
+                ("config.json", config.as_str()),
+                (super::store::NYDUS_MARK, ""),
+                ("digest", digest.as_str()),
+            ] {
+                let p = scratch.join(name);
+                std::fs::write(&p, text).map_err(|e| cache_err(&p, e))?;
+            }
+            match std::fs::rename(&scratch, &entry) {
+                Ok(()) => guard.0 = None,
+                Err(_) if entry.join("digest").exists() => {}
+                Err(e) => return Err(cache_err(&entry, e)),
+            }
+        }
+        if let Err(e) = super::store::add_ref(&entry, &shown) {
+            tracing::warn!("{}: record the reference: {e}", entry.display());
+        }
+        return PulledImage::load(entry, &shown, report);
     }
     // Every layer is one joey can unpack, named by a well-formed digest.
     let layers = manifest

@@ -100,6 +100,23 @@ impl Reference {
         })
     }
 
+    /// The registry client's form of it, built from the parts: parsing the text again
+    /// would compile the client's reference grammar, about 70 ms per process.
+    pub fn to_oci(&self) -> oci_client::Reference {
+        let (reg, repo) = (self.registry.clone(), self.repository.clone());
+        match (&self.tag, &self.digest) {
+            (Some(t), Some(d)) => {
+                oci_client::Reference::with_tag_and_digest(reg, repo, t.clone(), d.to_string())
+            }
+            (None, Some(d)) => oci_client::Reference::with_digest(reg, repo, d.to_string()),
+            (t, None) => oci_client::Reference::with_tag(
+                reg,
+                repo,
+                t.clone().unwrap_or_else(|| DEFAULT_TAG.to_string()),
+            ),
+        }
+    }
+
     /// What to ask the registry for: the digest if there is one, else the tag.
     pub fn object(&self) -> &str {
         self.digest
@@ -128,6 +145,23 @@ mod tests {
     use super::*;
 
     const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn the_client_form_names_what_the_client_would_parse() {
+        for s in [
+            "busybox",
+            "127.0.0.1:5000/a/b:1.2",
+            &format!("reg.example/x@{D}"),
+            &format!("localhost:5000/y:t@{D}"),
+        ] {
+            let ours = Reference::parse(s).unwrap().to_oci();
+            let theirs: oci_client::Reference = s.parse().unwrap();
+            assert_eq!(ours.registry(), theirs.registry(), "{s}");
+            assert_eq!(ours.repository(), theirs.repository(), "{s}");
+            assert_eq!(ours.tag(), theirs.tag(), "{s}");
+            assert_eq!(ours.digest(), theirs.digest(), "{s}");
+        }
+    }
 
     #[test]
     fn registries_ports_tags_and_digests_are_told_apart() {

@@ -184,22 +184,81 @@ impl RegistrySettings {
         } else {
             vec![]
         };
+        let extra: Vec<Certificate> = self
+            .ca_pems
+            .iter()
+            .flat_map(|p| pem_certificates(p))
+            .collect();
+        // The system's roots, read once per process: left to the TLS library, every
+        // client reads the bundle and every file of /etc/ssl/certs again (tens of
+        // milliseconds each time with a cold page cache). (oci-client still builds a
+        // default TLS client of its own beside each one, which reads them again.)
+        let (only, merged) = match system_roots() {
+            [] => (Vec::new(), extra),
+            system => (system.iter().cloned().chain(extra).collect(), Vec::new()),
+        };
         Client::new(ClientConfig {
             protocol: ClientProtocol::HttpsExcept(plain),
             platform_resolver: Some(Box::new(linux_amd64_resolver)),
-            extra_root_certificates: self
-                .ca_pems
-                .iter()
-                .map(|pem| Certificate {
-                    encoding: CertificateEncoding::Pem,
-                    data: pem.clone(),
-                })
-                .collect(),
+            tls_certs_only: only,
+            extra_root_certificates: merged,
             connect_timeout: Some(CONNECT_TIMEOUT),
             read_timeout: Some(READ_TIMEOUT),
             ..Default::default()
         })
     }
+}
+
+/// The file of the system's trusted CAs: `SSL_CERT_FILE`, else the first bundle of
+/// the usual places that exists (Debian's, Fedora's, Alpine's).
+pub fn system_ca_bundle() -> Option<PathBuf> {
+    if let Some(f) = std::env::var_os("SSL_CERT_FILE").filter(|f| !f.is_empty()) {
+        return Some(PathBuf::from(f));
+    }
+    [
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+        "/etc/ssl/cert.pem",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.is_file())
+}
+
+/// The system's trusted CAs (`SSL_CERT_FILE` and `SSL_CERT_DIR` if set, else the
+/// platform's bundle and directory), loaded once per process; none if none could be
+/// (the TLS library then looks for them itself).
+fn system_roots() -> &'static [Certificate] {
+    static ROOTS: std::sync::OnceLock<Vec<Certificate>> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| {
+        rustls_native_certs::load_native_certs()
+            .certs
+            .into_iter()
+            .map(|c| Certificate {
+                encoding: CertificateEncoding::Der,
+                data: c.to_vec(),
+            })
+            .collect()
+    })
+}
+
+/// Each PEM certificate of `pem` (a bundle holds many; the client takes one per entry).
+pub fn pem_certificates(pem: &[u8]) -> Vec<Certificate> {
+    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+    const END: &str = "-----END CERTIFICATE-----";
+    let text = String::from_utf8_lossy(pem);
+    let mut out = Vec::new();
+    let mut rest = &text[..];
+    while let Some(b) = rest.find(BEGIN) {
+        let Some(e) = rest[b..].find(END) else { break };
+        let end = b + e + END.len();
+        out.push(Certificate {
+            encoding: CertificateEncoding::Pem,
+            data: format!("{}\n", &rest[b..end]).into_bytes(),
+        });
+        rest = &rest[end..];
+    }
+    out
 }
 
 /// `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`, if it exists.
@@ -282,6 +341,19 @@ fn docker_config_credentials(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bundle_gives_one_entry_per_certificate() {
+        let cert = |n: &str| format!("-----BEGIN CERTIFICATE-----\n{n}\n-----END CERTIFICATE-----");
+        let bundle = format!("# a comment\n{}\nnoise\n{}\n", cert("AAAA"), cert("BBBB"));
+        let certs = pem_certificates(bundle.as_bytes());
+        assert_eq!(certs.len(), 2);
+        assert_eq!(
+            String::from_utf8_lossy(&certs[1].data),
+            format!("{}\n", cert("BBBB"))
+        );
+        assert!(pem_certificates(b"no certificate here").is_empty());
+    }
 
     #[test]
     fn loopback_and_listed_registries_use_plain_http() {

@@ -16,6 +16,9 @@ use crate::cache::cache_dir;
 pub const CAP_ENV: &str = "JOEY_IMAGE_CACHE_MAX";
 const DEFAULT_CAP: u64 = 20 << 30;
 
+/// The file that marks a cache entry as a Nydus image's.
+pub const NYDUS_MARK: &str = "nydus";
+
 /// The size cap of joey's image caches: `$JOEY_IMAGE_CACHE_MAX` (bytes), else 20 GiB.
 /// The pulled images' cache and the image service's chunk cache each keep to it.
 pub fn cap() -> u64 {
@@ -35,6 +38,8 @@ pub struct CachedImage {
     pub last_used: SystemTime,
     /// The references it was pulled by.
     pub refs: Vec<String>,
+    /// A Nydus image's entry: its config, no tree (the image service serves it).
+    pub nydus: bool,
 }
 
 /// The image cache: a directory of entries named by manifest digest (`<64 hex>/`,
@@ -161,6 +166,7 @@ impl ImageStore {
                         .lines()
                         .map(str::to_string)
                         .collect(),
+                    nydus: dir.join(NYDUS_MARK).is_file(),
                     dir,
                 })
             })

@@ -68,8 +68,13 @@ pub async fn pull_for_run(
     let pulled = pull(&images, &r, &settings, policy).await?;
     tracing::info!(image = %r, digest = %pulled.digest, nydus = pulled.nydus, report = ?pulled.report, "image ready");
     if pulled.nydus {
+        // The service is asked for the manifest resolved here, not the tag again.
+        let pinned = Reference {
+            digest: Some(joey_shim::image::digest::Digest::parse(&pulled.digest)?),
+            ..r
+        };
         let nydus = NydusImage {
-            reference: r,
+            reference: pinned,
             settings,
         };
         let lease = match in_vm {
@@ -108,9 +113,10 @@ pub fn image(cmd: ImageCmd) {
     let show = |i: &store::CachedImage| {
         let age = i.last_used.elapsed().unwrap_or_default().as_secs();
         format!(
-            "{}  {:>8} KiB  used {age}s ago  {}",
+            "{}  {:>8} KiB{}  used {age}s ago  {}",
             i.digest,
             i.bytes / 1024,
+            if i.nydus { " (Nydus)" } else { "" },
             i.refs.join(" ")
         )
     };

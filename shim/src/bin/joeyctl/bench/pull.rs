@@ -83,7 +83,7 @@ pub(super) async fn floor(
 ) -> anyhow::Result<(Duration, u64)> {
     let client = settings.client(&r.registry);
     let auth = settings.auth(&r.registry)?;
-    let oref: oci_client::Reference = r.to_string().parse()?;
+    let oref = r.to_oci();
     let (manifest, _) = client.pull_image_manifest(&oref, &auth).await?;
     let t = Instant::now();
     let streams = manifest.layers.iter().map(|layer| {
