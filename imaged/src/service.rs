@@ -289,9 +289,9 @@ impl Service {
             open.as_millis(),
             facts.chunk_tables,
             if facts.crc32 {
-                "against CRC32C as they enter the cache"
+                "against their CRC32C"
             } else {
-                "against their digests on every read"
+                "against their digests"
             },
         );
         self.state().images.insert(
@@ -476,6 +476,9 @@ impl Service {
     /// on which it unmounts every image (sandboxes still using one lose it) and exits.
     pub fn run(self: Arc<Self>, idle: Duration) -> Result<()> {
         catch_termination();
+        // The first request finds the TLS roots loaded: a registry client's first
+        // making reads every CA file of the system's.
+        std::thread::spawn(|| drop(RegistrySettings::default().client("localhost")));
         prepare_images_dir(&images_dir())?;
         self.trim_chunks();
         let socket = socket_path();

@@ -75,13 +75,91 @@ pub struct RunArgs {
     cmd: Vec<String>,
 }
 
+/// What a run's image gives it: the process, where its tree is, and what is held
+/// while the container runs.
+struct Prepared {
+    process: ProcessSpec,
+    rootfs: Option<PathBuf>,
+    pulled: Option<joey_shim::image::pull::PulledImage>,
+    nydus: Option<crate::image::NydusImage>,
+    /// Held while the container runs: the image stays (cached or served).
+    _hold: Option<crate::image::Hold>,
+}
+
+/// Pulls the image if one is named (a Nydus image is mounted on the host, unless it is
+/// bound for a VM) and makes the container's process from it and the command line.
+async fn prepare(
+    reference: Option<String>,
+    registry: &RegistryArgs,
+    pull: Option<joey_shim::image::pull::PullPolicy>,
+    in_vm: bool,
+    mut p: ProcessArgs,
+) -> anyhow::Result<Prepared> {
+    let mut prepared = Prepared {
+        process: ProcessSpec::default(),
+        rootfs: p.rootfs.take(),
+        pulled: None,
+        nydus: None,
+        _hold: None,
+    };
+    if let Some(r) = reference {
+        let image = crate::image::pull_for_run(&r, registry, pull.unwrap_or_default(), in_vm)
+            .await?;
+        let pulled = image.pulled;
+        (p.cmd, p.env) = pulled.config.process(&p.cmd, &p.env);
+        p.cwd = p.cwd.or(pulled.config.working_dir.clone());
+        p.user = p.user.or(pulled.config.user.clone());
+        prepared.rootfs = image.rootfs;
+        prepared._hold = image.hold;
+        prepared.nydus = image.nydus;
+        prepared.pulled = Some(pulled);
+    }
+    anyhow::ensure!(
+        !p.cmd.is_empty(),
+        "no command: give one after `--` (or use an image whose config has one)"
+    );
+    let user = p.user.unwrap_or_default();
+    // A user name is looked up in the image's own /etc/passwd: a Nydus image bound
+    // for a VM is then served on this host too (lazily; the chunks it reads are the
+    // VM's to reuse).
+    let lookup = match (&prepared.nydus, &prepared.rootfs) {
+        (Some(n), None) if !user.is_empty() => Some(n.serve(None).await?),
+        _ => None,
+    };
+    let user_root = prepared
+        .rootfs
+        .as_deref()
+        .or(lookup.as_ref().map(|l| l.path.as_path()));
+    let user = joey_shim::user::resolve(&user, user_root)?;
+    drop(lookup);
+    prepared.process = ProcessSpec {
+        args: p.cmd,
+        env: p.env,
+        cwd: p.cwd.unwrap_or_else(|| "/".into()),
+        terminal: p.tty,
+        user,
+    };
+    Ok(prepared)
+}
+
+/// The parts of the command line the container's process is made from.
+struct ProcessArgs {
+    rootfs: Option<PathBuf>,
+    cmd: Vec<String>,
+    env: Vec<String>,
+    cwd: Option<String>,
+    user: Option<String>,
+    tty: bool,
+}
+
 /// `joeyctl run`: pulls the image if one is named, then runs the container in the
-/// sandbox kind asked for; returns the container's exit status.
+/// sandbox kind asked for; returns the container's exit status. A namespace sandbox
+/// starts while the image is pulled or mounted.
 pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
     let RunArgs {
         ns,
         vm: _,
-        mut rootfs,
+        rootfs,
         reference,
         registry,
         pull,
@@ -89,134 +167,97 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
         kernel,
         guest_image,
         memory,
-        mut env,
+        env,
         tty,
-        mut cwd,
-        mut user,
+        cwd,
+        user,
         debug,
-        mut cmd,
+        cmd,
     } = args;
     for e in &env {
         if !e.contains('=') || e.starts_with('=') {
             anyhow::bail!("--env {e:?}: expected K=V");
         }
     }
-    let mut pulled_image = None;
-    // Held while the container runs: the image stays (cached or served).
-    let mut _hold = None;
-    let mut nydus = None;
-    if let Some(r) = reference {
-        let image =
-            crate::image::pull_for_run(&r, &registry, pull.unwrap_or_default(), !ns).await?;
-        let pulled = image.pulled;
-        (cmd, env) = pulled.config.process(&cmd, &env);
-        cwd = cwd.or(pulled.config.working_dir.clone());
-        user = user.or(pulled.config.user.clone());
-        rootfs = image.rootfs;
-        _hold = image.hold;
-        nydus = image.nydus;
-        pulled_image = Some(pulled);
-    }
-    anyhow::ensure!(
-        !cmd.is_empty(),
-        "no command: give one after `--` (or use an image whose config has one)"
-    );
-    let user = user.unwrap_or_default();
-    // A user name is looked up in the image's own /etc/passwd: a Nydus image bound
-    // for a VM is then served on this host too (lazily; the chunks it reads are the
-    // VM's to reuse).
-    let lookup = match (&nydus, &rootfs) {
-        (Some(n), None) if !user.is_empty() => Some(n.serve(None).await?),
-        _ => None,
-    };
-    let user_root = rootfs
-        .as_deref()
-        .or(lookup.as_ref().map(|l| l.path.as_path()));
-    let user = joey_shim::user::resolve(&user, user_root)?;
-    drop(lookup);
-    let process = ProcessSpec {
-        args: cmd,
+    let p = ProcessArgs {
+        rootfs,
+        cmd,
         env,
-        cwd: cwd.unwrap_or_else(|| "/".into()),
-        terminal: tty,
+        cwd,
         user,
+        tty,
     };
-    if !ns {
-        let artifacts = Artifacts::find(kernel.as_deref(), guest_image.as_deref())
-            .map_err(anyhow::Error::msg)?;
-        let (backend, why) = joey_shim::vm::backend::choose(&artifacts);
-        tracing::info!("VM backend {} ({why})", backend.name());
-        if debug {
-            eprintln!("joeyctl: VM backend {} ({why})", backend.name());
-        }
-        let tmp = crate::tempfile_dir()?;
-        let rootfs_image = match (image, rootfs, &pulled_image, &nydus) {
-            (Some(img), _, _, _) => Some(img),
-            // A Nydus image goes to the VM's images device once the VM runs.
-            (None, _, _, Some(_)) => None,
-            // A pulled image's EROFS image is made once and kept in its cache entry.
-            (None, Some(_), Some(pulled), None) => {
-                Some(joey_shim::vm::image::erofs_of_pulled(pulled)?)
-            }
-            (None, Some(dir), None, None) => {
-                let img = tmp.join("rootfs.erofs");
-                joey_shim::vm::image::make_erofs(
-                    &dir,
-                    &img,
-                    joey_shim::vm::image::Compression::None,
-                )?;
-                Some(img)
-            }
-            (None, None, _, None) => anyhow::bail!("--vm needs --rootfs DIR or --image FILE"),
+    if ns {
+        let bins = Binaries::locate().map_err(anyhow::Error::msg)?;
+        let opts = NsOptions {
+            console_to_stderr: debug,
+            log: debug.then(|| "debug".to_string()),
+            sandbox_pidns: false,
         };
-        let opts = VmOptions {
-            kernel: artifacts.kernel,
-            guest_image: artifacts.guest_image,
-            images_fs: rootfs_image.is_none(),
-            rootfs_image,
-            initrd: None,
-            memory_mib: memory,
-            vsock: joey_shim::vm::config::VsockServer::Joey,
-            backend,
-            kernel_args: if debug {
-                vec!["JOEY_LOG=debug".into()]
-            } else {
-                vec![]
-            },
-            quiet: !debug,
-        };
-        let r = run_vm(&opts, nydus.as_ref(), &process, debug).await;
-        let _ = std::fs::remove_dir_all(&tmp);
-        return r;
+        let mut signals = Interrupts::new()?;
+        let (pod, prepared) = signals
+            .unless_interrupted("starting the sandbox and preparing the image", async {
+                let (pod, prepared) = tokio::join!(
+                    Pod::start_ns(&bins, &opts),
+                    prepare(reference, &registry, pull, false, p)
+                );
+                // A failed preparation drops the started sandbox, which kills it.
+                let prepared = prepared?;
+                anyhow::Ok((pod?, prepared))
+            })
+            .await?;
+        let rootfs = prepared
+            .rootfs
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("--ns needs --rootfs DIR"))?;
+        let rootfs = rootfs
+            .canonicalize()
+            .ok()
+            .filter(|p| p.is_dir())
+            .ok_or_else(|| anyhow::anyhow!("rootfs {} is not a directory", rootfs.display()))?;
+        return run_pod(pod, RootfsSource::HostDir(rootfs), &prepared.process, signals).await;
     }
-    let rootfs = rootfs.ok_or_else(|| anyhow::anyhow!("--ns needs --rootfs DIR"))?;
-    let bins = Binaries::locate().map_err(anyhow::Error::msg)?;
-    let ns = NsOptions {
-        console_to_stderr: debug,
-        log: debug.then(|| "debug".to_string()),
-        sandbox_pidns: false,
+    let prepared = prepare(reference, &registry, pull, true, p).await?;
+    let artifacts = Artifacts::find(kernel.as_deref(), guest_image.as_deref())
+        .map_err(anyhow::Error::msg)?;
+    let (backend, why) = joey_shim::vm::backend::choose(&artifacts);
+    tracing::info!("VM backend {} ({why})", backend.name());
+    if debug {
+        eprintln!("joeyctl: VM backend {} ({why})", backend.name());
+    }
+    let tmp = crate::tempfile_dir()?;
+    let rootfs_image = match (image, &prepared.rootfs, &prepared.pulled, &prepared.nydus) {
+        (Some(img), _, _, _) => Some(img),
+        // A Nydus image goes to the VM's images device once the VM runs.
+        (None, _, _, Some(_)) => None,
+        // A pulled image's EROFS image is made once and kept in its cache entry.
+        (None, Some(_), Some(pulled), None) => Some(joey_shim::vm::image::erofs_of_pulled(pulled)?),
+        (None, Some(dir), None, None) => {
+            let img = tmp.join("rootfs.erofs");
+            joey_shim::vm::image::make_erofs(dir, &img, joey_shim::vm::image::Compression::None)?;
+            Some(img)
+        }
+        (None, None, _, None) => anyhow::bail!("--vm needs --rootfs DIR or --image FILE"),
     };
-    run_ns(&bins, &rootfs, &ns, &process).await
-}
-
-/// Runs the container in a namespace sandbox from a host directory; returns its exit
-/// status (128 + signal if it was killed).
-async fn run_ns(
-    bins: &Binaries,
-    rootfs: &Path,
-    ns: &NsOptions,
-    process: &ProcessSpec,
-) -> anyhow::Result<i32> {
-    let rootfs = rootfs
-        .canonicalize()
-        .ok()
-        .filter(|p| p.is_dir())
-        .ok_or_else(|| anyhow::anyhow!("rootfs {} is not a directory", rootfs.display()))?;
-    let mut signals = Interrupts::new()?;
-    let pod = signals
-        .unless_interrupted("starting the sandbox", Pod::start_ns(bins, ns))
-        .await?;
-    run_pod(pod, RootfsSource::HostDir(rootfs), process, signals).await
+    let opts = VmOptions {
+        kernel: artifacts.kernel,
+        guest_image: artifacts.guest_image,
+        images_fs: rootfs_image.is_none(),
+        rootfs_image,
+        initrd: None,
+        memory_mib: memory,
+        vsock: joey_shim::vm::config::VsockServer::Joey,
+        backend,
+        kernel_args: if debug {
+            vec!["JOEY_LOG=debug".into()]
+        } else {
+            vec![]
+        },
+        quiet: !debug,
+    };
+    let r = run_vm(&opts, prepared.nydus.as_ref(), &prepared.process, debug).await;
+    let _ = std::fs::remove_dir_all(&tmp);
+    r
 }
 
 /// Runs the container in a microVM whose rootfs is its `rootfs_image` disk, or the
