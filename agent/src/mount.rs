@@ -31,6 +31,8 @@ pub trait Mounter: Send + Sync {
     fn umount(&self, target: &Path) -> Result<(), MountError>;
     /// Whether something is mounted at `target` in the agent's mount namespace.
     fn is_mounted(&self, target: &Path) -> bool;
+    /// Sets the readahead of the filesystem mounted at `target`, in KiB.
+    fn set_readahead(&self, target: &Path, kb: u32) -> std::io::Result<()>;
 }
 
 /// The real thing: mount(2) and umount2(2).
@@ -64,6 +66,10 @@ impl Mounter for LinuxMounter {
     fn is_mounted(&self, target: &Path) -> bool {
         joey_protocols::mountinfo::is_mount_point(target)
     }
+
+    fn set_readahead(&self, target: &Path, kb: u32) -> std::io::Result<()> {
+        joey_protocols::mountinfo::set_readahead(target, kb)
+    }
 }
 
 /// A test fake that records calls and can be told to fail one target.
@@ -73,6 +79,7 @@ pub struct RecordingMounter {
     pub mounts: Mutex<Vec<MountSpec>>,
     pub umounts: Mutex<Vec<PathBuf>>,
     pub fail_target: Mutex<Option<PathBuf>>,
+    pub readaheads: Mutex<Vec<(PathBuf, u32)>>,
 }
 
 #[cfg(test)]
@@ -99,6 +106,14 @@ impl Mounter for RecordingMounter {
         let n = mounted.iter().filter(|m| m.target == target).count();
         let gone = self.umounts.lock().unwrap();
         n > gone.iter().filter(|t| t.as_path() == target).count()
+    }
+
+    fn set_readahead(&self, target: &Path, kb: u32) -> std::io::Result<()> {
+        self.readaheads
+            .lock()
+            .unwrap()
+            .push((target.to_path_buf(), kb));
+        Ok(())
     }
 }
 

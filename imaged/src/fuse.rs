@@ -35,7 +35,7 @@ pub fn serve(fs: BackFileSystem, mountpoint: &Path) -> Result<()> {
         helpers.push(std::thread::spawn(move || serve_channel(&server, channel)));
     }
     // Once requests are served: finding the mount's device asks it for its root.
-    if let Err(e) = set_readahead(mountpoint) {
+    if let Err(e) = joey_protocols::mountinfo::set_readahead(mountpoint, READAHEAD_KB) {
         eprintln!(
             "joey-imaged: {}: readahead left as it is: {e}",
             mountpoint.display()
@@ -49,21 +49,10 @@ pub fn serve(fs: BackFileSystem, mountpoint: &Path) -> Result<()> {
     Ok(())
 }
 
-/// How far the kernel reads ahead in the mount's files (its bdi's `read_ahead_kb`;
-/// FUSE starts it at 128 KiB): a program mapping a binary from the image faults it in
-/// in fewer, larger reads, several at once on the serving threads.
+/// How far the kernel reads ahead in the mount's files (FUSE starts at 128 KiB): a
+/// program mapping a binary from the image faults it in in fewer, larger reads,
+/// several at once on the serving threads.
 const READAHEAD_KB: u32 = 1024;
-
-fn set_readahead(mountpoint: &Path) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let dev = std::fs::metadata(mountpoint)?.dev();
-    let bdi = format!(
-        "/sys/class/bdi/{}:{}/read_ahead_kb",
-        libc::major(dev),
-        libc::minor(dev)
-    );
-    std::fs::write(&bdi, READAHEAD_KB.to_string()).with_context(|| format!("write {bdi}"))
-}
 
 /// Answers the requests that come on `channel` until the mount goes away.
 fn serve_channel(server: &Server<Arc<Vfs>>, mut channel: FuseChannel) {

@@ -48,6 +48,17 @@ pub struct Facts {
     pub crc32: bool,
 }
 
+impl Facts {
+    /// For the service's log.
+    pub fn describe(&self) -> String {
+        format!(
+            "chunk tables {} bytes; chunks checked against their {}",
+            self.chunk_tables,
+            if self.crc32 { "CRC32C" } else { "digests" }
+        )
+    }
+}
+
 /// Reads the facts of the bootstrap at `path`.
 pub fn facts(path: &Path) -> Result<Facts> {
     let config = Arc::new(ConfigV2::default());

@@ -234,12 +234,16 @@ impl Service {
             }
             vm.device.clone()
         };
-        device.mount(Box::new(self.open(w)?.0), &w.hex)?;
+        let (fs, facts) = self.open(w)?;
+        device.mount(Box::new(fs), &w.hex)?;
         eprintln!(
-            "joey-imaged: {}: image {} added to the VM of {}",
+            "joey-imaged: {}: image {} added to the VM of {} in {} ms (resolve {} ms; {})",
             w.r,
             w.image.digest,
-            socket.display()
+            socket.display(),
+            w.asked.elapsed().as_millis(),
+            w.resolve.as_millis(),
+            facts.describe(),
         );
         if let Some(vm) = self.state().vms.get_mut(&socket) {
             vm.images.insert(w.hex.clone(), (1, w.image.blobs.clone()));
@@ -279,20 +283,14 @@ impl Service {
             std::thread::sleep(Duration::from_millis(1));
         }
         eprintln!(
-            "joey-imaged: {}: image {} mounted at {} in {} ms (resolve {} ms, open {} ms; \
-             chunk tables {} bytes; chunks checked {})",
+            "joey-imaged: {}: image {} mounted at {} in {} ms (resolve {} ms, open {} ms; {})",
             w.r,
             w.image.digest,
             dir.display(),
             w.asked.elapsed().as_millis(),
             w.resolve.as_millis(),
             open.as_millis(),
-            facts.chunk_tables,
-            if facts.crc32 {
-                "against their CRC32C"
-            } else {
-                "against their digests"
-            },
+            facts.describe(),
         );
         self.state().images.insert(
             w.hex.clone(),

@@ -209,22 +209,6 @@ impl RegistrySettings {
     }
 }
 
-/// The file of the system's trusted CAs: `SSL_CERT_FILE`, else the first bundle of
-/// the usual places that exists (Debian's, Fedora's, Alpine's).
-pub fn system_ca_bundle() -> Option<PathBuf> {
-    if let Some(f) = std::env::var_os("SSL_CERT_FILE").filter(|f| !f.is_empty()) {
-        return Some(PathBuf::from(f));
-    }
-    [
-        "/etc/ssl/certs/ca-certificates.crt",
-        "/etc/pki/tls/certs/ca-bundle.crt",
-        "/etc/ssl/cert.pem",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.is_file())
-}
-
 /// The system's trusted CAs (`SSL_CERT_FILE` and `SSL_CERT_DIR` if set, else the
 /// platform's bundle and directory), loaded once per process; none if none could be
 /// (the TLS library then looks for them itself).

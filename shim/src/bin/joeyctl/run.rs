@@ -103,8 +103,8 @@ async fn prepare(
         _hold: None,
     };
     if let Some(r) = reference {
-        let image = crate::image::pull_for_run(&r, registry, pull.unwrap_or_default(), in_vm)
-            .await?;
+        let image =
+            crate::image::pull_for_run(&r, registry, pull.unwrap_or_default(), in_vm).await?;
         let pulled = image.pulled;
         (p.cmd, p.env) = pulled.config.process(&p.cmd, &p.env);
         p.cwd = p.cwd.or(pulled.config.working_dir.clone());
@@ -215,11 +215,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
             .ok()
             .filter(|p| p.is_dir())
             .ok_or_else(|| anyhow::anyhow!("rootfs {} is not a directory", rootfs.display()))?;
-        return run_pod(pod, RootfsSource::HostDir(rootfs), &prepared.process, signals).await;
+        return run_pod(
+            pod,
+            RootfsSource::HostDir(rootfs),
+            &prepared.process,
+            signals,
+        )
+        .await;
     }
     let prepared = prepare(reference, &registry, pull, true, p).await?;
-    let artifacts = Artifacts::find(kernel.as_deref(), guest_image.as_deref())
-        .map_err(anyhow::Error::msg)?;
+    let artifacts =
+        Artifacts::find(kernel.as_deref(), guest_image.as_deref()).map_err(anyhow::Error::msg)?;
     let (backend, why) = joey_shim::vm::backend::choose(&artifacts);
     tracing::info!("VM backend {} ({why})", backend.name());
     if debug {
