@@ -161,6 +161,7 @@ fn main() {
     let tests = joey_tests::tier_tests![
         vm::boot_check_and_clean_end,
         vm::run_output_and_exit_code,
+        vm::the_guest_rng_is_seeded_by_the_host,
         vm::run_image_with_stdin,
         vm::kernel_panic_is_reported,
         vm::missing_agent_is_reported,

@@ -44,6 +44,31 @@ pub async fn run_output_and_exit_code() -> anyhow::Result<()> {
     no_vm_leftovers()
 }
 
+/// The host seeds the guest's random number generator: the VM's hardware RNG is the
+/// virtio-rng device, and the kernel's CRNG is ready by the time a container runs (its
+/// input pool full: 256 bits), so a first getrandom() does not wait for jitter entropy.
+pub async fn the_guest_rng_is_seeded_by_the_host() -> anyhow::Result<()> {
+    let o = run_vm(&[
+        "/bin/sh",
+        "-c",
+        "cat /sys/class/misc/hw_random/rng_current /proc/sys/kernel/random/entropy_avail",
+    ])
+    .await?;
+    ensure!(o.code == 0, "exit {} (stderr {})", o.code, o.stderr);
+    let lines: Vec<&str> = o.stdout.lines().map(str::trim).collect();
+    ensure!(
+        lines.first().is_some_and(|l| l.starts_with("virtio_rng")),
+        "the guest's hardware RNG is not virtio-rng: {:?}",
+        o.stdout
+    );
+    ensure!(
+        lines.get(1) == Some(&"256"),
+        "the guest's entropy is {:?} bits, not 256: its CRNG is not ready",
+        lines.get(1)
+    );
+    no_vm_leftovers()
+}
+
 pub async fn run_image_with_stdin() -> anyhow::Result<()> {
     let image = env().image.display().to_string();
     let input: Vec<u8> = (0..50_000u32).map(|i| b'a' + (i % 26) as u8).collect();

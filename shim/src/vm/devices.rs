@@ -67,6 +67,25 @@ impl Device for Disk {
     }
 }
 
+/// An entropy source (virtio-rng, fed from QEMU's own random number generator), so the
+/// guest's CRNG is seeded as the device comes up rather than when the kernel has
+/// gathered jitter entropy itself (seconds under emulation, which a container's first
+/// getrandom() waits for).
+pub struct Entropy;
+
+impl Device for Entropy {
+    fn qemu_args(&self) -> Vec<String> {
+        [
+            "-object",
+            "rng-builtin,id=entropy",
+            "-device",
+            "virtio-rng-device,rng=entropy",
+        ]
+        .map(String::from)
+        .into()
+    }
+}
+
 /// The serial console, written to a file.
 pub struct SerialConsole {
     pub file: PathBuf,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use joey_protocols::contract::{runtime_dir, AGENT_VSOCK_PORT, INIT_START_MARKER};
 
 use super::config::{cmdline, Backend, VmOptions, VsockServer};
-use super::devices::{BackendSpec, Device, Disk, ImagesFs, SerialConsole, Vsock};
+use super::devices::{BackendSpec, Device, Disk, Entropy, ImagesFs, SerialConsole, Vsock};
 use super::error::VmError;
 use super::service::ServiceLink;
 use crate::addr::AgentAddr;
@@ -221,9 +221,12 @@ impl VmSandbox {
     fn launch(opts: &VmOptions, qemu_bin: &Path, id: String, dir: &Path) -> Result<Self, VmError> {
         let vsock = Vsock::in_dir(dir, opts.vsock, GUEST_CID)?;
         let agent = AgentAddr::Hybrid(vsock.uds.clone(), AGENT_VSOCK_PORT);
-        let mut devices: Vec<Box<dyn Device>> = vec![Box::new(SerialConsole {
-            file: dir.join(CONSOLE_FILE),
-        })];
+        let mut devices: Vec<Box<dyn Device>> = vec![
+            Box::new(SerialConsole {
+                file: dir.join(CONSOLE_FILE),
+            }),
+            Box::new(Entropy),
+        ];
         if opts.initrd.is_none() {
             devices.push(Box::new(Disk {
                 id: "guest",
