@@ -85,9 +85,11 @@ pub async fn a_registry_image_is_read_lazily() -> anyhow::Result<()> {
 /// `joeyctl run --ns --ref` of a Nydus image: the host's image service starts on
 /// demand and serves the image lazily; two containers of it run at once, each with its
 /// own writable layer, from one mount; when they are done the service unmounts the
-/// image and (idle at once here) exits, leaving nothing mounted or running.
+/// image and (idle at once here) exits, leaving nothing mounted or running. Then, with
+/// the registry gone, `--pull never` runs it again from what the host kept (the image's
+/// config, manifest, bootstrap and the chunks read).
 pub async fn a_nydus_image_runs_in_namespace_sandboxes() -> anyhow::Result<()> {
-    let (_reg, reference) = busybox_nydus("nyd-run:1").await?;
+    let (mut reg, reference) = busybox_nydus("nyd-run:1").await?;
     let cache = tempfile::tempdir()?;
     let idle = Path::new("0");
     let run = |tag: &'static str| {
@@ -128,6 +130,36 @@ pub async fn a_nydus_image_runs_in_namespace_sandboxes() -> anyhow::Result<()> {
     })
     .await
     .with_context(|| std::fs::read_to_string(joey_shim::imaged::log_path()).unwrap_or_default())?;
+    reg.stop();
+    let o = run_command_env(
+        &env().joeyctl,
+        &[
+            "run",
+            "--ns",
+            "--pull",
+            "never",
+            "--ref",
+            &reference,
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo offline; ls /bin/busybox",
+        ],
+        &[
+            ("JOEY_CACHE", cache.path()),
+            ("JOEY_IMAGED_IDLE_SECS", idle),
+        ],
+        b"",
+        Duration::from_secs(120),
+    )
+    .await?;
+    ensure!(
+        o.code == 0 && o.stdout == "offline\n/bin/busybox\n",
+        "--pull never with the registry gone: {} {:?} {}",
+        o.code,
+        o.stdout,
+        o.stderr
+    );
     Ok(())
 }
 

@@ -324,6 +324,15 @@ pub async fn bench_nydus(o: &NydusBenchOptions) -> anyhow::Result<()> {
                 let _ = std::fs::remove_dir_all(&base_cache);
                 let _ = std::fs::remove_dir_all(&lazy_cache);
             }
+            // The runs' spread, beside the medians.
+            let range = |v: &[Duration]| {
+                let ms: Vec<f64> = v.iter().map(|d| super::ms(*d)).collect();
+                let (lo, hi) = ms
+                    .iter()
+                    .fold((f64::MAX, 0f64), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+                format!("{lo:.0}-{hi:.0}")
+            };
+            let (lazy_range, baseline_range) = (range(&s.lazy), range(&s.baseline));
             let (b, l) = (median_ms(s.baseline), median_ms(s.lazy));
             let mid = |v: Vec<u64>| super::median(v.into_iter().map(|x| x as f64).collect());
             let lazy_bytes = mid(s.lazy_bytes);
@@ -331,6 +340,7 @@ pub async fn bench_nydus(o: &NydusBenchOptions) -> anyhow::Result<()> {
             let phase = |f: fn(&Phases) -> Duration| median_ms(s.phases.iter().map(f).collect());
             let mut line = format!(
                 "bench-nydus: mode={mode} net={} image_mib={image_mib:.0} lazy_ms={l:.0} baseline_ms={b:.0} floor_ms={:.0} speedup={:.1} \
+                 lazy_range_ms={lazy_range} baseline_range_ms={baseline_range} \
                  baseline_resolve_ms={:.0} baseline_download_ms={:.0} baseline_unpack_ms={:.0} service_start_ms={:.0} \
                  baseline_mib={:.1} lazy_kib={:.0} bootstrap_kib={:.0} chunk_tables_kib={:.0} fetched_pct={:.2}",
                 o.net,
