@@ -72,10 +72,11 @@ enum Cmd {
         /// layers below it, so it is shared only by images with the same lower layers.
         #[arg(long)]
         dedup_across_layers: bool,
-        /// A list of files (absolute paths in the image, one per line) to lay out first
-        /// and record in the bootstrap's prefetch table: the image service fetches them
-        /// in a few large reads as soon as it mounts the image, as Nydus's prefetch
-        /// policy `fs` does. Typically the files a container reads as it starts.
+        /// A list of files (absolute paths in the image, one per line) for the
+        /// bootstrap's prefetch table: the image service fetches them as soon as it
+        /// mounts the image, as Nydus's prefetch policy `fs` does (a directory
+        /// source's blob also holds them first). Typically the files a container reads
+        /// as it starts.
         #[arg(long, value_name = "FILE")]
         prefetch: Option<PathBuf>,
         #[command(flatten)]

@@ -47,10 +47,10 @@ pub struct BuildOptions {
 }
 
 /// The prefetch list of `path`: absolute paths in the image, one per line (blank
-/// lines and `#` comments skipped). Each layer puts the listed files' data first in
-/// its blob, in the list's order, and the bootstrap's prefetch table names them, so
-/// the image service fetches them in a few large reads as soon as it mounts the
-/// image (`nydus-image create --prefetch-policy fs`).
+/// lines and `#` comments skipped). The bootstrap's prefetch table names them, so the
+/// image service fetches them as soon as it mounts the image (`nydus-image create
+/// --prefetch-policy fs`); a directory layer also puts their data first in its blob,
+/// in the list's order (nydus-builder keeps a tar layer's order).
 pub fn prefetch_list(path: &Path, work: &Path) -> Result<(Prefetch, usize)> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
     let mut paths = Vec::new();

@@ -249,7 +249,7 @@ pub fn run(opts: &NydusOptions) -> Result<()> {
         build.compressor,
     );
     if prefetched > 0 {
-        println!("  prefetch list: {prefetched} paths, their files first in the blobs");
+        println!("  prefetch list: {prefetched} paths in the bootstrap's prefetch table");
     }
     println!(
         "  {elapsed:.1} s, {:.1} MiB/s of file data; manifest {}",
