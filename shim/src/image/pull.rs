@@ -196,6 +196,25 @@ impl PulledImage {
 /// Removes a half-made cache entry unless it was kept.
 struct Scratch(Option<PathBuf>);
 
+impl Scratch {
+    /// Writes `files` into the scratch entry (its `digest` last), then renames it into
+    /// place as `entry`; if another pull of the same image finished first, its entry
+    /// stays and this one is removed.
+    fn commit(mut self, entry: &Path, files: &[(&str, &str)]) -> Result<(), (PathBuf, io::Error)> {
+        let scratch = self.0.clone().unwrap_or_default();
+        for (name, text) in files {
+            let p = scratch.join(name);
+            std::fs::write(&p, text).map_err(|e| (p, e))?;
+        }
+        match std::fs::rename(&scratch, entry) {
+            Ok(()) => self.0 = None,
+            Err(_) if entry.join("digest").exists() => {}
+            Err(e) => return Err((entry.to_path_buf(), e)),
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Scratch {
     fn drop(&mut self) {
         if let Some(p) = self.0.take() {
@@ -358,21 +377,16 @@ pub async fn pull(
         let entry = images.join(digest.hex());
         if !entry.join("digest").exists() {
             let scratch = images.join(format!(".pull-{}-{}", digest.hex(), std::process::id()));
-            let mut guard = Scratch(Some(scratch.clone()));
+            let guard = Scratch(Some(scratch.clone()));
             std::fs::create_dir_all(&scratch).map_err(|e| cache_err(&scratch, e))?;
-            for (name, text) in [
+            let files = [
                 ("config.json", config.as_str()),
                 (super::store::NYDUS_MARK, ""),
                 ("digest", digest.as_str()),
-            ] {
-                let p = scratch.join(name);
-                std::fs::write(&p, text).map_err(|e| cache_err(&p, e))?;
-            }
-            match std::fs::rename(&scratch, &entry) {
-                Ok(()) => guard.0 = None,
-                Err(_) if entry.join("digest").exists() => {}
-                Err(e) => return Err(cache_err(&entry, e)),
-            }
+            ];
+            guard
+                .commit(&entry, &files)
+                .map_err(|(p, e)| cache_err(&p, e))?;
         }
         if let Err(e) = super::store::add_ref(&entry, &shown) {
             tracing::warn!("{}: record the reference: {e}", entry.display());
@@ -421,7 +435,7 @@ pub async fn pull(
             }
         }
         let scratch = images.join(format!("{prefix}{}", std::process::id()));
-        let mut guard = Scratch(Some(scratch.clone()));
+        let guard = Scratch(Some(scratch.clone()));
         let rootfs = scratch.join("rootfs");
         let layers_dir = scratch.join("layers");
         for d in [&rootfs, &layers_dir] {
@@ -435,19 +449,13 @@ pub async fn pull(
         };
         fetch.run(&rootfs, &layers_dir, &mut report).await?;
         let _ = std::fs::remove_dir(&layers_dir);
-        for (name, text) in [
+        let files = [
             ("config.json", config.as_str()),
             ("digest", digest.as_str()),
-        ] {
-            let p = scratch.join(name);
-            std::fs::write(&p, text).map_err(|e| cache_err(&p, e))?;
-        }
-        match std::fs::rename(&scratch, &entry) {
-            Ok(()) => guard.0 = None,
-            // Another pull of the same image finished first: use its entry.
-            Err(_) if entry.join("digest").exists() => {}
-            Err(e) => return Err(cache_err(&entry, e)),
-        }
+        ];
+        guard
+            .commit(&entry, &files)
+            .map_err(|(p, e)| cache_err(&p, e))?;
     }
     drop(_pulling);
     let _ = std::fs::remove_file(&lock_path);
