@@ -20,6 +20,8 @@ use oci_client::manifest::{OciDescriptor, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_
 pub struct RemoteImage {
     /// `sha256:…` of its manifest.
     pub digest: String,
+    /// Its image config (JSON), which a run takes its defaults from.
+    pub config: String,
     /// The bootstrap, on disk.
     pub bootstrap: PathBuf,
     /// Its data blobs (hex digests, which name their files in the chunk cache).
@@ -40,16 +42,35 @@ fn data_blobs(manifest: &serde_json::Value) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
+/// The image a manifest names is not a Nydus image (the client pulls it itself).
+#[derive(Debug)]
+pub struct NotNydus(pub String);
+
+impl std::fmt::Display for NotNydus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: not a Nydus image (no layer annotated {ANNOTATION_NYDUS_BOOTSTRAP})",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for NotNydus {}
+
 /// `r` from what an earlier [`resolve`] left in `dir`, if `r` names its manifest by
-/// digest: the digest pins the manifest and so the bootstrap, and no registry is asked.
+/// digest: the digest pins the manifest and so its config and bootstrap, and no
+/// registry is asked.
 fn resolved_before(r: &Reference, dir: &Path) -> Option<RemoteImage> {
     let hex = r.digest.as_ref()?.hex().to_string();
     let bootstrap = dir.join(format!("{hex}.boot"));
     let manifest = std::fs::read(dir.join(format!("{hex}.manifest"))).ok()?;
     let manifest: serde_json::Value = serde_json::from_slice(&manifest).ok()?;
+    let config = std::fs::read_to_string(dir.join(format!("{hex}.config"))).ok()?;
     let blobs = data_blobs(&manifest).ok()?;
     bootstrap.is_file().then(|| RemoteImage {
         digest: format!("sha256:{hex}"),
+        config,
         bootstrap,
         blobs: blobs.into_iter().map(|(_, hex)| hex).collect(),
     })
@@ -104,9 +125,9 @@ pub async fn resolve(
     let boot: OciDescriptor = nydus_bootstrap_layer(&manifest)
         .map(|l| serde_json::from_value(l.clone()))
         .transpose()?
-        .with_context(|| {
-            format!("{shown}: not a Nydus image (no layer annotated {ANNOTATION_NYDUS_BOOTSTRAP})")
-        })?;
+        .ok_or_else(|| NotNydus(shown.clone()))?;
+    let config_desc: OciDescriptor = serde_json::from_value(manifest["config"].clone())
+        .with_context(|| format!("{shown}: the manifest's config"))?;
     let hex = Digest::parse(&digest)?.hex().to_string();
     let bootstrap = dir.join(format!("{hex}.boot"));
     let listed = data_blobs(&manifest)?;
@@ -125,10 +146,13 @@ pub async fn resolve(
             Ok(())
         }
     });
-    let (_, fetched) = tokio::try_join!(
+    let config_file = dir.join(format!("{hex}.config"));
+    let (_, fetched, ()) = tokio::try_join!(
         futures::future::try_join_all(present),
         fetch_bootstrap(&client, &oref, &shown, &boot, &bootstrap),
+        fetch_config(&client, &oref, &shown, &config_desc, &config_file),
     )?;
+    let config = std::fs::read_to_string(&config_file)?;
     // Kept for a later request by digest (see resolved_before), whole or not at all,
     // before the bootstrap is.
     let saved = dir.join(format!("{hex}.manifest"));
@@ -143,6 +167,7 @@ pub async fn resolve(
     let blobs = listed.into_iter().map(|(_, hex)| hex).collect();
     Ok(RemoteImage {
         digest,
+        config,
         bootstrap,
         blobs,
     })
@@ -179,6 +204,36 @@ async fn fetch_bootstrap(
         crate::layout::extract_bootstrap(&layer, &bootstrap.with_extension("boot.partial"));
     let _ = std::fs::remove_file(&layer);
     extracted.map(|()| true)
+}
+
+/// Fetches the image config `desc` into `file` (checked against its digest, renamed
+/// into place whole), unless it is there.
+async fn fetch_config(
+    client: &oci_client::Client,
+    oref: &oci_client::Reference,
+    shown: &str,
+    desc: &OciDescriptor,
+    file: &Path,
+) -> Result<()> {
+    if file.is_file() {
+        return Ok(());
+    }
+    let d = Digest::parse(&desc.digest)?;
+    let partial = file.with_extension("config.partial");
+    let _ = std::fs::remove_file(&partial);
+    joey_shim::image::pull::download_blob(
+        client,
+        oref,
+        desc,
+        &d,
+        &partial,
+        |_| {},
+        &AtomicU64::new(0),
+    )
+    .await
+    .with_context(|| format!("{shown}: image config {}", desc.digest))?;
+    std::fs::rename(&partial, file)?;
+    Ok(())
 }
 
 /// The nydus-storage `[backend]` section for `r`'s registry.

@@ -65,9 +65,9 @@ struct Wanted {
 }
 
 impl Wanted {
-    /// The reply to the request: the image's digest and `path`.
+    /// The reply to the request: the image's digest, its config and `path`.
     fn reply(&self, path: &Path) -> serde_json::Value {
-        serde_json::json!({"digest": self.image.digest, "path": path})
+        serde_json::json!({"digest": self.image.digest, "config": self.image.config, "path": path})
     }
 }
 
@@ -456,10 +456,12 @@ impl Service {
                 lease
             }
             Err(e) => {
+                // An ordinary image is the client's to pull: it is told apart.
+                let not_nydus = e.downcast_ref::<registry::NotNydus>().is_some();
                 let _ = writeln!(
                     conn,
                     "{}",
-                    serde_json::json!({"ok": false, "error": format!("{e:#}")})
+                    serde_json::json!({"ok": false, "error": format!("{e:#}"), "not_nydus": not_nydus})
                 );
                 return;
             }

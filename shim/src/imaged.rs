@@ -4,8 +4,9 @@
 //!
 //! The protocol is one JSON object per line. A client sends
 //! `{"op": "mount", "ref": REF, "insecure": [...], "ca_pems": [...], "creds": "U:P"}`
-//! and gets `{"ok": true, "digest": "sha256:…", "path": DIR}` or
-//! `{"ok": false, "error": TEXT}`. The connection is the lease: the image stays
+//! and gets `{"ok": true, "digest": "sha256:…", "config": JSON, "path": DIR}` or
+//! `{"ok": false, "error": TEXT, "not_nydus": BOOL}` (`not_nydus`: REF is an ordinary
+//! image, for the client to pull). The connection is the lease: the image stays
 //! mounted at DIR (shared by every lease of the same image) until the last
 //! connection holding it closes, which a client that dies does too.
 //!
@@ -86,12 +87,16 @@ pub enum ImagedError {
     Io(#[from] std::io::Error),
     #[error("the image service: {0}")]
     Refused(String),
+    #[error("{0}")]
+    NotNydus(String),
 }
 
 /// A mounted image, held for as long as this value lives. `path` is its directory on
 /// the host, or, for an image in a VM's images device, in the guest.
 pub struct Lease {
     pub digest: String,
+    /// The image's config (JSON).
+    pub config: String,
     pub path: PathBuf,
     conn: UnixStream,
     on_host: bool,
@@ -217,14 +222,21 @@ fn request(
     let reply: serde_json::Value = serde_json::from_str(&line)
         .map_err(|_| ImagedError::Refused(format!("an unreadable reply {line:?}")))?;
     if reply["ok"] != true {
-        return Err(ImagedError::Refused(
-            reply["error"]
-                .as_str()
-                .unwrap_or("no reason given")
-                .to_string(),
-        ));
+        let why = reply["error"]
+            .as_str()
+            .unwrap_or("no reason given")
+            .to_string();
+        return Err(match reply["not_nydus"] == true {
+            true => ImagedError::NotNydus(why),
+            false => ImagedError::Refused(why),
+        });
     }
     Ok(reply)
+}
+
+/// Connects to the host's service if one runs (without starting one).
+pub fn connect_running() -> Option<UnixStream> {
+    UnixStream::connect(socket_path()).ok()
 }
 
 /// Connects to the host's service, starting joey's `joey-imaged` (see
@@ -264,6 +276,7 @@ pub fn mount(
     let path = PathBuf::from(reply["path"].as_str().unwrap_or_default());
     Ok(Lease {
         digest: reply["digest"].as_str().unwrap_or_default().to_string(),
+        config: reply["config"].as_str().unwrap_or_default().to_string(),
         // The device is mounted in the guest at GUEST_IMAGES_DIR.
         path: match vm {
             Some(_) => Path::new(joey_protocols::contract::GUEST_IMAGES_DIR)

@@ -368,30 +368,7 @@ pub async fn pull(
         .iter()
         .any(super::layout::is_nydus_bootstrap);
     if is_nydus {
-        // Its entry holds what a run needs besides the data (the config) and marks it
-        // Nydus, so a later run the policy lets use the cache needs no registry.
-        ImageConfig::parse(&config).map_err(|source| PullError::Config {
-            reference: shown.clone(),
-            source,
-        })?;
-        let entry = images.join(digest.hex());
-        if !entry.join("digest").exists() {
-            let scratch = images.join(format!(".pull-{}-{}", digest.hex(), std::process::id()));
-            let guard = Scratch(Some(scratch.clone()));
-            std::fs::create_dir_all(&scratch).map_err(|e| cache_err(&scratch, e))?;
-            let files = [
-                ("config.json", config.as_str()),
-                (super::store::NYDUS_MARK, ""),
-                ("digest", digest.as_str()),
-            ];
-            guard
-                .commit(&entry, &files)
-                .map_err(|(p, e)| cache_err(&p, e))?;
-        }
-        if let Err(e) = super::store::add_ref(&entry, &shown) {
-            tracing::warn!("{}: record the reference: {e}", entry.display());
-        }
-        return PulledImage::load(entry, &shown, report);
+        return record_nydus(store, &shown, &digest, &config, report);
     }
     // Every layer is one joey can unpack, named by a well-formed digest.
     let layers = manifest
@@ -467,6 +444,48 @@ pub async fn pull(
         let _ = std::os::unix::fs::symlink(digest.hex(), images.join(d.hex()));
     }
     PulledImage::load(entry, &shown, report)
+}
+
+/// Records a Nydus image in `store` (it is not pulled: the image service reads it
+/// lazily): its entry holds what a run needs besides the data (the config), marks it
+/// Nydus and names `shown`, so a later run the policy lets use the cache needs no
+/// registry.
+pub fn record_nydus(
+    store: &ImageStore,
+    shown: &str,
+    digest: &Digest,
+    config: &str,
+    report: PullReport,
+) -> Result<PulledImage, PullError> {
+    let cache_err = |path: &Path, source| PullError::Cache {
+        reference: shown.to_string(),
+        path: path.to_path_buf(),
+        source,
+    };
+    ImageConfig::parse(config).map_err(|source| PullError::Config {
+        reference: shown.to_string(),
+        source,
+    })?;
+    let images = store.root();
+    let entry = images.join(digest.hex());
+    if !entry.join("digest").exists() {
+        std::fs::create_dir_all(images).map_err(|e| cache_err(images, e))?;
+        let scratch = images.join(format!(".pull-{}-{}", digest.hex(), std::process::id()));
+        let guard = Scratch(Some(scratch.clone()));
+        std::fs::create_dir_all(&scratch).map_err(|e| cache_err(&scratch, e))?;
+        let files = [
+            ("config.json", config),
+            (super::store::NYDUS_MARK, ""),
+            ("digest", digest.as_str()),
+        ];
+        guard
+            .commit(&entry, &files)
+            .map_err(|(p, e)| cache_err(&p, e))?;
+    }
+    if let Err(e) = super::store::add_ref(&entry, shown) {
+        tracing::warn!("{}: record the reference: {e}", entry.display());
+    }
+    PulledImage::load(entry, shown, report)
 }
 
 /// Downloads blob `layer` of `oref` into the file at `path` (appending), checking its

@@ -53,9 +53,64 @@ pub struct RunImage {
     pub nydus: Option<NydusImage>,
 }
 
+/// For a namespace sandbox, when the registry is to be asked and the host's image
+/// service runs: has the service resolve `r` and, if it is a Nydus image, mount it
+/// (its TLS roots and registry connections are warm, joeyctl's are not). None if no
+/// service runs, the image is an ordinary one, or the service failed: the caller then
+/// pulls as usual (and reports any failure its own way).
+async fn served_by_running_service(
+    r: &Reference,
+    settings: &RegistrySettings,
+    images: &ImageStore,
+) -> anyhow::Result<Option<RunImage>> {
+    let Some(conn) = joey_shim::imaged::connect_running() else {
+        return Ok(None);
+    };
+    let started = std::time::Instant::now();
+    let (shown, s, registry) = (r.to_string(), settings.clone(), r.registry.clone());
+    let lease = tokio::task::spawn_blocking(move || {
+        joey_shim::imaged::mount(conn, &shown, &s, &registry, None)
+    })
+    .await?;
+    let lease = match lease {
+        Ok(lease) => lease,
+        Err(e) => {
+            tracing::debug!("{r}: not served by the running image service: {e}");
+            return Ok(None);
+        }
+    };
+    let report = joey_shim::image::pull::PullReport {
+        resolve: started.elapsed(),
+        ..Default::default()
+    };
+    let digest = joey_shim::image::digest::Digest::parse(&lease.digest)?;
+    let pulled = joey_shim::image::pull::record_nydus(
+        images,
+        &r.to_string(),
+        &digest,
+        &lease.config,
+        report,
+    )?;
+    tracing::info!(image = %r, digest = %pulled.digest, report = ?pulled.report, "Nydus image served by the running image service");
+    let pinned = Reference {
+        digest: Some(digest),
+        ..r.clone()
+    };
+    Ok(Some(RunImage {
+        rootfs: Some(lease.path.clone()),
+        hold: Some(Hold::Served(lease)),
+        pulled,
+        nydus: Some(NydusImage {
+            reference: pinned,
+            settings: settings.clone(),
+        }),
+    }))
+}
+
 /// Pulls `reference` (as `policy` allows) for a run; a Nydus image is not pulled but
 /// served by the host's image service, which fetches its chunks as they are read:
 /// mounted on the host for a namespace sandbox, left to the VM (`in_vm`) otherwise.
+/// With a namespace sandbox and a running service, the service is asked first.
 pub async fn pull_for_run(
     reference: &str,
     opts: &RegistryArgs,
@@ -65,6 +120,16 @@ pub async fn pull_for_run(
     let r = Reference::parse(reference)?;
     let settings = opts.settings(&r.registry)?;
     let images = ImageStore::default();
+    let asks_registry = match policy {
+        PullPolicy::Always => true,
+        PullPolicy::Default => r.digest.is_none(),
+        PullPolicy::Missing | PullPolicy::Never => false,
+    };
+    if asks_registry && !in_vm {
+        if let Some(image) = served_by_running_service(&r, &settings, &images).await? {
+            return Ok(image);
+        }
+    }
     let pulled = pull(&images, &r, &settings, policy).await?;
     tracing::info!(image = %r, digest = %pulled.digest, nydus = pulled.nydus, report = ?pulled.report, "image ready");
     if pulled.nydus {
