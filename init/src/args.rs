@@ -9,12 +9,15 @@ pub const USAGE: &str = "\
 joey-init: PID 1 of a joey sandbox
 
 Usage: joey-init [--sandbox vm|ns] [--agent PATH] [--agent-addr ADDR] [--guest-dir DIR]
+                 [--images-dir DIR]
 
   --sandbox vm|ns     where init runs: PID 1 of a microVM (default) or of host namespaces
   --agent PATH        the agent binary (default /usr/bin/joey-agent; in a VM,
                       JOEY_AGENT_PATH=... on the kernel command line sets it)
   --agent-addr ADDR   the agent's address (default vsock://-1:1024)
   --guest-dir DIR     a private tmpfs for the agent's state (default /run/joey)
+  --images-dir DIR    ns: the host's images directory, kept a slave of the host's
+                      (default /run/joey/images)
   --help, --version
 ";
 
@@ -24,6 +27,9 @@ pub struct Args {
     pub agent: PathBuf,
     pub agent_addr: String,
     pub guest_dir: PathBuf,
+    /// In a namespace sandbox: the host's images directory, whose mounts keep reaching
+    /// the sandbox.
+    pub images_dir: PathBuf,
 }
 
 /// What the command line asks for.
@@ -45,6 +51,7 @@ impl Args {
                 .into(),
             agent_addr: AGENT_DEFAULT_ADDR.into(),
             guest_dir: RUNTIME_DIR.into(),
+            images_dir: joey_protocols::contract::images_dir(),
         }
     }
 }
@@ -72,6 +79,7 @@ pub fn parse<I: IntoIterator<Item = String>>(
             "--agent" => args.agent = value()?.into(),
             "--agent-addr" => args.agent_addr = value()?,
             "--guest-dir" => args.guest_dir = value()?.into(),
+            "--images-dir" => args.images_dir = value()?.into(),
             "-h" | "--help" => return Ok(Parsed::Help),
             "-V" | "--version" => return Ok(Parsed::Version),
             _ => return Err(format!("unexpected argument {a:?}")),
@@ -111,6 +119,8 @@ mod tests {
                 "--agent-addr",
                 "unix:///s",
                 "--guest-dir=/g",
+                "--images-dir",
+                "/i",
             ],
             Some("/env"),
         ) else {
@@ -123,6 +133,7 @@ mod tests {
                 agent: "/a".into(),
                 agent_addr: "unix:///s".into(),
                 guest_dir: "/g".into(),
+                images_dir: "/i".into(),
             }
         );
     }

@@ -83,7 +83,7 @@ fn main() {
 fn run(mode: Mode, args: &Args) -> anyhow::Result<i32> {
     signals::block()?;
     if mode == Mode::Namespace {
-        mounts::make_private(&joey_protocols::contract::images_dir())?;
+        mounts::make_private(&args.images_dir)?;
     }
     mounts::apply(&mounts::plan(mode, &args.guest_dir))?;
     if let Err(e) = mounts::loopback_up() {

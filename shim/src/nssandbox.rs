@@ -141,6 +141,9 @@ impl NsSandbox {
             cstr(format!("unix://{}", sock.display()))?,
             cstr("--guest-dir")?,
             cstr(dir.join("guest"))?,
+            // Init does not see $JOEY_RUNTIME_DIR: it is told where the images are.
+            cstr("--images-dir")?,
+            cstr(crate::imaged::images_dir())?,
         ];
         let mut envp = vec![cstr(
             "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",

@@ -163,6 +163,79 @@ pub async fn a_nydus_image_runs_in_namespace_sandboxes() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// With the host's image service running, `joeyctl run --ns --ref TAG` has the service
+/// resolve the tag: it mounts the Nydus image it names (asked by the tag, not by a
+/// digest joeyctl resolved) and returns its config, whose command runs. An ordinary
+/// image named while the service runs is still pulled by joeyctl, and runs.
+pub async fn a_running_service_resolves_the_tag() -> anyhow::Result<()> {
+    let (reg, reference) = busybox_nydus("by-service:1").await?;
+    let tmp = tempfile::tempdir()?;
+    let service = PrivateService::new(tmp.path(), &[]);
+    let mut child = service.start()?;
+    let r = async {
+        let socket = service.run_dir().join("imaged.sock");
+        joey_tests::wait_until("the service's socket", Duration::from_secs(10), || {
+            socket.exists()
+        })
+        .await?;
+        let plain = serde_json::json!({"Cmd": ["/bin/echo", "from", "the", "config"]});
+        reg.push(&env().rootfs, "plain:1", plain).await?;
+        let run_dir = service.run_dir();
+        let cache = tmp.path().join("joey");
+        // The Nydus image's config has no command: one is given.
+        let o = run_command_env(
+            &env().joeyctl,
+            &[
+                "run",
+                "--ns",
+                "--ref",
+                &reference,
+                "--",
+                "/bin/echo",
+                "served",
+            ],
+            &[("JOEY_CACHE", &cache), ("JOEY_RUNTIME_DIR", &run_dir)],
+            b"",
+            Duration::from_secs(120),
+        )
+        .await?;
+        ensure!(
+            o.code == 0 && o.stdout == "served\n",
+            "the Nydus image: {} {:?} {}",
+            o.code,
+            o.stdout,
+            o.stderr
+        );
+        ensure!(
+            service
+                .log()
+                .contains(&format!("{reference}: image sha256:")),
+            "the service did not mount the image by its tag: {}",
+            service.log()
+        );
+        let o = run_command_env(
+            &env().joeyctl,
+            &["run", "--ns", "--ref", &format!("{}/plain:1", reg.addr)],
+            &[("JOEY_CACHE", &cache), ("JOEY_RUNTIME_DIR", &run_dir)],
+            b"",
+            Duration::from_secs(120),
+        )
+        .await?;
+        ensure!(
+            o.code == 0 && o.stdout == "from the config\n",
+            "the ordinary image: {} {:?} {}",
+            o.code,
+            o.stdout,
+            o.stderr
+        );
+        Ok(())
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    r
+}
+
 /// An image the service mounts after a namespace sandbox started still reaches it:
 /// the images directory stays a slave of the host's in the sandbox, and a container
 /// created afterwards runs from it.

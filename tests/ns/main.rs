@@ -56,6 +56,7 @@ fn main() {
         nydus::a_push_cut_half_way_leaves_no_tag,
         imaged::a_registry_image_is_read_lazily,
         imaged::a_nydus_image_runs_in_namespace_sandboxes,
+        imaged::a_running_service_resolves_the_tag,
         imaged::concurrent_readers_fetch_each_chunk_once,
         imaged::reads_fail_at_once_when_the_service_dies,
         imaged::the_chunk_cache_keeps_to_the_cache_cap,
