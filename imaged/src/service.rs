@@ -372,6 +372,13 @@ impl Service {
     /// Unmounts the images no lease has held for [`Service::keep`]; returns whether
     /// it unmounted any.
     fn unmount_unused(&self) -> bool {
+        // Not while a mount is made: it could be of an image due here, at the same
+        // directory. (A busy moment only defers this: the accept loop comes back.)
+        let _no_mount_now = match self.mounting.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        };
         let gone: Vec<(String, PathBuf)> = {
             let mut st = self.state();
             let due: Vec<String> = st

@@ -270,6 +270,18 @@ pub enum PullPolicy {
     Never,
 }
 
+impl PullPolicy {
+    /// Whether `r` is resolved at its registry even if the cache has it: always with
+    /// `Always`, and for a tag by default.
+    pub fn skips_cache(self, r: &Reference) -> bool {
+        match self {
+            PullPolicy::Always => true,
+            PullPolicy::Default => r.digest.is_none(),
+            PullPolicy::Missing | PullPolicy::Never => false,
+        }
+    }
+}
+
 impl std::str::FromStr for PullPolicy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -319,10 +331,9 @@ pub async fn pull(
 ) -> Result<PulledImage, PullError> {
     let shown = r.to_string();
     let images = store.root().to_path_buf();
-    let from_cache = match policy {
-        PullPolicy::Always => None,
-        PullPolicy::Default if r.digest.is_none() => None,
-        _ => cached(store, r),
+    let from_cache = match policy.skips_cache(r) {
+        true => None,
+        false => cached(store, r),
     };
     if let Some(entry) = from_cache {
         return PulledImage::load(entry, &shown, cached_report());

@@ -120,12 +120,7 @@ pub async fn pull_for_run(
     let r = Reference::parse(reference)?;
     let settings = opts.settings(&r.registry)?;
     let images = ImageStore::default();
-    let asks_registry = match policy {
-        PullPolicy::Always => true,
-        PullPolicy::Default => r.digest.is_none(),
-        PullPolicy::Missing | PullPolicy::Never => false,
-    };
-    if asks_registry && !in_vm {
+    if policy.skips_cache(&r) && !in_vm {
         if let Some(image) = served_by_running_service(&r, &settings, &images).await? {
             return Ok(image);
         }
