@@ -186,20 +186,10 @@ async fn fetch_bootstrap(
     if bootstrap.is_file() {
         return Ok(false);
     }
-    let d = Digest::parse(&boot.digest)?;
     let layer = bootstrap.with_extension("tar.gz");
-    let _ = std::fs::remove_file(&layer);
-    joey_shim::image::pull::download_blob(
-        client,
-        oref,
-        boot,
-        &d,
-        &layer,
-        |_| {},
-        &AtomicU64::new(0),
-    )
-    .await
-    .with_context(|| format!("{shown}: bootstrap layer {}", boot.digest))?;
+    download(client, oref, boot, &layer)
+        .await
+        .with_context(|| format!("{shown}: bootstrap layer {}", boot.digest))?;
     let extracted =
         crate::layout::extract_bootstrap(&layer, &bootstrap.with_extension("boot.partial"));
     let _ = std::fs::remove_file(&layer);
@@ -218,21 +208,25 @@ async fn fetch_config(
     if file.is_file() {
         return Ok(());
     }
-    let d = Digest::parse(&desc.digest)?;
     let partial = file.with_extension("config.partial");
-    let _ = std::fs::remove_file(&partial);
-    joey_shim::image::pull::download_blob(
-        client,
-        oref,
-        desc,
-        &d,
-        &partial,
-        |_| {},
-        &AtomicU64::new(0),
-    )
-    .await
-    .with_context(|| format!("{shown}: image config {}", desc.digest))?;
+    download(client, oref, desc, &partial)
+        .await
+        .with_context(|| format!("{shown}: image config {}", desc.digest))?;
     std::fs::rename(&partial, file)?;
+    Ok(())
+}
+
+/// Downloads blob `desc` into a new file at `path`, checked against its digest.
+async fn download(
+    client: &oci_client::Client,
+    oref: &oci_client::Reference,
+    desc: &OciDescriptor,
+    path: &Path,
+) -> Result<()> {
+    let d = Digest::parse(&desc.digest)?;
+    let _ = std::fs::remove_file(path);
+    joey_shim::image::pull::download_blob(client, oref, desc, &d, path, |_| {}, &AtomicU64::new(0))
+        .await?;
     Ok(())
 }
 

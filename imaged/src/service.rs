@@ -65,6 +65,19 @@ struct Wanted {
 }
 
 impl Wanted {
+    /// Logs that the image is served (`how`: where), what it took and what it is.
+    fn log_served(&self, how: &str, open: Duration, facts: &rafs::Facts) {
+        eprintln!(
+            "joey-imaged: {}: image {} {how} in {} ms (resolve {} ms, open {} ms; {})",
+            self.r,
+            self.image.digest,
+            self.asked.elapsed().as_millis(),
+            self.resolve.as_millis(),
+            open.as_millis(),
+            facts.describe(),
+        );
+    }
+
     /// The reply to the request: the image's digest, its config and `path`.
     fn reply(&self, path: &Path) -> serde_json::Value {
         serde_json::json!({"digest": self.image.digest, "config": self.image.config, "path": path})
@@ -234,16 +247,14 @@ impl Service {
             }
             vm.device.clone()
         };
+        let opening = Instant::now();
         let (fs, facts) = self.open(w)?;
+        let open = opening.elapsed();
         device.mount(Box::new(fs), &w.hex)?;
-        eprintln!(
-            "joey-imaged: {}: image {} added to the VM of {} in {} ms (resolve {} ms; {})",
-            w.r,
-            w.image.digest,
-            socket.display(),
-            w.asked.elapsed().as_millis(),
-            w.resolve.as_millis(),
-            facts.describe(),
+        w.log_served(
+            &format!("added to the VM of {}", socket.display()),
+            open,
+            &facts,
         );
         if let Some(vm) = self.state().vms.get_mut(&socket) {
             vm.images.insert(w.hex.clone(), (1, w.image.blobs.clone()));
@@ -282,16 +293,7 @@ impl Service {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        eprintln!(
-            "joey-imaged: {}: image {} mounted at {} in {} ms (resolve {} ms, open {} ms; {})",
-            w.r,
-            w.image.digest,
-            dir.display(),
-            w.asked.elapsed().as_millis(),
-            w.resolve.as_millis(),
-            open.as_millis(),
-            facts.describe(),
-        );
+        w.log_served(&format!("mounted at {}", dir.display()), open, &facts);
         self.state().images.insert(
             w.hex.clone(),
             Mounted {
