@@ -162,6 +162,7 @@ fn main() {
         vm::boot_check_and_clean_end,
         vm::run_output_and_exit_code,
         vm::the_guest_rng_is_seeded_by_the_host,
+        vm::the_test_guest_boots_under_qemu,
         vm::run_image_with_stdin,
         vm::kernel_panic_is_reported,
         vm::missing_agent_is_reported,

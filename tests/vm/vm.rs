@@ -388,3 +388,50 @@ pub async fn run_by_reference() -> anyhow::Result<()> {
     );
     no_vm_leftovers()
 }
+
+/// joey-vmm's test guest (a freestanding kernel with a PVH entry, built with the
+/// workspace) boots under QEMU's `-M microvm -kernel` as Linux does: it reaches long
+/// mode, prints on the 8250, reads its command line from the PVH start_info, and
+/// resets, which ends QEMU (`-no-reboot`) with status 0.
+pub async fn the_test_guest_boots_under_qemu() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let guest = tmp.path().join("guest.elf");
+    let o = joey_tests::run_command(
+        &joey_tests::bin_dir().join("joey-vmm"),
+        &["test-guest", "--out", guest.to_str().unwrap_or_default()],
+        b"",
+        Duration::from_secs(10),
+    )
+    .await?;
+    ensure!(o.code == 0, "joey-vmm test-guest: {} {}", o.code, o.stderr);
+    let serial = tmp.path().join("serial.log");
+    let mut qemu = tokio::process::Command::new("qemu-system-x86_64")
+        .args([
+            "-M",
+            "microvm,acpi=off",
+            "-m",
+            "64",
+            "-nodefaults",
+            "-no-user-config",
+        ])
+        .args(["-no-reboot", "-display", "none", "-accel", "tcg"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-kernel")
+        .arg(&guest)
+        .args(["-append", "joey.test=1 marker=42"])
+        .kill_on_drop(true)
+        .spawn()?;
+    let status = tokio::time::timeout(Duration::from_secs(30), qemu.wait())
+        .await
+        .context("the test guest did not end within 30 s")??;
+    let out = std::fs::read_to_string(&serial)?;
+    ensure!(status.success(), "QEMU exited {status}; serial: {out:?}");
+    ensure!(
+        out == "joey-test-guest: started\n\
+                joey-test-guest: cmdline joey.test=1 marker=42\n\
+                joey-test-guest: exit 0\n",
+        "serial: {out:?}"
+    );
+    Ok(())
+}

@@ -1,7 +1,8 @@
 //! joey-vmm: joey's VMM in the Firecracker mould. Today it holds the virtio-vsock device
 //! every joey VM needs (`vsock`), served to QEMU as a vhost-user backend
 //! (`joey-vmm vhost-user vsock`); the VMM that boots guests on KVM comes with its own
-//! issue.
+//! issue; its test guest (`testguest/`, a freestanding PVH kernel built with the
+//! crate) is here already: `joey-vmm test-guest --out FILE` writes it.
 
 mod vhost_user;
 mod vsock;
@@ -22,7 +23,16 @@ enum Cmd {
     /// Serve a device to QEMU over vhost-user.
     #[command(name = "vhost-user", subcommand)]
     VhostUser(Device),
+    /// Write joey's test guest, a freestanding kernel with a PVH entry (QEMU's
+    /// `-M microvm -kernel FILE` boots it), to FILE.
+    TestGuest {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
 }
+
+/// The test guest, built from `testguest/` by build.rs.
+const TEST_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/joey-test-guest.elf"));
 
 #[derive(Subcommand)]
 enum Device {
@@ -54,6 +64,8 @@ fn main() {
             uds,
             guest_cid,
         }) => vhost_user::serve(&socket, &uds, guest_cid),
+        Cmd::TestGuest { out } => std::fs::write(&out, TEST_GUEST)
+            .map_err(|e| anyhow::anyhow!("write {}: {e}", out.display())),
     };
     if let Err(e) = r {
         eprintln!("joey-vmm: {e:#}");
