@@ -34,7 +34,11 @@ fn main() {
             "-o",
         ])
         .arg(&out)
-        .args(["testguest/entry.S", "testguest/guest.c"])
+        .args([
+            "testguest/entry.S",
+            "testguest/guest.c",
+            "testguest/virtio.c",
+        ])
         .status()
         .unwrap_or_else(|e| panic!("run gcc for the test guest (apt-get install gcc): {e}"));
     assert!(

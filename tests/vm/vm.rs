@@ -391,8 +391,11 @@ pub async fn run_by_reference() -> anyhow::Result<()> {
 
 /// joey-vmm's test guest (a freestanding kernel with a PVH entry, built with the
 /// workspace) boots under QEMU's `-M microvm -kernel` as Linux does: it reaches long
-/// mode, prints on the 8250, reads its command line from the PVH start_info, and
-/// resets, which ends QEMU (`-no-reboot`) with status 0.
+/// mode, prints on the 8250, reads its command line from the PVH start_info, finds
+/// its virtio-mmio disk from the command line's `virtio_mmio.device=` entry (QEMU's
+/// announcement, as joey-vmm's will be), reads 8 sectors of it through its virtio-blk
+/// driver and prints their checksum, which must be the disk's, and resets, which ends
+/// QEMU (`-no-reboot`) with status 0.
 pub async fn the_test_guest_boots_under_qemu() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let guest = tmp.path().join("guest.elf");
@@ -404,6 +407,15 @@ pub async fn the_test_guest_boots_under_qemu() -> anyhow::Result<()> {
     )
     .await?;
     ensure!(o.code == 0, "joey-vmm test-guest: {} {}", o.code, o.stderr);
+    // A disk of known bytes: its first 8 sectors' FNV-1a is what the guest must print.
+    let disk = tmp.path().join("disk.img");
+    let bytes: Vec<u8> = (0..8192u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&disk, &bytes)?;
+    let fnv = bytes[..4096].iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
     let serial = tmp.path().join("serial.log");
     let mut qemu = tokio::process::Command::new("qemu-system-x86_64")
         .args([
@@ -415,11 +427,19 @@ pub async fn the_test_guest_boots_under_qemu() -> anyhow::Result<()> {
             "-no-user-config",
         ])
         .args(["-no-reboot", "-display", "none", "-accel", "tcg"])
+        // virtio 1.x over MMIO (version 2), as joey-vmm's transport.
+        .args(["-global", "virtio-mmio.force-legacy=false"])
+        .arg("-drive")
+        .arg(format!(
+            "id=d,file={},format=raw,if=none,readonly=on",
+            disk.display()
+        ))
+        .args(["-device", "virtio-blk-device,drive=d"])
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
         .arg("-kernel")
         .arg(&guest)
-        .args(["-append", "joey.test=1 marker=42"])
+        .args(["-append", "joey.test=1 joey.sectors=8"])
         .kill_on_drop(true)
         .spawn()?;
     let status = tokio::time::timeout(Duration::from_secs(30), qemu.wait())
@@ -427,11 +447,19 @@ pub async fn the_test_guest_boots_under_qemu() -> anyhow::Result<()> {
         .context("the test guest did not end within 30 s")??;
     let out = std::fs::read_to_string(&serial)?;
     ensure!(status.success(), "QEMU exited {status}; serial: {out:?}");
+    let lines: Vec<&str> = out.lines().collect();
+    let want_blk = format!("joey-test-guest: blk sectors 8 fnv1a {fnv:#018x}");
     ensure!(
-        out == "joey-test-guest: started\n\
-                joey-test-guest: cmdline joey.test=1 marker=42\n\
-                joey-test-guest: exit 0\n",
-        "serial: {out:?}"
+        lines.len() == 5
+            && lines[0] == "joey-test-guest: started"
+            && lines[1].starts_with(
+                "joey-test-guest: cmdline joey.test=1 joey.sectors=8 virtio_mmio.device="
+            )
+            && lines[2].starts_with("joey-test-guest: virtio-mmio 0x")
+            && lines[2].ends_with(" device 2")
+            && lines[3] == want_blk
+            && lines[4] == "joey-test-guest: exit 0",
+        "serial: {out:?} (expected the blk line {want_blk:?})"
     );
     Ok(())
 }

@@ -1,6 +1,7 @@
 /* joey's test guest: the PVH entry (32-bit protected mode, paging off, %ebx = the
  * start_info's address), a switch to long mode over identity-mapped 2 MiB pages of
- * the first 1 GiB, then guest_main(start_info) in C. */
+ * the first 4 GiB (virtio-mmio devices sit just below 4 GiB), then
+ * guest_main(start_info) in C. */
         .section .note.pvh, "a"
         .balign 4
         .long 4                 /* name size: "Xen\0" */
@@ -15,21 +16,27 @@
 pvh_entry:
         cli
         mov     %ebx, %edi              /* start_info, guest_main's argument */
-        /* PML4[0] -> PDPT, PDPT[0] -> PD, PD: 512 x 2 MiB pages. */
+        /* PML4[0] -> PDPT, PDPT[0..3] -> 4 PDs, 2048 x 2 MiB pages. */
         mov     $pdpt, %eax
         or      $0x3, %eax
         mov     %eax, pml4
-        mov     $pd, %eax
-        or      $0x3, %eax
-        mov     %eax, pdpt
         xor     %ecx, %ecx
 1:      mov     %ecx, %eax
+        shl     $12, %eax
+        add     $pd, %eax
+        or      $0x3, %eax
+        mov     %eax, pdpt(,%ecx,8)
+        inc     %ecx
+        cmp     $4, %ecx
+        jne     1b
+        xor     %ecx, %ecx
+2:      mov     %ecx, %eax
         shl     $21, %eax
         or      $0x83, %eax             /* present, writable, 2 MiB */
         mov     %eax, pd(,%ecx,8)
         inc     %ecx
-        cmp     $512, %ecx
-        jne     1b
+        cmp     $2048, %ecx
+        jne     2b
         mov     $pml4, %eax
         mov     %eax, %cr3
         mov     %cr4, %eax
@@ -77,7 +84,7 @@ no_idt:
         .balign 4096
 pml4:   .skip 4096
 pdpt:   .skip 4096
-pd:     .skip 4096
+pd:     .skip 4 * 4096
 stack:  .skip 16384
 stack_top:
 

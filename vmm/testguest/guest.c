@@ -1,9 +1,7 @@
-/* joey's test guest, in C: prints to the 8250 serial port and names what its
- * command line (from the PVH start_info) says, then resets. */
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
+/* joey's test guest, in C: prints to the 8250 serial port, echoes its command line
+ * (from the PVH start_info), names its virtio-mmio devices, reads sectors of its
+ * virtio-blk disk and prints their checksum, then resets. */
+#include "guest.h"
 
 struct start_info {
     u32 magic, version, flags, nr_modules;
@@ -29,13 +27,86 @@ static void puts_serial(const char *s)
         putc_serial(*s++);
 }
 
+static void put_hex(u64 v)
+{
+    puts_serial("0x");
+    for (int i = 60; i >= 0; i -= 4)
+        putc_serial("0123456789abcdef"[(v >> i) & 0xf]);
+}
+
+static void put_dec(u64 v)
+{
+    char buf[21];
+    int i = 20;
+    buf[i] = 0;
+    do {
+        buf[--i] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    puts_serial(buf + i);
+}
+
+/* The value of `key=` on the command line, or `dflt`. */
+static u64 cmdline_num(const char *cmdline, const char *key, u64 dflt)
+{
+    for (const char *p = cmdline; *p; p++) {
+        int i = 0;
+        while (key[i] && p[i] == key[i]) i++;
+        if (key[i] || (p != cmdline && p[-1] != ' ')) continue;
+        u64 v = 0;
+        for (p += i; *p >= '0' && *p <= '9'; p++) v = v * 10 + (u64)(*p - '0');
+        return v;
+    }
+    return dflt;
+}
+
+static u8 sector[512];
+
 void guest_main(const struct start_info *si)
 {
     puts_serial("joey-test-guest: started\n");
-    if (si->magic == 0x336ec578 && si->cmdline_paddr) {
-        puts_serial("joey-test-guest: cmdline ");
-        puts_serial((const char *)si->cmdline_paddr);
+    const char *cmdline = "";
+    if (si->magic == 0x336ec578 && si->cmdline_paddr)
+        cmdline = (const char *)si->cmdline_paddr;
+    puts_serial("joey-test-guest: cmdline ");
+    puts_serial(cmdline);
+    puts_serial("\n");
+    struct mmio_dev devs[8];
+    int n = find_virtio_devices(cmdline, devs, 8);
+    for (int i = 0; i < n; i++) {
+        puts_serial("joey-test-guest: virtio-mmio ");
+        put_hex(devs[i].base);
+        puts_serial(" device ");
+        put_dec(devs[i].device_id);
         puts_serial("\n");
+    }
+    u64 sectors = cmdline_num(cmdline, "joey.sectors=", 8);
+    for (int i = 0; i < n; i++) {
+        if (devs[i].device_id != 2)
+            continue;
+        int r = blk_init(&devs[i]);
+        if (r) {
+            puts_serial("joey-test-guest: virtio-blk init failed at step ");
+            put_dec((u64)-r);
+            puts_serial("\n");
+            break;
+        }
+        /* FNV-1a, 64 bits, over the sectors in order. */
+        u64 h = 0xcbf29ce484222325ull;
+        for (u64 s = 0; s < sectors; s++) {
+            if (blk_read(&devs[i], s, sector)) {
+                puts_serial("joey-test-guest: virtio-blk read failed\n");
+                break;
+            }
+            for (int j = 0; j < 512; j++)
+                h = (h ^ sector[j]) * 0x100000001b3ull;
+        }
+        puts_serial("joey-test-guest: blk sectors ");
+        put_dec(sectors);
+        puts_serial(" fnv1a ");
+        put_hex(h);
+        puts_serial("\n");
+        break;
     }
     puts_serial("joey-test-guest: exit 0\n");
     guest_reset();
