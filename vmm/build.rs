@@ -5,15 +5,20 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+const SOURCES: [&str; 4] = [
+    "testguest/entry.S",
+    "testguest/guest.c",
+    "testguest/virtio.c",
+    "testguest/vsock.c",
+];
+
 fn main() {
     let out =
         PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR")).join("joey-test-guest.elf");
-    let files = [
-        "testguest/entry.S",
-        "testguest/guest.c",
-        "testguest/guest.ld",
-    ];
-    for f in files {
+    for f in SOURCES
+        .iter()
+        .chain(&["testguest/guest.h", "testguest/guest.ld"])
+    {
         println!("cargo:rerun-if-changed={f}");
     }
     let status = Command::new("gcc")
@@ -34,11 +39,7 @@ fn main() {
             "-o",
         ])
         .arg(&out)
-        .args([
-            "testguest/entry.S",
-            "testguest/guest.c",
-            "testguest/virtio.c",
-        ])
+        .args(SOURCES)
         .status()
         .unwrap_or_else(|e| panic!("run gcc for the test guest (apt-get install gcc): {e}"));
     assert!(

@@ -163,6 +163,7 @@ fn main() {
         vm::run_output_and_exit_code,
         vm::the_guest_rng_is_seeded_by_the_host,
         vm::the_test_guest_boots_under_qemu,
+        vm::the_test_guest_echoes_over_vsock,
         vm::run_image_with_stdin,
         vm::kernel_panic_is_reported,
         vm::missing_agent_is_reported,

@@ -463,3 +463,94 @@ pub async fn the_test_guest_boots_under_qemu() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// The test guest's vsock: booted by QEMU with joey-vmm's own vsock device (its
+/// vhost-user backend, the hybrid-vsock socket its host side), it connects a stream
+/// to a host listener on port 5000, sends a message, and prints what the host echoes
+/// back; the host saw the message, QEMU exits 0 and the backend ends with it.
+pub async fn the_test_guest_echoes_over_vsock() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let vmm = joey_tests::bin_dir().join("joey-vmm");
+    let guest = dir.join("guest.elf");
+    let o = joey_tests::run_command(
+        &vmm,
+        &["test-guest", "--out", guest.to_str().unwrap_or_default()],
+        b"",
+        Duration::from_secs(10),
+    )
+    .await?;
+    ensure!(o.code == 0, "joey-vmm test-guest: {} {}", o.code, o.stderr);
+    let (vhu, uds) = (dir.join("vhu.sock"), dir.join("vm.vsock"));
+    let mut backend = tokio::process::Command::new(&vmm)
+        .args(["vhost-user", "vsock", "--guest-cid", "3", "--socket"])
+        .arg(&vhu)
+        .arg("--uds")
+        .arg(&uds)
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    joey_tests::wait_until(
+        "joey-vmm's vhost-user socket",
+        Duration::from_secs(10),
+        || vhu.exists(),
+    )
+    .await?;
+    // The guest's connection to host port 5000 arrives here.
+    let listener = tokio::net::UnixListener::bind(format!("{}_5000", uds.display()))?;
+    let host = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut c, _) = listener.accept().await?;
+        let mut buf = vec![0u8; 4096];
+        let n = c.read(&mut buf).await?;
+        c.write_all(&buf[..n]).await?;
+        // Until the guest shuts the stream down.
+        let _ = c.read(&mut buf).await;
+        anyhow::Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    });
+    let serial = dir.join("serial.log");
+    let mut qemu = tokio::process::Command::new("qemu-system-x86_64")
+        .args(["-M", "microvm,acpi=off,memory-backend=mem", "-m", "64"])
+        .args(["-object", "memory-backend-memfd,id=mem,size=64M,share=on"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+            "-display",
+            "none",
+        ])
+        .args(["-accel", "tcg", "-global", "virtio-mmio.force-legacy=false"])
+        .arg("-chardev")
+        .arg(format!("socket,id=v,path={}", vhu.display()))
+        .args(["-device", "vhost-user-vsock-device,chardev=v"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-kernel")
+        .arg(&guest)
+        .args(["-append", "joey.vsock_port=5000"])
+        .kill_on_drop(true)
+        .spawn()?;
+    let status = tokio::time::timeout(Duration::from_secs(30), qemu.wait())
+        .await
+        .context("the test guest did not end within 30 s")??;
+    let out = std::fs::read_to_string(&serial)?;
+    ensure!(status.success(), "QEMU exited {status}; serial: {out:?}");
+    ensure!(
+        out.lines()
+            .any(|l| l == "joey-test-guest: vsock echo ping from the test guest")
+            && out.ends_with("joey-test-guest: exit 0\n"),
+        "serial: {out:?}"
+    );
+    let heard = tokio::time::timeout(Duration::from_secs(10), host)
+        .await
+        .context("the host's end did not finish")???;
+    ensure!(
+        heard == "ping from the test guest",
+        "the host heard {heard:?}"
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(10), backend.wait())
+        .await
+        .context("joey-vmm's backend outlived QEMU")??;
+    ensure!(ended.success(), "joey-vmm's backend exited {ended}");
+    Ok(())
+}

@@ -108,6 +108,25 @@ void guest_main(const struct start_info *si)
         puts_serial("\n");
         break;
     }
+    u64 port = cmdline_num(cmdline, "joey.vsock_port=", 0);
+    for (int i = 0; port && i < n; i++) {
+        if (devs[i].device_id != 19)
+            continue;
+        int r = vsock_init(&devs[i]);
+        static char reply[256];
+        if (!r)
+            r = vsock_echo(&devs[i], (u32)port, "ping from the test guest", reply, sizeof(reply));
+        if (r) {
+            puts_serial("joey-test-guest: vsock failed at step ");
+            put_dec((u64)-r);
+            puts_serial("\n");
+            break;
+        }
+        puts_serial("joey-test-guest: vsock echo ");
+        puts_serial(reply);
+        puts_serial("\n");
+        break;
+    }
     puts_serial("joey-test-guest: exit 0\n");
     guest_reset();
 }

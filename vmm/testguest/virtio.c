@@ -30,8 +30,6 @@
 #define STATUS_DRIVER_OK 4
 #define STATUS_FEATURES_OK 8
 
-#define QSIZE 8
-
 static u32 rd(u64 base, u32 off) { return *(volatile u32 *)(base + off); }
 static void wr(u64 base, u32 off, u32 v) { *(volatile u32 *)(base + off) = v; }
 
@@ -83,21 +81,16 @@ int find_virtio_devices(const char *cmdline, struct mmio_dev *out, int max)
     return n;
 }
 
-struct desc { u64 addr; u32 len; u16 flags; u16 next; };
-struct avail { u16 flags; u16 idx; u16 ring[QSIZE]; u16 used_event; };
-struct used_elem { u32 id; u32 len; };
-struct used { u16 flags; u16 idx; struct used_elem ring[QSIZE]; u16 avail_event; };
-
 static struct desc descs[QSIZE] __attribute__((aligned(16)));
 static struct avail avail_ring __attribute__((aligned(2)));
 static struct used used_ring __attribute__((aligned(4096)));
 static struct { u32 type; u32 reserved; u64 sector; } req;
 static volatile u8 req_status;
 
-int blk_init(const struct mmio_dev *d)
+int mmio_start(const struct mmio_dev *d, u32 device_id)
 {
     u64 b = d->base;
-    if (d->version != 2 || d->device_id != 2) return -1;
+    if (d->version != 2 || d->device_id != device_id) return -1;
     wr(b, MMIO_STATUS, 0);
     wr(b, MMIO_STATUS, STATUS_ACK);
     wr(b, MMIO_STATUS, STATUS_ACK | STATUS_DRIVER);
@@ -108,17 +101,48 @@ int blk_init(const struct mmio_dev *d)
     wr(b, MMIO_DRIVER_FEATURES, 1);
     wr(b, MMIO_STATUS, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK);
     if (!(rd(b, MMIO_STATUS) & STATUS_FEATURES_OK)) return -2;
-    wr(b, MMIO_QUEUE_SEL, 0);
-    if (rd(b, MMIO_QUEUE_NUM_MAX) < QSIZE) return -3;
-    wr(b, MMIO_QUEUE_NUM, QSIZE);
-    wr(b, MMIO_QUEUE_DESC_LOW, (u32)(u64)descs);
-    wr(b, MMIO_QUEUE_DESC_HIGH, (u32)((u64)descs >> 32));
-    wr(b, MMIO_QUEUE_AVAIL_LOW, (u32)(u64)&avail_ring);
-    wr(b, MMIO_QUEUE_AVAIL_HIGH, (u32)((u64)&avail_ring >> 32));
-    wr(b, MMIO_QUEUE_USED_LOW, (u32)(u64)&used_ring);
-    wr(b, MMIO_QUEUE_USED_HIGH, (u32)((u64)&used_ring >> 32));
+    return 0;
+}
+
+int mmio_queue(const struct mmio_dev *d, u32 q, struct desc *desc, struct avail *a,
+               struct used *u, u32 size)
+{
+    u64 b = d->base;
+    wr(b, MMIO_QUEUE_SEL, q);
+    if (rd(b, MMIO_QUEUE_NUM_MAX) < size) return -3;
+    wr(b, MMIO_QUEUE_NUM, size);
+    wr(b, MMIO_QUEUE_DESC_LOW, (u32)(u64)desc);
+    wr(b, MMIO_QUEUE_DESC_HIGH, (u32)((u64)desc >> 32));
+    wr(b, MMIO_QUEUE_AVAIL_LOW, (u32)(u64)a);
+    wr(b, MMIO_QUEUE_AVAIL_HIGH, (u32)((u64)a >> 32));
+    wr(b, MMIO_QUEUE_USED_LOW, (u32)(u64)u);
+    wr(b, MMIO_QUEUE_USED_HIGH, (u32)((u64)u >> 32));
     wr(b, MMIO_QUEUE_READY, 1);
-    wr(b, MMIO_STATUS, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+    return 0;
+}
+
+void mmio_ready(const struct mmio_dev *d)
+{
+    wr(d->base, MMIO_STATUS, STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+}
+
+void mmio_notify(const struct mmio_dev *d, u32 q)
+{
+    wr(d->base, MMIO_QUEUE_NOTIFY, q);
+}
+
+u64 mmio_config64(const struct mmio_dev *d, u32 off)
+{
+    return (u64)rd(d->base, 0x100 + off) | ((u64)rd(d->base, 0x100 + off + 4) << 32);
+}
+
+int blk_init(const struct mmio_dev *d)
+{
+    int r = mmio_start(d, 2);
+    if (r) return r;
+    r = mmio_queue(d, 0, descs, &avail_ring, &used_ring, QSIZE);
+    if (r) return r;
+    mmio_ready(d);
     return 0;
 }
 
@@ -136,7 +160,7 @@ int blk_read(const struct mmio_dev *d, u64 sector, u8 *buf)
     __asm__ volatile("" ::: "memory");
     avail_ring.idx++;
     __asm__ volatile("mfence" ::: "memory");
-    wr(d->base, MMIO_QUEUE_NOTIFY, 0);
+    mmio_notify(d, 0);
     while (*(volatile u16 *)&used_ring.idx == seen)
         ;
     wr(d->base, MMIO_INTERRUPT_ACK, rd(d->base, MMIO_INTERRUPT_STATUS));
