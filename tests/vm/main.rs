@@ -179,5 +179,13 @@ fn main() {
         nydus::joeyctl_runs_a_nydus_image_in_a_vm,
         nydus::a_dead_image_service_ends_the_vm,
     ];
+    // joey-vmm's own KVM boot needs /dev/kvm: a property of the machine, skipped (with
+    // its reason) even in strict mode where it lacks one.
+    let mut tests = tests;
+    tests.push(joey_tests::Test {
+        name: "vm::joey_vmm_boots_the_test_guest_on_kvm",
+        run: || joey_tests::block_on(vm::joey_vmm_boots_the_test_guest_on_kvm()),
+        machine_lacks: vm::kvm_available(),
+    });
     run_tier("vm", tests, detect().err(), true);
 }

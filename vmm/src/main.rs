@@ -4,6 +4,7 @@
 //! issue; its test guest (`testguest/`, a freestanding PVH kernel built with the
 //! crate) is here already: `joey-vmm test-guest --out FILE` writes it.
 
+mod boot;
 mod vhost_user;
 mod vsock;
 
@@ -23,6 +24,22 @@ enum Cmd {
     /// Serve a device to QEMU over vhost-user.
     #[command(name = "vhost-user", subcommand)]
     VhostUser(Device),
+    /// Boot KERNEL (an ELF with a PVH entry) on KVM with one vCPU and an 8250 console
+    /// on stdout, until it resets or halts; exits with the status its console names
+    /// (`NAME: exit CODE`). No devices yet.
+    Run {
+        #[arg(long)]
+        kernel: PathBuf,
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        /// Guest memory, MiB.
+        #[arg(long, default_value_t = 64)]
+        mem: u64,
+        /// Run even on a KVM that emulates every instruction (a PVM host's): only for
+        /// tiny test guests.
+        #[arg(long)]
+        allow_emulated_kvm: bool,
+    },
     /// Write joey's test guest, a freestanding kernel with a PVH entry (QEMU's
     /// `-M microvm -kernel FILE` boots it), to FILE.
     TestGuest {
@@ -64,6 +81,26 @@ fn main() {
             uds,
             guest_cid,
         }) => vhost_user::serve(&socket, &uds, guest_cid),
+        Cmd::Run {
+            kernel,
+            cmdline,
+            mem,
+            allow_emulated_kvm,
+        } => {
+            let o = boot::BootOptions {
+                kernel: &kernel,
+                cmdline: &cmdline,
+                mem_mib: mem,
+                allow_emulated_kvm,
+            };
+            match boot::run(&o, std::io::stdout()) {
+                Ok(Some(code)) => std::process::exit(code),
+                Ok(None) => Err(anyhow::anyhow!(
+                    "the guest ended without naming its exit status"
+                )),
+                Err(e) => Err(e),
+            }
+        }
         Cmd::TestGuest { out } => std::fs::write(&out, TEST_GUEST)
             .map_err(|e| anyhow::anyhow!("write {}: {e}", out.display())),
     };

@@ -60,9 +60,13 @@ long_mode:
         mov     %ax, %ss
         mov     $stack_top, %rsp
         call    guest_main
-        /* guest_main does not return; if it does, fault the CPU into a reset. */
+        /* guest_main does not return; if it does, reset. */
         .globl guest_reset
 guest_reset:
+        /* The i8042's reset line (joey-vmm ends there); without an i8042 (QEMU's
+         * microvm), fault the CPU into a reset. */
+        mov     $0xfe, %al
+        out     %al, $0x64
         lidt    no_idt
         int3
         hlt
