@@ -407,15 +407,7 @@ pub async fn the_test_guest_boots_under_qemu() -> anyhow::Result<()> {
     )
     .await?;
     ensure!(o.code == 0, "joey-vmm test-guest: {} {}", o.code, o.stderr);
-    // A disk of known bytes: its first 8 sectors' FNV-1a is what the guest must print.
-    let disk = tmp.path().join("disk.img");
-    let bytes: Vec<u8> = (0..8192u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
-    std::fs::write(&disk, &bytes)?;
-    let fnv = bytes[..4096].iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let (disk, want_blk) = known_disk(tmp.path())?;
     let serial = tmp.path().join("serial.log");
     let mut qemu = tokio::process::Command::new("qemu-system-x86_64")
         .args([
@@ -448,7 +440,6 @@ pub async fn the_test_guest_boots_under_qemu() -> anyhow::Result<()> {
     let out = std::fs::read_to_string(&serial)?;
     ensure!(status.success(), "QEMU exited {status}; serial: {out:?}");
     let lines: Vec<&str> = out.lines().collect();
-    let want_blk = format!("joey-test-guest: blk sectors 8 fnv1a {fnv:#018x}");
     ensure!(
         lines.len() == 5
             && lines[0] == "joey-test-guest: started"
@@ -563,11 +554,30 @@ pub fn kvm_available() -> Option<String> {
     }
 }
 
+/// A disk of known bytes in `dir`, and the line the test guest prints for its first 8
+/// sectors (their FNV-1a).
+fn known_disk(dir: &std::path::Path) -> anyhow::Result<(PathBuf, String)> {
+    let disk = dir.join("disk.img");
+    let bytes: Vec<u8> = (0..8192u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&disk, &bytes)?;
+    let fnv = bytes[..4096].iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    Ok((
+        disk,
+        format!("joey-test-guest: blk sectors 8 fnv1a {fnv:#018x}"),
+    ))
+}
+
 /// joey-vmm boots the test guest on KVM itself (no QEMU): the PVH entry through
 /// linux-loader, the CPUID KVM supports, its 8250 on stdout, the command line in the
-/// start_info; the guest's `exit 0` line becomes joey-vmm's status once the guest
-/// resets through the i8042. On a PVM host joey-vmm refuses without
-/// `--allow-emulated-kvm`, naming the reason.
+/// start_info with joey-vmm's `virtio_mmio.device=` announcement of its disk, whose 8
+/// sectors the guest reads through joey-vmm's virtio-mmio transport and virtio-blk
+/// device (the checksum must be the disk's); the guest's `exit 0` line becomes
+/// joey-vmm's status once the guest resets through the i8042. On a PVM host joey-vmm
+/// refuses without `--allow-emulated-kvm`, naming the reason.
 pub async fn joey_vmm_boots_the_test_guest_on_kvm() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let vmm = joey_tests::bin_dir().join("joey-vmm");
@@ -593,26 +603,32 @@ pub async fn joey_vmm_boots_the_test_guest_on_kvm() -> anyhow::Result<()> {
             o.stderr
         );
     }
+    let (disk, want_blk) = known_disk(tmp.path())?;
+    let disk = format!("{},ro,serial=joey-test", disk.display());
     let mut args = vec![
         "run",
         "--kernel",
         g,
         "--cmdline",
-        "joey.test=kvm",
+        "joey.sectors=8",
         "--mem",
         "32",
     ];
+    args.extend(["--disk", disk.as_str()]);
     if pvm {
         args.push("--allow-emulated-kvm");
     }
     let o = joey_tests::run_command(&vmm, &args, b"", Duration::from_secs(60)).await?;
+    let want = format!(
+        "joey-test-guest: started\n\
+         joey-test-guest: cmdline joey.sectors=8 virtio_mmio.device=4K@0xd0000000:5\n\
+         joey-test-guest: virtio-mmio 0x00000000d0000000 device 2\n\
+         {want_blk}\n\
+         joey-test-guest: exit 0\n"
+    );
     ensure!(
-        o.code == 0
-            && o.stdout
-                == "joey-test-guest: started\n\
-                    joey-test-guest: cmdline joey.test=kvm\n\
-                    joey-test-guest: exit 0\n",
-        "joey-vmm run: {} {:?} {}",
+        o.code == 0 && o.stdout == want,
+        "joey-vmm run: {} {:?} (expected {want:?}) {}",
         o.code,
         o.stdout,
         o.stderr

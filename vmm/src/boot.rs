@@ -3,7 +3,9 @@
 //! with the memory map and the command line), the CPUID KVM supports, and an 8250
 //! serial port (vm-superio) on the console. It ends on the guest's reset (0xFE to the
 //! i8042's port 0x64, or `KVM_EXIT_SHUTDOWN`) or `hlt`; the guest's last `<name>: exit <code>` console line
-//! becomes its exit status. No devices yet: MMIO reads as zeros and writes are dropped.
+//! becomes its exit status. A disk is a virtio-blk device on the virtio-mmio transport,
+//! announced on the command line (`virtio_mmio.device=`) as Linux expects; other MMIO
+//! reads as zeros and writes are dropped.
 
 use std::io::Write;
 use std::path::Path;
@@ -27,10 +29,49 @@ const COM1: u16 = 0x3f8;
 const I8042_COMMAND: u16 = 0x64;
 const I8042_RESET: u8 = 0xfe;
 
+/// A disk: its file, whether it is read-only, and its serial string.
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    pub path: std::path::PathBuf,
+    pub read_only: bool,
+    pub serial: String,
+}
+
+impl std::str::FromStr for DiskSpec {
+    type Err = String;
+    /// `PATH[,ro][,serial=S]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(',');
+        let path = parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or("a disk needs a path")?;
+        let mut d = DiskSpec {
+            path: path.into(),
+            read_only: false,
+            serial: String::new(),
+        };
+        for p in parts {
+            match p.split_once('=') {
+                None if p == "ro" => d.read_only = true,
+                Some(("serial", v)) if v.len() <= 20 => d.serial = v.to_string(),
+                _ => return Err(format!("{p:?}: expected ro or serial=S (S up to 20 bytes)")),
+            }
+        }
+        Ok(d)
+    }
+}
+
+/// Where the virtio-mmio devices sit (4 KiB each) and their interrupt lines.
+const MMIO_BASE: u64 = 0xd000_0000;
+const MMIO_SIZE: u64 = 0x1000;
+const MMIO_IRQ: u32 = 5;
+
 pub struct BootOptions<'a> {
     pub kernel: &'a Path,
     pub cmdline: &'a str,
     pub mem_mib: u64,
+    pub disk: Option<&'a DiskSpec>,
     /// Run on a KVM that emulates every instruction (a PVM host's).
     pub allow_emulated_kvm: bool,
 }
@@ -96,10 +137,6 @@ pub fn run(o: &BootOptions<'_>, console: impl Write) -> Result<Option<i32>> {
              --allow-emulated-kvm runs anyway (for tiny test guests)"
         );
     }
-    anyhow::ensure!(
-        o.cmdline.len() < CMDLINE_MAX,
-        "the command line is longer than {CMDLINE_MAX} bytes"
-    );
     let kvm = Kvm::new().context("open /dev/kvm")?;
     let vm = kvm.create_vm().context("create a KVM VM")?;
     let mem: GuestMemoryMmap<()> =
@@ -131,7 +168,29 @@ pub fn run(o: &BootOptions<'_>, console: impl Write) -> Result<Option<i32>> {
             o.kernel.display()
         ),
     };
-    write_start_info(&mem, o.cmdline)?;
+    let mut cmdline = o.cmdline.to_string();
+    let mut devices = Vec::new();
+    if let Some(d) = o.disk {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!d.read_only)
+            .open(&d.path)
+            .with_context(|| format!("open the disk {}", d.path.display()))?;
+        let blk = crate::blk::Block::new(file, d.read_only, d.serial.clone())?;
+        devices.push(crate::mmio::MmioTransport::new(Box::new(blk)));
+    }
+    for (i, _) in devices.iter().enumerate() {
+        cmdline.push_str(&format!(
+            " virtio_mmio.device=4K@{:#x}:{}",
+            MMIO_BASE + i as u64 * MMIO_SIZE,
+            MMIO_IRQ + i as u32
+        ));
+    }
+    anyhow::ensure!(
+        cmdline.len() < CMDLINE_MAX,
+        "the command line is longer than {CMDLINE_MAX} bytes"
+    );
+    write_start_info(&mem, &cmdline)?;
 
     let vcpu = vm.create_vcpu(0).context("create the vCPU")?;
     let cpuid = kvm
@@ -198,14 +257,27 @@ pub fn run(o: &BootOptions<'_>, console: impl Write) -> Result<Option<i32>> {
             VcpuExit::IoOut(I8042_COMMAND, [I8042_RESET]) => break,
             VcpuExit::IoIn(_, data) => data.fill(0xff),
             VcpuExit::IoOut(..) => {}
-            VcpuExit::MmioRead(_, data) => data.fill(0),
-            VcpuExit::MmioWrite(..) => {}
+            VcpuExit::MmioRead(addr, data) => match device_at(addr) {
+                Some((i, off)) if i < devices.len() => devices[i].read(off, data),
+                _ => data.fill(0),
+            },
+            VcpuExit::MmioWrite(addr, data) => {
+                if let Some((i, off)) = device_at(addr).filter(|(i, _)| *i < devices.len()) {
+                    devices[i].write(off, data, &mem);
+                }
+            }
             VcpuExit::Shutdown | VcpuExit::Hlt => break,
             other => bail!("the vCPU stopped: {other:?}"),
         }
     }
     let code = *exit.lock().unwrap_or_else(|p| p.into_inner());
     Ok(code)
+}
+
+/// The device whose registers `addr` falls in, and the offset in them.
+fn device_at(addr: u64) -> Option<(usize, u64)> {
+    let rel = addr.checked_sub(MMIO_BASE)?;
+    Some(((rel / MMIO_SIZE) as usize, rel % MMIO_SIZE))
 }
 
 /// Writes the `hvm_start_info` (version 1), its one-entry memory map and the command
@@ -239,4 +311,34 @@ fn write_start_info(mem: &GuestMemoryMmap<()>, cmdline: &str) -> Result<()> {
     mem.write_slice(&si, GuestAddress(START_INFO))
         .context("write the start_info")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_specs_are_parsed_and_bad_ones_named() {
+        let d: DiskSpec = "/d.img,ro,serial=joey-rootfs".parse().unwrap();
+        assert_eq!(d.path, Path::new("/d.img"));
+        assert!(d.read_only);
+        assert_eq!(d.serial, "joey-rootfs");
+        let d: DiskSpec = "/d.img".parse().unwrap();
+        assert!(!d.read_only && d.serial.is_empty());
+        assert!(",ro".parse::<DiskSpec>().is_err());
+        assert!("/d.img,rw=1"
+            .parse::<DiskSpec>()
+            .unwrap_err()
+            .contains("rw=1"));
+        assert!(format!("/d.img,serial={}", "x".repeat(21))
+            .parse::<DiskSpec>()
+            .is_err());
+    }
+
+    #[test]
+    fn device_registers_are_found_by_address() {
+        assert_eq!(device_at(MMIO_BASE + 0x70), Some((0, 0x70)));
+        assert_eq!(device_at(MMIO_BASE + MMIO_SIZE + 4), Some((1, 4)));
+        assert_eq!(device_at(MMIO_BASE - 1), None);
+    }
 }

@@ -4,7 +4,9 @@
 //! issue; its test guest (`testguest/`, a freestanding PVH kernel built with the
 //! crate) is here already: `joey-vmm test-guest --out FILE` writes it.
 
+mod blk;
 mod boot;
+mod mmio;
 mod vhost_user;
 mod vsock;
 
@@ -35,6 +37,9 @@ enum Cmd {
         /// Guest memory, MiB.
         #[arg(long, default_value_t = 64)]
         mem: u64,
+        /// A virtio-blk disk: PATH[,ro][,serial=S].
+        #[arg(long, value_name = "PATH[,ro][,serial=S]")]
+        disk: Option<boot::DiskSpec>,
         /// Run even on a KVM that emulates every instruction (a PVM host's): only for
         /// tiny test guests.
         #[arg(long)]
@@ -85,12 +90,14 @@ fn main() {
             kernel,
             cmdline,
             mem,
+            disk,
             allow_emulated_kvm,
         } => {
             let o = boot::BootOptions {
                 kernel: &kernel,
                 cmdline: &cmdline,
                 mem_mib: mem,
+                disk: disk.as_ref(),
                 allow_emulated_kvm,
             };
             match boot::run(&o, std::io::stdout()) {

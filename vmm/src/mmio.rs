@@ -1,0 +1,157 @@
+//! The virtio-mmio transport (virtio 1.x, "version 2" registers) of joey-vmm's devices:
+//! the driver's register reads and writes, its queues (virtio-queue), and a notify
+//! that has the device process a queue. No interrupts yet (the test guest polls).
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+/// A device behind the transport.
+pub trait VirtioDevice {
+    /// Its virtio device id (2: block).
+    fn device_id(&self) -> u32;
+    /// Its feature bits (VIRTIO_F_VERSION_1 is added by the transport).
+    fn features(&self) -> u64;
+    fn num_queues(&self) -> usize;
+    /// Its configuration space.
+    fn config(&self) -> Vec<u8>;
+    /// Processes what the driver made available on queue `index`.
+    fn process(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap<()>);
+}
+
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const QUEUE_MAX: u16 = 256;
+
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    queues: Vec<Queue>,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    status: u32,
+    interrupt_status: u32,
+}
+
+impl MmioTransport {
+    pub fn new(device: Box<dyn VirtioDevice>) -> Self {
+        let queues = (0..device.num_queues())
+            .map(|_| Queue::new(QUEUE_MAX).expect("a valid queue size"))
+            .collect();
+        MmioTransport {
+            device,
+            queues,
+            queue_sel: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            status: 0,
+            interrupt_status: 0,
+        }
+    }
+
+    fn queue(&mut self) -> Option<&mut Queue> {
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// A driver's read of `data.len()` bytes at `offset`.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= 0x100 {
+            let config = self.device.config();
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = config
+                    .get(offset as usize - 0x100 + i)
+                    .copied()
+                    .unwrap_or(0);
+            }
+            return;
+        }
+        let features = self.device.features() | VIRTIO_F_VERSION_1;
+        let v: u32 = match offset {
+            0x000 => 0x7472_6976, // "virt"
+            0x004 => 2,
+            0x008 => self.device.device_id(),
+            0x00c => 0x4a4f_4559, // vendor "JOEY"
+            0x010 => (features >> (32 * self.device_features_sel.min(1))) as u32,
+            0x034 => self.queue().map_or(0, |q| u32::from(q.max_size())),
+            0x044 => self.queue().map_or(0, |q| u32::from(q.ready())),
+            0x060 => self.interrupt_status,
+            0x070 => self.status,
+            0x0fc => 0, // config generation
+            _ => 0,
+        };
+        let bytes = v.to_le_bytes();
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&bytes[..n]);
+    }
+
+    /// A driver's write of `data` at `offset`.
+    pub fn write(&mut self, offset: u64, data: &[u8], mem: &GuestMemoryMmap<()>) {
+        let mut b = [0u8; 4];
+        let n = data.len().min(4);
+        b[..n].copy_from_slice(&data[..n]);
+        let v = u32::from_le_bytes(b);
+        match offset {
+            0x014 => self.device_features_sel = v,
+            0x020 => {
+                let shift = 32 * self.driver_features_sel.min(1);
+                self.driver_features =
+                    (self.driver_features & !(0xffff_ffffu64 << shift)) | (u64::from(v) << shift);
+            }
+            0x024 => self.driver_features_sel = v,
+            0x030 => self.queue_sel = v,
+            0x038 => {
+                if let Some(q) = self.queue() {
+                    q.set_size(v as u16);
+                }
+            }
+            0x044 => {
+                if let Some(q) = self.queue() {
+                    q.set_ready(v == 1);
+                }
+            }
+            0x050 => {
+                let index = v as usize;
+                if let Some(q) = self.queues.get_mut(index) {
+                    if q.ready() {
+                        self.device.process(index, q, mem);
+                        self.interrupt_status |= 1;
+                    }
+                }
+            }
+            0x064 => self.interrupt_status &= !v,
+            0x070 => {
+                self.status = v;
+                if v == 0 {
+                    for q in &mut self.queues {
+                        q.reset();
+                    }
+                }
+            }
+            0x080 => self
+                .queue()
+                .into_iter()
+                .for_each(|q| q.set_desc_table_address(Some(v), None)),
+            0x084 => self
+                .queue()
+                .into_iter()
+                .for_each(|q| q.set_desc_table_address(None, Some(v))),
+            0x090 => self
+                .queue()
+                .into_iter()
+                .for_each(|q| q.set_avail_ring_address(Some(v), None)),
+            0x094 => self
+                .queue()
+                .into_iter()
+                .for_each(|q| q.set_avail_ring_address(None, Some(v))),
+            0x0a0 => self
+                .queue()
+                .into_iter()
+                .for_each(|q| q.set_used_ring_address(Some(v), None)),
+            0x0a4 => self
+                .queue()
+                .into_iter()
+                .for_each(|q| q.set_used_ring_address(None, Some(v))),
+            _ => {}
+        }
+    }
+}
