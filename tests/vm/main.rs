@@ -4,6 +4,7 @@
 //! QEMU, vhost-device-vsock and the artifacts in images/out (see README).
 
 mod nydus;
+mod testguest;
 mod vm;
 
 use std::path::PathBuf;
@@ -162,8 +163,8 @@ fn main() {
         vm::boot_check_and_clean_end,
         vm::run_output_and_exit_code,
         vm::the_guest_rng_is_seeded_by_the_host,
-        vm::the_test_guest_boots_under_qemu,
-        vm::the_test_guest_echoes_over_vsock,
+        testguest::the_test_guest_boots_under_qemu,
+        testguest::the_test_guest_echoes_over_vsock,
         vm::run_image_with_stdin,
         vm::kernel_panic_is_reported,
         vm::missing_agent_is_reported,
@@ -183,9 +184,9 @@ fn main() {
     // its reason) even in strict mode where it lacks one.
     let mut tests = tests;
     tests.push(joey_tests::Test {
-        name: "vm::joey_vmm_boots_the_test_guest_on_kvm",
-        run: || joey_tests::block_on(vm::joey_vmm_boots_the_test_guest_on_kvm()),
-        machine_lacks: vm::kvm_available(),
+        name: "testguest::joey_vmm_boots_the_test_guest_on_kvm",
+        run: || joey_tests::block_on(testguest::joey_vmm_boots_the_test_guest_on_kvm()),
+        machine_lacks: testguest::kvm_available(),
     });
     run_tier("vm", tests, detect().err(), true);
 }

@@ -1,0 +1,254 @@
+//! joey-vmm's test guest (`vmm/testguest/`): booted by QEMU's `-M microvm -kernel` as
+//! Linux is, and by joey-vmm itself on KVM.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+
+fn vmm() -> PathBuf {
+    joey_tests::bin_dir().join("joey-vmm")
+}
+
+/// Writes the test guest into `dir` (`joey-vmm test-guest`).
+async fn write_guest(dir: &Path) -> anyhow::Result<PathBuf> {
+    let guest = dir.join("guest.elf");
+    let o = joey_tests::run_command(
+        &vmm(),
+        &["test-guest", "--out", guest.to_str().unwrap_or_default()],
+        b"",
+        Duration::from_secs(10),
+    )
+    .await?;
+    ensure!(o.code == 0, "joey-vmm test-guest: {} {}", o.code, o.stderr);
+    Ok(guest)
+}
+
+/// A disk of known bytes in `dir`, and the line the test guest prints for its first 8
+/// sectors (their FNV-1a).
+fn known_disk(dir: &Path) -> anyhow::Result<(PathBuf, String)> {
+    let disk = dir.join("disk.img");
+    let bytes: Vec<u8> = (0..8192u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    std::fs::write(&disk, &bytes)?;
+    let fnv = bytes[..4096].iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    Ok((
+        disk,
+        format!("joey-test-guest: blk sectors 8 fnv1a {fnv:#018x}"),
+    ))
+}
+
+/// Boots `guest` under QEMU (`-M microvm`, virtio 1.x over MMIO as joey-vmm's
+/// transport, `extra` devices, command line `append`) until it resets, which must end
+/// QEMU with status 0 within 30 s; returns what it printed on its serial port.
+async fn boot_in_qemu(
+    dir: &Path,
+    guest: &Path,
+    machine: &str,
+    extra: &[String],
+    append: &str,
+) -> anyhow::Result<String> {
+    let serial = dir.join("serial.log");
+    let mut qemu = tokio::process::Command::new("qemu-system-x86_64")
+        .args(["-M", machine, "-m", "64", "-nodefaults", "-no-user-config"])
+        .args(["-no-reboot", "-display", "none", "-accel", "tcg"])
+        .args(["-global", "virtio-mmio.force-legacy=false"])
+        .args(extra)
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-kernel")
+        .arg(guest)
+        .args(["-append", append])
+        .kill_on_drop(true)
+        .spawn()?;
+    let status = tokio::time::timeout(Duration::from_secs(30), qemu.wait())
+        .await
+        .context("the test guest did not end within 30 s")??;
+    let out = std::fs::read_to_string(&serial)?;
+    ensure!(status.success(), "QEMU exited {status}; serial: {out:?}");
+    Ok(out)
+}
+
+/// Under QEMU the guest reaches long mode, prints on the 8250, reads its command line
+/// from the PVH start_info, finds its disk from the command line's
+/// `virtio_mmio.device=` entry (QEMU's announcement, as joey-vmm's is), reads 8
+/// sectors through its virtio-blk driver and prints their checksum, which must be the
+/// disk's, and resets, which ends QEMU (`-no-reboot`) with status 0.
+pub async fn the_test_guest_boots_under_qemu() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let guest = write_guest(tmp.path()).await?;
+    let (disk, want_blk) = known_disk(tmp.path())?;
+    let extra = [
+        "-drive".to_string(),
+        format!(
+            "id=d,file={},format=raw,if=none,readonly=on",
+            disk.display()
+        ),
+        "-device".into(),
+        "virtio-blk-device,drive=d".into(),
+    ];
+    let out = boot_in_qemu(
+        tmp.path(),
+        &guest,
+        "microvm,acpi=off",
+        &extra,
+        "joey.test=1 joey.sectors=8",
+    )
+    .await?;
+    let lines: Vec<&str> = out.lines().collect();
+    ensure!(
+        lines.len() == 5
+            && lines[0] == "joey-test-guest: started"
+            && lines[1].starts_with(
+                "joey-test-guest: cmdline joey.test=1 joey.sectors=8 virtio_mmio.device="
+            )
+            && lines[2].starts_with("joey-test-guest: virtio-mmio 0x")
+            && lines[2].ends_with(" device 2")
+            && lines[3] == want_blk
+            && lines[4] == "joey-test-guest: exit 0",
+        "serial: {out:?} (expected the blk line {want_blk:?})"
+    );
+    Ok(())
+}
+
+/// The guest's vsock, under QEMU with joey-vmm's own vsock device (its vhost-user
+/// backend, the hybrid-vsock socket its host side): it connects a stream to a host
+/// listener on port 5000, sends a message and prints what the host echoes back; the
+/// host saw the message, QEMU exits 0 and the backend ends with it.
+pub async fn the_test_guest_echoes_over_vsock() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let guest = write_guest(dir).await?;
+    let (vhu, uds) = (dir.join("vhu.sock"), dir.join("vm.vsock"));
+    let mut backend = tokio::process::Command::new(vmm())
+        .args(["vhost-user", "vsock", "--guest-cid", "3", "--socket"])
+        .arg(&vhu)
+        .arg("--uds")
+        .arg(&uds)
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    joey_tests::wait_until(
+        "joey-vmm's vhost-user socket",
+        Duration::from_secs(10),
+        || vhu.exists(),
+    )
+    .await?;
+    // The guest's connection to host port 5000 arrives here.
+    let listener = tokio::net::UnixListener::bind(format!("{}_5000", uds.display()))?;
+    let host = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut c, _) = listener.accept().await?;
+        let mut buf = vec![0u8; 4096];
+        let n = c.read(&mut buf).await?;
+        c.write_all(&buf[..n]).await?;
+        // Until the guest shuts the stream down.
+        let _ = c.read(&mut buf).await;
+        anyhow::Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    });
+    let extra = [
+        "-object".to_string(),
+        "memory-backend-memfd,id=mem,size=64M,share=on".into(),
+        "-chardev".into(),
+        format!("socket,id=v,path={}", vhu.display()),
+        "-device".into(),
+        "vhost-user-vsock-device,chardev=v".into(),
+    ];
+    let out = boot_in_qemu(
+        dir,
+        &guest,
+        "microvm,acpi=off,memory-backend=mem",
+        &extra,
+        "joey.vsock_port=5000",
+    )
+    .await?;
+    ensure!(
+        out.lines()
+            .any(|l| l == "joey-test-guest: vsock echo ping from the test guest")
+            && out.ends_with("joey-test-guest: exit 0\n"),
+        "serial: {out:?}"
+    );
+    let heard = tokio::time::timeout(Duration::from_secs(10), host)
+        .await
+        .context("the host's end did not finish")???;
+    ensure!(
+        heard == "ping from the test guest",
+        "the host heard {heard:?}"
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(10), backend.wait())
+        .await
+        .context("joey-vmm's backend outlived QEMU")??;
+    ensure!(ended.success(), "joey-vmm's backend exited {ended}");
+    Ok(())
+}
+
+/// Precondition for joey-vmm's KVM boot: a `/dev/kvm`.
+pub fn kvm_available() -> Option<String> {
+    match Path::new("/dev/kvm").exists() {
+        true => None,
+        false => Some("no /dev/kvm on this host".into()),
+    }
+}
+
+/// joey-vmm boots the test guest on KVM itself (no QEMU): the PVH entry through
+/// linux-loader, the CPUID KVM supports, its 8250 on stdout, the command line in the
+/// start_info with joey-vmm's `virtio_mmio.device=` announcement of its disk, whose 8
+/// sectors the guest reads through joey-vmm's virtio-mmio transport and virtio-blk
+/// device (the checksum must be the disk's); the guest's `exit 0` line becomes
+/// joey-vmm's status once the guest resets through the i8042. On a PVM host joey-vmm
+/// refuses without `--allow-emulated-kvm`, naming the reason.
+pub async fn joey_vmm_boots_the_test_guest_on_kvm() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let guest = write_guest(tmp.path()).await?;
+    let g = guest.to_str().unwrap_or_default();
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    if pvm {
+        let o = joey_tests::run_command(
+            &vmm(),
+            &["run", "--kernel", g],
+            b"",
+            Duration::from_secs(10),
+        )
+        .await?;
+        ensure!(
+            o.code != 0 && o.stderr.contains("PVM") && o.stderr.contains("--allow-emulated-kvm"),
+            "joey-vmm on a PVM host without --allow-emulated-kvm: {} {:?}",
+            o.code,
+            o.stderr
+        );
+    }
+    let (disk, want_blk) = known_disk(tmp.path())?;
+    let disk = format!("{},ro,serial=joey-test", disk.display());
+    let mut args = vec![
+        "run",
+        "--kernel",
+        g,
+        "--cmdline",
+        "joey.sectors=8",
+        "--mem",
+        "32",
+    ];
+    args.extend(["--disk", disk.as_str()]);
+    if pvm {
+        args.push("--allow-emulated-kvm");
+    }
+    let o = joey_tests::run_command(&vmm(), &args, b"", Duration::from_secs(60)).await?;
+    let want = format!(
+        "joey-test-guest: started\n\
+         joey-test-guest: cmdline joey.sectors=8 virtio_mmio.device=4K@0xd0000000:5\n\
+         joey-test-guest: virtio-mmio 0x00000000d0000000 device 2\n\
+         {want_blk}\n\
+         joey-test-guest: exit 0\n"
+    );
+    ensure!(
+        o.code == 0 && o.stdout == want,
+        "joey-vmm run: {} {:?} (expected {want:?}) {}",
+        o.code,
+        o.stdout,
+        o.stderr
+    );
+    Ok(())
+}
