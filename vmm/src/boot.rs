@@ -71,7 +71,8 @@ pub struct BootOptions<'a> {
     pub kernel: &'a Path,
     pub cmdline: &'a str,
     pub mem_mib: u64,
-    pub disk: Option<&'a DiskSpec>,
+    /// Disks, announced in this order.
+    pub disks: &'a [DiskSpec],
     /// Run on a KVM that emulates every instruction (a PVM host's).
     pub allow_emulated_kvm: bool,
 }
@@ -170,7 +171,7 @@ pub fn run(o: &BootOptions<'_>, console: impl Write) -> Result<Option<i32>> {
     };
     let mut cmdline = o.cmdline.to_string();
     let mut devices = Vec::new();
-    if let Some(d) = o.disk {
+    for d in o.disks {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(!d.read_only)

@@ -37,9 +37,9 @@ enum Cmd {
         /// Guest memory, MiB.
         #[arg(long, default_value_t = 64)]
         mem: u64,
-        /// A virtio-blk disk: PATH[,ro][,serial=S].
+        /// A virtio-blk disk: PATH[,ro][,serial=S] (repeatable).
         #[arg(long, value_name = "PATH[,ro][,serial=S]")]
-        disk: Option<boot::DiskSpec>,
+        disk: Vec<boot::DiskSpec>,
         /// Run even on a KVM that emulates every instruction (a PVM host's): only for
         /// tiny test guests.
         #[arg(long)]
@@ -97,7 +97,7 @@ fn main() {
                 kernel: &kernel,
                 cmdline: &cmdline,
                 mem_mib: mem,
-                disk: disk.as_ref(),
+                disks: &disk,
                 allow_emulated_kvm,
             };
             match boot::run(&o, std::io::stdout()) {
