@@ -155,3 +155,62 @@ impl MmioTransport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+
+    struct Dev;
+
+    impl VirtioDevice for Dev {
+        fn device_id(&self) -> u32 {
+            2
+        }
+        fn features(&self) -> u64 {
+            1 << 5
+        }
+        fn num_queues(&self) -> usize {
+            1
+        }
+        fn config(&self) -> Vec<u8> {
+            vec![1, 2, 3, 4, 5, 6, 7, 8]
+        }
+        fn process(&mut self, _: usize, _: &mut Queue, _: &GuestMemoryMmap<()>) {}
+    }
+
+    fn read32(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn registers_identify_the_device_and_select_features_and_queues() {
+        let mem: GuestMemoryMmap<()> =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
+        let mut t = MmioTransport::new(Box::new(Dev));
+        assert_eq!(read32(&mut t, 0x000), 0x7472_6976);
+        assert_eq!(read32(&mut t, 0x004), 2);
+        assert_eq!(read32(&mut t, 0x008), 2);
+        // Feature words: the device's low bits, then VIRTIO_F_VERSION_1 in the high word.
+        t.write(0x014, &0u32.to_le_bytes(), &mem);
+        assert_eq!(read32(&mut t, 0x010), 1 << 5);
+        t.write(0x014, &1u32.to_le_bytes(), &mem);
+        assert_eq!(read32(&mut t, 0x010), 1);
+        // Queue 0 exists with the maximum size; queue 1 does not.
+        assert_eq!(read32(&mut t, 0x034), u32::from(QUEUE_MAX));
+        t.write(0x030, &1u32.to_le_bytes(), &mem);
+        assert_eq!(read32(&mut t, 0x034), 0);
+        t.write(0x030, &0u32.to_le_bytes(), &mem);
+        t.write(0x044, &1u32.to_le_bytes(), &mem);
+        assert_eq!(read32(&mut t, 0x044), 1);
+        // Writing 0 to the status resets the queues.
+        t.write(0x070, &0u32.to_le_bytes(), &mem);
+        assert_eq!(read32(&mut t, 0x044), 0);
+        // The configuration space, at 0x100.
+        let mut c = [0u8; 4];
+        t.read(0x104, &mut c);
+        assert_eq!(c, [5, 6, 7, 8]);
+    }
+}
