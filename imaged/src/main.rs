@@ -114,7 +114,7 @@ fn mount(
             eprintln!("joey-imaged: {r}: Nydus image {}", image.digest);
             (image.bootstrap, registry::backend_config(&r, &settings)?)
         };
-        let (fs, _) = rafs::open(&bootstrap, &backend, &cache)?;
+        let fs = rafs::open(&bootstrap, &backend, &cache)?;
         fuse::serve(Box::new(fs), mountpoint)
     })();
     let _ = std::fs::remove_dir_all(&scratch);

@@ -86,9 +86,8 @@ pub fn facts(path: &Path) -> Result<Facts> {
     })
 }
 
-/// Opens the image of `bootstrap` (see the module's text); returns it and its facts.
-pub fn open(bootstrap: &Path, backend: &str, cache_dir: &Path) -> Result<(Rafs, Facts)> {
-    let facts = facts(bootstrap)?;
+/// Opens the image of `bootstrap` (see the module's text).
+pub fn open(bootstrap: &Path, backend: &str, cache_dir: &Path) -> Result<Rafs> {
     let config = format!(
         r#"
 version = 2
@@ -114,5 +113,5 @@ batch_size = 0
         .with_context(|| format!("open bootstrap {}", bootstrap.display()))?;
     rafs.import(reader, None)
         .with_context(|| format!("load bootstrap {}", bootstrap.display()))?;
-    Ok((rafs, facts))
+    Ok(rafs)
 }

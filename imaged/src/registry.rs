@@ -42,22 +42,6 @@ fn data_blobs(manifest: &serde_json::Value) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
-/// The image a manifest names is not a Nydus image (the client pulls it itself).
-#[derive(Debug)]
-pub struct NotNydus(pub String);
-
-impl std::fmt::Display for NotNydus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}: not a Nydus image (no layer annotated {ANNOTATION_NYDUS_BOOTSTRAP})",
-            self.0
-        )
-    }
-}
-
-impl std::error::Error for NotNydus {}
-
 /// `r` from what an earlier [`resolve`] left in `dir`, if `r` names its manifest by
 /// digest: the digest pins the manifest and so its config and bootstrap, and no
 /// registry is asked.
@@ -125,7 +109,9 @@ pub async fn resolve(
     let boot: OciDescriptor = nydus_bootstrap_layer(&manifest)
         .map(|l| serde_json::from_value(l.clone()))
         .transpose()?
-        .ok_or_else(|| NotNydus(shown.clone()))?;
+        .with_context(|| {
+            format!("{shown}: not a Nydus image (no layer annotated {ANNOTATION_NYDUS_BOOTSTRAP})")
+        })?;
     let config_desc: OciDescriptor = serde_json::from_value(manifest["config"].clone())
         .with_context(|| format!("{shown}: the manifest's config"))?;
     let hex = Digest::parse(&digest)?.hex().to_string();

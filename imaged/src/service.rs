@@ -65,17 +65,22 @@ struct Wanted {
 }
 
 impl Wanted {
-    /// Logs that the image is served (`how`: where), what it took and what it is.
-    fn log_served(&self, how: &str, open: Duration, facts: &rafs::Facts) {
-        eprintln!(
-            "joey-imaged: {}: image {} {how} in {} ms (resolve {} ms, open {} ms; {})",
+    /// Logs that the image is served (`how`: where), what it took and what it is. What
+    /// it is takes reading its bootstrap again: done off the request's path.
+    fn log_served(&self, how: &str, open: Duration) {
+        let line = format!(
+            "joey-imaged: {}: image {} {how} in {} ms (resolve {} ms, open {} ms",
             self.r,
             self.image.digest,
             self.asked.elapsed().as_millis(),
             self.resolve.as_millis(),
             open.as_millis(),
-            facts.describe(),
         );
+        let bootstrap = self.image.bootstrap.clone();
+        std::thread::spawn(move || match rafs::facts(&bootstrap) {
+            Ok(facts) => eprintln!("{line}; {})", facts.describe()),
+            Err(e) => eprintln!("{line}; {e:#})"),
+        });
     }
 
     /// The reply to the request: the image's digest, its config and `path`.
@@ -227,7 +232,7 @@ impl Service {
 
     /// A RAFS filesystem of the image, its chunks read through the registry backend
     /// into the shared chunk cache.
-    fn open(&self, w: &Wanted) -> Result<(nydus_rafs::fs::Rafs, rafs::Facts)> {
+    fn open(&self, w: &Wanted) -> Result<nydus_rafs::fs::Rafs> {
         let backend = registry::backend_config(&w.r, &w.settings)?;
         rafs::open(&w.image.bootstrap, &backend, &self.cache_dir.join("blobs"))
             .with_context(|| format!("{}: open image {}", w.r, w.image.digest))
@@ -248,14 +253,10 @@ impl Service {
             vm.device.clone()
         };
         let opening = Instant::now();
-        let (fs, facts) = self.open(w)?;
+        let fs = self.open(w)?;
         let open = opening.elapsed();
         device.mount(Box::new(fs), &w.hex)?;
-        w.log_served(
-            &format!("added to the VM of {}", socket.display()),
-            open,
-            &facts,
-        );
+        w.log_served(&format!("added to the VM of {}", socket.display()), open);
         if let Some(vm) = self.state().vms.get_mut(&socket) {
             vm.images.insert(w.hex.clone(), (1, w.image.blobs.clone()));
         }
@@ -273,7 +274,7 @@ impl Service {
         let dir = images_dir().join(&w.hex);
         std::fs::create_dir_all(&dir)?;
         let opening = Instant::now();
-        let (fs, facts) = self.open(w)?;
+        let fs = self.open(w)?;
         let open = opening.elapsed();
         let served = dir.clone();
         let shown = w.r.to_string();
@@ -293,7 +294,7 @@ impl Service {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        w.log_served(&format!("mounted at {}", dir.display()), open, &facts);
+        w.log_served(&format!("mounted at {}", dir.display()), open);
         self.state().images.insert(
             w.hex.clone(),
             Mounted {
@@ -465,12 +466,10 @@ impl Service {
                 lease
             }
             Err(e) => {
-                // An ordinary image is the client's to pull: it is told apart.
-                let not_nydus = e.downcast_ref::<registry::NotNydus>().is_some();
                 let _ = writeln!(
                     conn,
                     "{}",
-                    serde_json::json!({"ok": false, "error": format!("{e:#}"), "not_nydus": not_nydus})
+                    serde_json::json!({"ok": false, "error": format!("{e:#}")})
                 );
                 return;
             }

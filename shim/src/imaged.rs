@@ -5,8 +5,7 @@
 //! The protocol is one JSON object per line. A client sends
 //! `{"op": "mount", "ref": REF, "insecure": [...], "ca_pems": [...], "creds": "U:P"}`
 //! and gets `{"ok": true, "digest": "sha256:…", "config": JSON, "path": DIR}` or
-//! `{"ok": false, "error": TEXT, "not_nydus": BOOL}` (`not_nydus`: REF is an ordinary
-//! image, for the client to pull). The connection is the lease: the image stays
+//! `{"ok": false, "error": TEXT}` (an ordinary image's too: joeyctl then pulls it). The connection is the lease: the image stays
 //! mounted at DIR (shared by every lease of the same image) until the last
 //! connection holding it closes, which a client that dies does too.
 //!
@@ -87,8 +86,6 @@ pub enum ImagedError {
     Io(#[from] std::io::Error),
     #[error("the image service: {0}")]
     Refused(String),
-    #[error("{0}")]
-    NotNydus(String),
 }
 
 /// A mounted image, held for as long as this value lives. `path` is its directory on
@@ -226,10 +223,7 @@ fn request(
             .as_str()
             .unwrap_or("no reason given")
             .to_string();
-        return Err(match reply["not_nydus"] == true {
-            true => ImagedError::NotNydus(why),
-            false => ImagedError::Refused(why),
-        });
+        return Err(ImagedError::Refused(why));
     }
     Ok(reply)
 }

@@ -206,13 +206,19 @@ pub async fn a_running_service_resolves_the_tag() -> anyhow::Result<()> {
             o.stdout,
             o.stderr
         );
-        ensure!(
-            service
-                .log()
-                .contains(&format!("{reference}: image sha256:")),
-            "the service did not mount the image by its tag: {}",
-            service.log()
-        );
+        // The service logs a mount once it has looked at the image again, off the
+        // request's path.
+        let logged = format!("{reference}: image sha256:");
+        joey_tests::wait_until("the service's mount line", Duration::from_secs(10), || {
+            service.log().contains(&logged)
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "the service did not mount the image by its tag: {}",
+                service.log()
+            )
+        })?;
         let o = run_command_env(
             &env().joeyctl,
             &["run", "--ns", "--ref", &format!("{}/plain:1", reg.addr)],

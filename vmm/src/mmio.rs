@@ -127,32 +127,29 @@ impl MmioTransport {
                     }
                 }
             }
-            0x080 => self
-                .queue()
-                .into_iter()
-                .for_each(|q| q.set_desc_table_address(Some(v), None)),
-            0x084 => self
-                .queue()
-                .into_iter()
-                .for_each(|q| q.set_desc_table_address(None, Some(v))),
-            0x090 => self
-                .queue()
-                .into_iter()
-                .for_each(|q| q.set_avail_ring_address(Some(v), None)),
-            0x094 => self
-                .queue()
-                .into_iter()
-                .for_each(|q| q.set_avail_ring_address(None, Some(v))),
-            0x0a0 => self
-                .queue()
-                .into_iter()
-                .for_each(|q| q.set_used_ring_address(Some(v), None)),
-            0x0a4 => self
-                .queue()
-                .into_iter()
-                .for_each(|q| q.set_used_ring_address(None, Some(v))),
+            0x080..=0x0a4 => {
+                if let Some(q) = self.queue() {
+                    set_ring_address(q, offset, v);
+                }
+            }
             _ => {}
         }
+    }
+}
+
+/// A driver's write of one half of a ring's address (`offset`: its low or high word,
+/// 0x080/0x084 the descriptor table, 0x090/0x094 the available ring, 0x0a0/0x0a4 the
+/// used ring).
+fn set_ring_address(q: &mut Queue, offset: u64, v: u32) {
+    let (low, high) = match offset & 4 {
+        0 => (Some(v), None),
+        _ => (None, Some(v)),
+    };
+    match offset & !4 {
+        0x080 => q.set_desc_table_address(low, high),
+        0x090 => q.set_avail_ring_address(low, high),
+        0x0a0 => q.set_used_ring_address(low, high),
+        _ => {}
     }
 }
 
