@@ -39,7 +39,7 @@ impl Block {
 
     /// One request: its header, its data buffers and its status byte; returns the bytes
     /// written to the driver.
-    fn request(&mut self, mem: &GuestMemoryMmap<()>, descs: &[(u64, u32, bool)]) -> u32 {
+    fn request(&mut self, mem: &GuestMemoryMmap, descs: &[(u64, u32, bool)]) -> u32 {
         let (Some(&(hdr, _, _)), Some(&(status, _, _))) = (descs.first(), descs.last()) else {
             return 0;
         };
@@ -105,14 +105,17 @@ impl VirtioDevice for Block {
         self.sectors.to_le_bytes().to_vec()
     }
 
-    fn process(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMemoryMmap<()>) {
+    fn notify(&mut self, _index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let queue = &mut queues[0];
+        let mut used = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let descs: Vec<(u64, u32, bool)> = chain
                 .map(|d| (d.addr().0, d.len(), d.is_write_only()))
                 .collect();
             let len = self.request(mem, &descs);
-            let _ = queue.add_used(mem, head, len);
+            used |= queue.add_used(mem, head, len).is_ok();
         }
+        used
     }
 }

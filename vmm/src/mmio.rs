@@ -1,25 +1,46 @@
 //! The virtio-mmio transport (virtio 1.x, "version 2" registers) of joey-vmm's devices:
-//! the driver's register reads and writes, its queues (virtio-queue), and a notify
-//! that has the device process a queue. No interrupts yet (the test guest polls).
+//! the driver's register reads and writes, its queues (virtio-queue), a notify that has
+//! the device process a queue, host-side events (a device's own file descriptor
+//! becoming readable), and the device's interrupt: the "used buffer" bit of the
+//! interrupt status, raised through an eventfd that KVM injects on the device's line
+//! (an irqfd).
+
+use std::os::fd::RawFd;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 /// A device behind the transport.
-pub trait VirtioDevice {
-    /// Its virtio device id (2: block).
+pub trait VirtioDevice: Send {
+    /// Its virtio device id (2: block, 4: entropy, 19: vsock).
     fn device_id(&self) -> u32;
     /// Its feature bits (VIRTIO_F_VERSION_1 is added by the transport).
     fn features(&self) -> u64;
     fn num_queues(&self) -> usize;
     /// Its configuration space.
     fn config(&self) -> Vec<u8>;
-    /// Processes what the driver made available on queue `index`.
-    fn process(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap<()>);
+    /// Processes what the driver made available on queue `index` (ready, as are the
+    /// device's other queues that the driver has set up). Returns whether it put
+    /// buffers in a used ring.
+    fn notify(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool;
+    /// A file descriptor that becomes readable when the host side has something for
+    /// the guest.
+    fn host_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// Handles host-side activity (its [`VirtioDevice::host_fd`] is readable). Returns
+    /// whether it put buffers in a used ring.
+    fn host_event(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> bool {
+        false
+    }
 }
 
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const QUEUE_MAX: u16 = 256;
+const STATUS_DRIVER_OK: u32 = 4;
+/// The interrupt status bit for "a used ring changed".
+const INT_USED_RING: u32 = 1;
 
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -30,10 +51,12 @@ pub struct MmioTransport {
     driver_features: u64,
     status: u32,
     interrupt_status: u32,
+    /// The device's interrupt line (an irqfd); none in unit tests.
+    irq: Option<EventFd>,
 }
 
 impl MmioTransport {
-    pub fn new(device: Box<dyn VirtioDevice>) -> Self {
+    pub fn new(device: Box<dyn VirtioDevice>, irq: Option<EventFd>) -> Self {
         let queues = (0..device.num_queues())
             .map(|_| Queue::new(QUEUE_MAX).expect("a valid queue size"))
             .collect();
@@ -46,11 +69,41 @@ impl MmioTransport {
             driver_features: 0,
             status: 0,
             interrupt_status: 0,
+            irq,
         }
+    }
+
+    pub fn host_fd(&self) -> Option<RawFd> {
+        self.device.host_fd()
     }
 
     fn queue(&mut self) -> Option<&mut Queue> {
         self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    /// Whether the driver has finished setting the device up.
+    fn live(&self) -> bool {
+        self.status & STATUS_DRIVER_OK != 0
+    }
+
+    /// Raises the used-ring interrupt if `used`.
+    fn signal(&mut self, used: bool) {
+        if used {
+            self.interrupt_status |= INT_USED_RING;
+            if let Some(irq) = &self.irq {
+                if let Err(e) = irq.write(1) {
+                    tracing::warn!("virtio-mmio: raise the interrupt: {e}");
+                }
+            }
+        }
+    }
+
+    /// Host-side activity on the device's [`MmioTransport::host_fd`].
+    pub fn host_event(&mut self, mem: &GuestMemoryMmap) {
+        if self.live() {
+            let used = self.device.host_event(&mut self.queues, mem);
+            self.signal(used);
+        }
     }
 
     /// A driver's read of `data.len()` bytes at `offset`.
@@ -85,7 +138,7 @@ impl MmioTransport {
     }
 
     /// A driver's write of `data` at `offset`.
-    pub fn write(&mut self, offset: u64, data: &[u8], mem: &GuestMemoryMmap<()>) {
+    pub fn write(&mut self, offset: u64, data: &[u8], mem: &GuestMemoryMmap) {
         let mut b = [0u8; 4];
         let n = data.len().min(4);
         b[..n].copy_from_slice(&data[..n]);
@@ -111,11 +164,10 @@ impl MmioTransport {
             }
             0x050 => {
                 let index = v as usize;
-                if let Some(q) = self.queues.get_mut(index) {
-                    if q.ready() {
-                        self.device.process(index, q, mem);
-                        self.interrupt_status |= 1;
-                    }
+                let ready = self.queues.get(index).is_some_and(|q| q.ready());
+                if ready && self.live() {
+                    let used = self.device.notify(index, &mut self.queues, mem);
+                    self.signal(used);
                 }
             }
             0x064 => self.interrupt_status &= !v,
@@ -125,6 +177,7 @@ impl MmioTransport {
                     for q in &mut self.queues {
                         q.reset();
                     }
+                    self.interrupt_status = 0;
                 }
             }
             0x080..=0x0a4 => {
@@ -158,7 +211,8 @@ mod tests {
     use super::*;
     use vm_memory::GuestAddress;
 
-    struct Dev;
+    /// Counts notifies and answers each with a used buffer.
+    struct Dev(std::sync::Arc<std::sync::atomic::AtomicUsize>);
 
     impl VirtioDevice for Dev {
         fn device_id(&self) -> u32 {
@@ -173,7 +227,10 @@ mod tests {
         fn config(&self) -> Vec<u8> {
             vec![1, 2, 3, 4, 5, 6, 7, 8]
         }
-        fn process(&mut self, _: usize, _: &mut Queue, _: &GuestMemoryMmap<()>) {}
+        fn notify(&mut self, _: usize, _: &mut [Queue], _: &GuestMemoryMmap) -> bool {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            true
+        }
     }
 
     fn read32(t: &mut MmioTransport, off: u64) -> u32 {
@@ -184,9 +241,9 @@ mod tests {
 
     #[test]
     fn registers_identify_the_device_and_select_features_and_queues() {
-        let mem: GuestMemoryMmap<()> =
+        let mem: GuestMemoryMmap =
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
-        let mut t = MmioTransport::new(Box::new(Dev));
+        let mut t = MmioTransport::new(Box::new(Dev(Default::default())), None);
         assert_eq!(read32(&mut t, 0x000), 0x7472_6976);
         assert_eq!(read32(&mut t, 0x004), 2);
         assert_eq!(read32(&mut t, 0x008), 2);
@@ -209,5 +266,28 @@ mod tests {
         let mut c = [0u8; 4];
         t.read(0x104, &mut c);
         assert_eq!(c, [5, 6, 7, 8]);
+    }
+
+    #[test]
+    fn a_notify_reaches_a_live_device_and_raises_its_interrupt() {
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut t = MmioTransport::new(Box::new(Dev(count.clone())), Some(irq.try_clone().unwrap()));
+        let notify = |t: &mut MmioTransport| t.write(0x050, &0u32.to_le_bytes(), &mem);
+        // Not ready, then ready but the driver not done: nothing happens.
+        notify(&mut t);
+        t.write(0x044, &1u32.to_le_bytes(), &mem);
+        notify(&mut t);
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert!(irq.read().is_err(), "no interrupt yet");
+        t.write(0x070, &0xfu32.to_le_bytes(), &mem);
+        notify(&mut t);
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(irq.read().unwrap(), 1, "the interrupt was raised");
+        assert_eq!(read32(&mut t, 0x060), INT_USED_RING);
+        t.write(0x064, &INT_USED_RING.to_le_bytes(), &mem);
+        assert_eq!(read32(&mut t, 0x060), 0, "acknowledged");
     }
 }

@@ -26,16 +26,14 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::vsock::device::{process_rx, process_tx, RX_QUEUE, TX_QUEUE};
+use crate::vsock::device::{exchange, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
 use crate::vsock::muxer::Muxer;
 
-/// rx, tx and event; QEMU hands over only the first two.
-const NUM_QUEUES: usize = 3;
 /// QEMU 7.2 sets the vsock rings to 1024 entries (SET_VRING_NUM, seen on the wire);
 /// a larger ring than this is refused.
 const MAX_QUEUE_SIZE: usize = 1024;
 /// The event id of the muxer's epoll fd (above the queues and the exit event).
-const MUXER_EVENT: u16 = NUM_QUEUES as u16 + 1;
+const MUXER_EVENT: u16 = NUM_QUEUES as u16 + 1; // rx, tx and event; QEMU hands over only rx and tx
 
 type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -70,26 +68,15 @@ impl VsockBackend {
             return Ok(());
         };
         let (rx, tx) = (&vrings[RX_QUEUE], &vrings[TX_QUEUE]);
-        let tx_used = {
-            let mut ring = tx.get_mut();
-            process_tx(&mut st.muxer, ring.get_queue_mut(), &mem)
-        };
-        // What the guest sent may have made a connection ready to answer.
-        st.muxer.process();
-        let rx_used = {
-            let mut ring = rx.get_mut();
-            process_rx(&mut st.muxer, ring.get_queue_mut(), &mem)
-        };
+        let (tx_used, rx_used) = exchange(
+            &mut st.muxer,
+            rx.get_mut().get_queue_mut(),
+            tx.get_mut().get_queue_mut(),
+            &mem,
+        );
         for (ring, used) in [(tx, tx_used), (rx, rx_used)] {
-            match used {
-                Ok(true) => {
-                    if ring.needs_notification().unwrap_or(true) {
-                        ring.signal_used_queue()?;
-                    }
-                }
-                Ok(false) => {}
-                // A broken ring is the guest's problem; keep serving the other.
-                Err(e) => warn!("vsock: {e}"),
+            if used && ring.needs_notification().unwrap_or(true) {
+                ring.signal_used_queue()?;
             }
         }
         Ok(())

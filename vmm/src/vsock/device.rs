@@ -12,9 +12,11 @@ use vm_memory::GuestMemoryMmap;
 use super::muxer::Muxer;
 use super::packet::{op, Header, Packet, PacketError, HDR_LEN};
 
-/// The queues the guest driver sets up, in order (the event queue stays with QEMU).
+/// The queues the guest driver sets up, in order.
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
+pub const EVENT_QUEUE: usize = 2;
+pub const NUM_QUEUES: usize = 3;
 
 /// What the device needs from the host side.
 pub trait VsockBackend {
@@ -101,6 +103,81 @@ pub fn process_tx<B: VsockBackend>(
         if !queue.enable_notification(mem)? {
             return Ok(used);
         }
+    }
+}
+
+/// One round both ways: the guest's tx packets to the muxer, the muxer's socket
+/// activity, then the guest's rx buffers filled. Returns whether each ring (tx, rx)
+/// got used entries; a broken ring is logged and reported as unused, so the other is
+/// still served.
+pub fn exchange(muxer: &mut Muxer, rx: &mut Queue, tx: &mut Queue, mem: &GuestMemoryMmap) -> (bool, bool) {
+    let tx_used = process_tx(muxer, tx, mem);
+    // What the guest sent may have made a connection ready to answer.
+    muxer.process();
+    let rx_used = process_rx(muxer, rx, mem);
+    let ok = |r: Result<bool, DeviceError>| {
+        r.unwrap_or_else(|e| {
+            warn!("vsock: {e}");
+            false
+        })
+    };
+    (ok(tx_used), ok(rx_used))
+}
+
+/// The vsock device on joey-vmm's own virtio-mmio transport: the guest's CID as its
+/// configuration, the muxer as its host side. The event queue is set up by the driver
+/// and never used (no transport reset events).
+pub struct Vsock {
+    guest_cid: u64,
+    muxer: Muxer,
+}
+
+impl Vsock {
+    pub fn new(guest_cid: u64, muxer: Muxer) -> Self {
+        Vsock { guest_cid, muxer }
+    }
+
+    fn run(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let [rx, tx, ..] = queues else {
+            return false;
+        };
+        if !(rx.is_valid(mem) && tx.is_valid(mem)) {
+            return false;
+        }
+        let (tx_used, rx_used) = exchange(&mut self.muxer, rx, tx, mem);
+        tx_used || rx_used
+    }
+}
+
+impl crate::mmio::VirtioDevice for Vsock {
+    fn device_id(&self) -> u32 {
+        19
+    }
+
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn config(&self) -> Vec<u8> {
+        self.guest_cid.to_le_bytes().to_vec()
+    }
+
+    fn notify(&mut self, index: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        index != EVENT_QUEUE && self.run(queues, mem)
+    }
+
+    fn host_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        Some(self.muxer.as_fd().as_raw_fd())
+    }
+
+    fn host_event(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        self.muxer.process();
+        self.run(queues, mem)
     }
 }
 
