@@ -5,9 +5,10 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const SOURCES: [&str; 4] = [
+const SOURCES: [&str; 5] = [
     "testguest/entry.S",
     "testguest/guest.c",
+    "testguest/irq.c",
     "testguest/virtio.c",
     "testguest/vsock.c",
 ];

@@ -75,8 +75,10 @@ async fn boot_in_qemu(
 /// Under QEMU the guest reaches long mode, prints on the 8250, reads its command line
 /// from the PVH start_info, finds its disk from the command line's
 /// `virtio_mmio.device=` entry (QEMU's announcement, as joey-vmm's is), reads 8
-/// sectors through its virtio-blk driver and prints their checksum, which must be the
-/// disk's, and resets, which ends QEMU (`-no-reboot`) with status 0.
+/// sectors through its virtio-blk driver, each completion announced by an interrupt
+/// through the I/O APIC (`joey.irq=1`), prints their checksum, which must be the
+/// disk's, and resets, which ends QEMU (`-no-reboot`) with status 0. QEMU is the
+/// reference the guest's drivers are checked against before they judge joey-vmm.
 pub async fn the_test_guest_boots_under_qemu() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let guest = write_guest(tmp.path()).await?;
@@ -95,21 +97,54 @@ pub async fn the_test_guest_boots_under_qemu() -> anyhow::Result<()> {
         &guest,
         "microvm,acpi=off",
         &extra,
-        "joey.test=1 joey.sectors=8",
+        "joey.irq=1 joey.sectors=8",
     )
     .await?;
     let lines: Vec<&str> = out.lines().collect();
     ensure!(
-        lines.len() == 5
+        lines.len() == 6
             && lines[0] == "joey-test-guest: started"
             && lines[1].starts_with(
-                "joey-test-guest: cmdline joey.test=1 joey.sectors=8 virtio_mmio.device="
+                "joey-test-guest: cmdline joey.irq=1 joey.sectors=8 virtio_mmio.device="
             )
             && lines[2].starts_with("joey-test-guest: virtio-mmio 0x")
             && lines[2].ends_with(" device 2")
             && lines[3] == want_blk
-            && lines[4] == "joey-test-guest: exit 0",
+            && lines[4] == "joey-test-guest: blk interrupts 8"
+            && lines[5] == "joey-test-guest: exit 0",
         "serial: {out:?} (expected the blk line {want_blk:?})"
+    );
+    Ok(())
+}
+
+/// A host listener for the guest's vsock connection to `port` (`<uds>_<port>`): it
+/// echoes the first message back, waits for the guest to shut the stream down, and
+/// returns the message.
+fn echo_once(
+    uds: &Path,
+    port: u32,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<String>>> {
+    let listener = tokio::net::UnixListener::bind(format!("{}_{port}", uds.display()))?;
+    Ok(tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut c, _) = listener.accept().await?;
+        let mut buf = vec![0u8; 4096];
+        let n = c.read(&mut buf).await?;
+        c.write_all(&buf[..n]).await?;
+        // Until the guest shuts the stream down.
+        let _ = c.read(&mut buf).await;
+        anyhow::Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }))
+}
+
+/// What the host's end of [`echo_once`] heard, within 10 s.
+async fn heard(host: tokio::task::JoinHandle<anyhow::Result<String>>) -> anyhow::Result<()> {
+    let heard = tokio::time::timeout(Duration::from_secs(10), host)
+        .await
+        .context("the host's end did not finish")???;
+    ensure!(
+        heard == "ping from the test guest",
+        "the host heard {heard:?}"
     );
     Ok(())
 }
@@ -137,18 +172,7 @@ pub async fn the_test_guest_echoes_over_vsock() -> anyhow::Result<()> {
         || vhu.exists(),
     )
     .await?;
-    // The guest's connection to host port 5000 arrives here.
-    let listener = tokio::net::UnixListener::bind(format!("{}_5000", uds.display()))?;
-    let host = tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (mut c, _) = listener.accept().await?;
-        let mut buf = vec![0u8; 4096];
-        let n = c.read(&mut buf).await?;
-        c.write_all(&buf[..n]).await?;
-        // Until the guest shuts the stream down.
-        let _ = c.read(&mut buf).await;
-        anyhow::Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
-    });
+    let host = echo_once(&uds, 5000)?;
     let extra = [
         "-object".to_string(),
         "memory-backend-memfd,id=mem,size=64M,share=on".into(),
@@ -171,13 +195,7 @@ pub async fn the_test_guest_echoes_over_vsock() -> anyhow::Result<()> {
             && out.ends_with("joey-test-guest: exit 0\n"),
         "serial: {out:?}"
     );
-    let heard = tokio::time::timeout(Duration::from_secs(10), host)
-        .await
-        .context("the host's end did not finish")???;
-    ensure!(
-        heard == "ping from the test guest",
-        "the host heard {heard:?}"
-    );
+    heard(host).await?;
     let ended = tokio::time::timeout(Duration::from_secs(10), backend.wait())
         .await
         .context("joey-vmm's backend outlived QEMU")??;
@@ -193,13 +211,16 @@ pub fn kvm_available() -> Option<String> {
     }
 }
 
-/// joey-vmm boots the test guest on KVM itself (no QEMU): the PVH entry through
-/// linux-loader, the CPUID KVM supports, its 8250 on stdout, the command line in the
-/// start_info with joey-vmm's `virtio_mmio.device=` announcement of its disk, whose 8
-/// sectors the guest reads through joey-vmm's virtio-mmio transport and virtio-blk
-/// device (the checksum must be the disk's); the guest's `exit 0` line becomes
-/// joey-vmm's status once the guest resets through the i8042. On a PVM host joey-vmm
-/// refuses without `--allow-emulated-kvm`, naming the reason.
+/// joey-vmm boots the test guest on KVM itself (no QEMU), with two vCPUs, a disk, an
+/// entropy device and vsock: the PVH entry through linux-loader, the CPUID KVM
+/// supports, the 8250 on stdout, the command line in the start_info with joey-vmm's
+/// `virtio_mmio.device=` announcements, the MP table naming both vCPUs; the guest
+/// reads 8 sectors through joey-vmm's virtio-blk, each completion an interrupt through
+/// KVM's I/O APIC (the device's irqfd), the checksum the disk's; it echoes a message
+/// through joey-vmm's in-process vsock device to a listener on the hybrid-vsock
+/// socket; its `exit 7` line becomes joey-vmm's status once it resets through the
+/// i8042, joey-vmm prints its timeline, and its vsock socket is gone. On a PVM host
+/// joey-vmm refuses without `--allow-emulated-kvm`, naming the reason.
 pub async fn joey_vmm_boots_the_test_guest_on_kvm() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let guest = write_guest(tmp.path()).await?;
@@ -222,33 +243,38 @@ pub async fn joey_vmm_boots_the_test_guest_on_kvm() -> anyhow::Result<()> {
     }
     let (disk, want_blk) = known_disk(tmp.path())?;
     let disk = format!("{},ro,serial=joey-test", disk.display());
-    let mut args = vec![
-        "run",
-        "--kernel",
-        g,
-        "--cmdline",
-        "joey.sectors=8",
-        "--mem",
-        "32",
-    ];
-    args.extend(["--disk", disk.as_str()]);
+    let uds = tmp.path().join("vm.vsock");
+    let vsock = format!("{},cid=5", uds.display());
+    let host = echo_once(&uds, 5000)?;
+    let cmdline = "joey.sectors=8 joey.irq=1 joey.vsock_port=5000 joey.exit=7";
+    let mut args = vec!["run", "--kernel", g, "--cmdline", cmdline];
+    args.extend(["--mem", "32", "--cpus", "2", "--rng"]);
+    args.extend(["--disk", disk.as_str(), "--vsock", vsock.as_str()]);
     if pvm {
         args.push("--allow-emulated-kvm");
     }
     let o = joey_tests::run_command(&vmm(), &args, b"", Duration::from_secs(60)).await?;
     let want = format!(
         "joey-test-guest: started\n\
-         joey-test-guest: cmdline joey.sectors=8 virtio_mmio.device=4K@0xd0000000:5\n\
+         joey-test-guest: cmdline {cmdline} virtio_mmio.device=4K@0xd0000000:5 \
+         virtio_mmio.device=4K@0xd0001000:6 virtio_mmio.device=4K@0xd0002000:7\n\
          joey-test-guest: virtio-mmio 0x00000000d0000000 device 2\n\
+         joey-test-guest: virtio-mmio 0x00000000d0001000 device 4\n\
+         joey-test-guest: virtio-mmio 0x00000000d0002000 device 19\n\
+         joey-test-guest: mptable cpus 2\n\
          {want_blk}\n\
-         joey-test-guest: exit 0\n"
+         joey-test-guest: blk interrupts 8\n\
+         joey-test-guest: vsock echo ping from the test guest\n\
+         joey-test-guest: exit 7\n"
     );
     ensure!(
-        o.code == 0 && o.stdout == want,
+        o.code == 7 && o.stdout == want && o.stderr.contains("joey-vmm: ended (Reset) status 7"),
         "joey-vmm run: {} {:?} (expected {want:?}) {}",
         o.code,
         o.stdout,
         o.stderr
     );
+    heard(host).await?;
+    ensure!(!uds.exists(), "joey-vmm left its vsock socket behind");
     Ok(())
 }

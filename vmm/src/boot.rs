@@ -66,9 +66,7 @@ pub fn load_initrd(mem: &GuestMemoryMmap, initrd: &Path, kernel_end: u64) -> Res
         .map(|a| a & !0xfff)
         .filter(|a| *a >= kernel_end)
         .with_context(|| {
-            format!(
-                "the initrd ({size} bytes) does not fit between the kernel and {low_end:#x}"
-            )
+            format!("the initrd ({size} bytes) does not fit between the kernel and {low_end:#x}")
         })?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
         .with_context(|| format!("read the initrd {}", initrd.display()))?;
@@ -93,7 +91,10 @@ fn memmap(mem: &GuestMemoryMmap) -> Vec<(u64, u64, u32)> {
         (MPTABLE_START, MPTABLE_SIZE, E820_RESERVED),
     ];
     for r in mem.iter() {
-        let (start, end) = (r.start_addr().0.max(HIMEM_START), r.start_addr().0 + r.len());
+        let (start, end) = (
+            r.start_addr().0.max(HIMEM_START),
+            r.start_addr().0 + r.len(),
+        );
         if end > start {
             m.push((start, end - start, E820_RAM));
         }
@@ -165,7 +166,10 @@ mod tests {
         assert_eq!(big[0], (GuestAddress(0), MMIO_START as usize));
         assert_eq!(
             big[1],
-            (GuestAddress(FOUR_GIB), ((4096u64 << 20) - MMIO_START) as usize)
+            (
+                GuestAddress(FOUR_GIB),
+                ((4096u64 << 20) - MMIO_START) as usize
+            )
         );
         assert!(ram_ranges(8).is_err());
 

@@ -274,7 +274,8 @@ mod tests {
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 16)]).unwrap();
         let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut t = MmioTransport::new(Box::new(Dev(count.clone())), Some(irq.try_clone().unwrap()));
+        let mut t =
+            MmioTransport::new(Box::new(Dev(count.clone())), Some(irq.try_clone().unwrap()));
         let notify = |t: &mut MmioTransport| t.write(0x050, &0u32.to_le_bytes(), &mem);
         // Not ready, then ready but the driver not done: nothing happens.
         notify(&mut t);

@@ -57,13 +57,7 @@ fn getrandom(buf: &mut [u8]) -> usize {
     let mut got = 0;
     while got < buf.len() {
         // SAFETY: the pointer and length describe the unfilled part of `buf`.
-        let n = unsafe {
-            libc::getrandom(
-                buf[got..].as_mut_ptr().cast(),
-                buf.len() - got,
-                0,
-            )
-        };
+        let n = unsafe { libc::getrandom(buf[got..].as_mut_ptr().cast(), buf.len() - got, 0) };
         if n <= 0 {
             if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
                 continue;

@@ -115,7 +115,10 @@ mod tests {
         c.write_all(b"[    0.1] booting\njoey-init: started 0.52s after boot\n")
             .unwrap();
         c.write_all(b"joey-init: ex").unwrap();
-        assert!(report.lock().unwrap().exit.is_none(), "not a whole line yet");
+        assert!(
+            report.lock().unwrap().exit.is_none(),
+            "not a whole line yet"
+        );
         c.write_all(b"it 3\r\n").unwrap();
         let r = report.lock().unwrap().clone();
         assert!(r.marker.is_some());

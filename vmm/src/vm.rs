@@ -165,7 +165,8 @@ pub fn run(cfg: VmConfig, since: Instant) -> Result<Outcome> {
     let vm = kvm.create_vm().context("create a KVM VM")?;
     vm.set_tss_address(KVM_TSS_ADDRESS)
         .context("set the TSS address")?;
-    vm.create_irq_chip().context("create KVM's interrupt controllers")?;
+    vm.create_irq_chip()
+        .context("create KVM's interrupt controllers")?;
     let pit = kvm_pit_config {
         flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()

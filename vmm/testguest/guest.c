@@ -61,6 +61,7 @@ static u64 cmdline_num(const char *cmdline, const char *key, u64 dflt)
 }
 
 static u8 sector[512];
+int use_irq;
 
 void guest_main(const struct start_info *si)
 {
@@ -80,6 +81,13 @@ void guest_main(const struct start_info *si)
         put_dec(devs[i].device_id);
         puts_serial("\n");
     }
+    int cpus = mptable_cpus();
+    if (cpus) {
+        puts_serial("joey-test-guest: mptable cpus ");
+        put_dec((u64)cpus);
+        puts_serial("\n");
+    }
+    use_irq = cmdline_num(cmdline, "joey.irq=", 0) == 1;
     u64 sectors = cmdline_num(cmdline, "joey.sectors=", 8);
     for (int i = 0; i < n; i++) {
         if (devs[i].device_id != 2)
@@ -91,6 +99,8 @@ void guest_main(const struct start_info *si)
             puts_serial("\n");
             break;
         }
+        if (use_irq)
+            irq_init(&devs[i]);
         /* FNV-1a, 64 bits, over the sectors in order. */
         u64 h = 0xcbf29ce484222325ull;
         for (u64 s = 0; s < sectors; s++) {
@@ -106,6 +116,11 @@ void guest_main(const struct start_info *si)
         puts_serial(" fnv1a ");
         put_hex(h);
         puts_serial("\n");
+        if (use_irq) {
+            puts_serial("joey-test-guest: blk interrupts ");
+            put_dec(irq_count());
+            puts_serial("\n");
+        }
         break;
     }
     u64 port = cmdline_num(cmdline, "joey.vsock_port=", 0);
@@ -127,6 +142,9 @@ void guest_main(const struct start_info *si)
         puts_serial("\n");
         break;
     }
-    puts_serial("joey-test-guest: exit 0\n");
+    /* The exit status to name, `joey.exit=N` (0 by default). */
+    puts_serial("joey-test-guest: exit ");
+    put_dec(cmdline_num(cmdline, "joey.exit=", 0));
+    puts_serial("\n");
     guest_reset();
 }

@@ -30,3 +30,10 @@ int blk_init(const struct mmio_dev *d);
 int blk_read(const struct mmio_dev *d, u64 sector, u8 *buf);
 int vsock_init(const struct mmio_dev *d);
 int vsock_echo(const struct mmio_dev *d, u32 port, const char *msg, char *reply, u32 cap);
+/* Interrupts and the MP table (irq.c). */
+void irq_init(const struct mmio_dev *d);
+u32 irq_count(void);
+void irq_wait(u32 seen);
+int mptable_cpus(void);
+/* Set by guest.c from `joey.irq=1`: wait for interrupts rather than poll. */
+extern int use_irq;

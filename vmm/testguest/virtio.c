@@ -160,9 +160,14 @@ int blk_read(const struct mmio_dev *d, u64 sector, u8 *buf)
     __asm__ volatile("" ::: "memory");
     avail_ring.idx++;
     __asm__ volatile("mfence" ::: "memory");
+    u32 irqs = irq_count();
     mmio_notify(d, 0);
+    /* With interrupts, each request must raise one before its completion is read. */
+    if (use_irq)
+        irq_wait(irqs);
     while (*(volatile u16 *)&used_ring.idx == seen)
         ;
-    wr(d->base, MMIO_INTERRUPT_ACK, rd(d->base, MMIO_INTERRUPT_STATUS));
+    if (!use_irq)
+        wr(d->base, MMIO_INTERRUPT_ACK, rd(d->base, MMIO_INTERRUPT_STATUS));
     return req_status == 0 ? 0 : -1;
 }

@@ -110,7 +110,12 @@ pub fn process_tx<B: VsockBackend>(
 /// activity, then the guest's rx buffers filled. Returns whether each ring (tx, rx)
 /// got used entries; a broken ring is logged and reported as unused, so the other is
 /// still served.
-pub fn exchange(muxer: &mut Muxer, rx: &mut Queue, tx: &mut Queue, mem: &GuestMemoryMmap) -> (bool, bool) {
+pub fn exchange(
+    muxer: &mut Muxer,
+    rx: &mut Queue,
+    tx: &mut Queue,
+    mem: &GuestMemoryMmap,
+) -> (bool, bool) {
     let tx_used = process_tx(muxer, tx, mem);
     // What the guest sent may have made a connection ready to answer.
     muxer.process();
