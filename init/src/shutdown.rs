@@ -8,6 +8,7 @@ use nix::unistd::Pid;
 use tracing::info;
 
 use crate::mounts::Mode;
+use joey_protocols::contract::INIT_EXIT_MARKER;
 
 const TERM_GRACE: Duration = Duration::from_secs(2);
 
@@ -40,6 +41,9 @@ pub fn end_sandbox(mode: Mode, code: i32) -> ! {
     match mode {
         Mode::Vm => {
             info!("rebooting (the VM runs with no-reboot semantics, so this ends it)");
+            // The kernel gives userspace no port I/O to tell the VMM a status: the
+            // console line is how joey-vmm learns it (QEMU ignores it).
+            eprintln!("{INIT_EXIT_MARKER}{code}");
             let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
             std::process::exit(code)
         }

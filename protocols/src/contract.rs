@@ -19,6 +19,9 @@ pub const RUNTIME_DIR_ENV: &str = "JOEY_RUNTIME_DIR";
 /// What joey-init prints on the console as it starts, followed by the time since boot
 /// (`<seconds>.<micros>s after boot`). The host waits for it before dialling a VM.
 pub const INIT_START_MARKER: &str = "joey-init: started ";
+/// joey-init's last console line in a VM, before reboot(2): `joey-init: exit CODE`,
+/// which joey-vmm makes its own exit status.
+pub const INIT_EXIT_MARKER: &str = "joey-init: exit ";
 
 /// [`RUNTIME_DIR`], or `$JOEY_RUNTIME_DIR` when set to an absolute path.
 pub fn runtime_dir() -> PathBuf {

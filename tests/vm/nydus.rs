@@ -45,6 +45,7 @@ async fn push_image(
 async fn boot() -> anyhow::Result<Pod> {
     let mut opts = vm_options(Some(env().image.clone()), &[]);
     opts.images_fs = true;
+    opts.backend = joey_shim::vm::backend::for_run(env().backend.clone(), true).0;
     Ok(Pod::start_vm(&opts, BOOT_DEADLINE).await?)
 }
 

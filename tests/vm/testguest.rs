@@ -278,3 +278,68 @@ pub async fn joey_vmm_boots_the_test_guest_on_kvm() -> anyhow::Result<()> {
     ensure!(!uds.exists(), "joey-vmm left its vsock socket behind");
     Ok(())
 }
+
+/// joey's Linux kernel reads joey-vmm's boot data as joey-vmm means it: booted through
+/// the PVH entry with two vCPUs, 256 MiB and a disk, it prints the command line with
+/// joey-vmm's `virtio_mmio.device=` entry, the memory map (base memory up to the MP
+/// table, the table reserved, RAM from 1 MiB), and from the MP table both processors
+/// and the I/O APIC with its 24 lines. Those lines come within the first seconds even
+/// where KVM emulates every instruction (a PVM host's, which stops Linux a little
+/// later at the FPU's XSAVE setup); the VM is killed once they are out. The full boot
+/// under joey-vmm is `vm::a_container_runs_under_joey_vmm`'s, where KVM runs standard
+/// guests.
+pub async fn linux_reads_joey_vmm_boot_data(kernel: &Path, disk: &Path) -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let disk = format!("{},ro,serial=joey-guest", disk.display());
+    let mut vm = tokio::process::Command::new(vmm())
+        .args(["run", "--kernel"])
+        .arg(kernel)
+        .args(["--mem", "256", "--cpus", "2", "--disk", &disk])
+        .args(["--cmdline", "console=ttyS0 reboot=k panic=-1"])
+        .arg("--allow-emulated-kvm")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = tokio::io::BufReader::new(vm.stdout.take().context("stdout")?).lines();
+    let want = [
+        "Command line: console=ttyS0 reboot=k panic=-1 virtio_mmio.device=4K@0xd0000000:5",
+        "BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable",
+        "BIOS-e820: [mem 0x000000000009fc00-0x00000000000fffff] reserved",
+        "BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable",
+        "found SMP MP-table at [mem 0x0009fc00-0x0009fc0f]",
+        "Processor #0 (Bootup-CPU)",
+        "Processor #1",
+        "IOAPIC[0]: apic_id 2, version 17, address 0xfec00000, GSI 0-23",
+        "Processors: 2",
+    ];
+    let mut seen = Vec::new();
+    let read = async {
+        while let Some(l) = lines.next_line().await? {
+            let l = l.trim_end().to_string();
+            let last = l == "Processors: 2";
+            seen.push(l);
+            if last {
+                break;
+            }
+        }
+        anyhow::Ok(())
+    };
+    let finished = tokio::time::timeout(Duration::from_secs(90), read).await;
+    let _ = vm.kill().await;
+    let mut err = String::new();
+    if let Some(mut e) = vm.stderr.take() {
+        tokio::io::AsyncReadExt::read_to_string(&mut e, &mut err).await?;
+    }
+    let missing: Vec<&str> = want
+        .iter()
+        .copied()
+        .filter(|w| !seen.iter().any(|l| l == w))
+        .collect();
+    ensure!(
+        finished.is_ok() && missing.is_empty(),
+        "Linux did not print {missing:?} within 90 s; console:\n{}\nstderr: {err}",
+        seen.join("\n")
+    );
+    Ok(())
+}

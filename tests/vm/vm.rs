@@ -7,11 +7,83 @@ use anyhow::{ensure, Context};
 use joey_shim::client::Stream;
 use joey_shim::pod::{Pod, RootfsSource};
 use joey_shim::spec::ProcessSpec;
-use joey_shim::vm::backend::{probe_kvm, PROBE_DEADLINE};
+use joey_shim::vm::backend::{probe_kvm, BACKEND_ENV, PROBE_DEADLINE};
+use joey_shim::vm::Backend;
 
 use crate::{
     env, joeyctl, no_vm_leftovers, run_vm, vm_dirs, vm_options, vm_processes, BOOT_DEADLINE,
 };
+
+/// The QEMU backend for tests of QEMU's own arrangements (vhost-user backends): QEMU
+/// with KVM where the tier runs joey-vmm, else the tier's.
+fn qemu_backend() -> Backend {
+    match env().backend.0 {
+        Backend::Vmm => Backend::QemuKvm,
+        b => b,
+    }
+}
+
+/// [`qemu_backend`] as `JOEY_VM_BACKEND` names it.
+fn qemu_backend_env() -> &'static str {
+    match qemu_backend() {
+        Backend::QemuTcg => "tcg",
+        _ => "kvm",
+    }
+}
+
+/// Why joey's kernel cannot run under joey-vmm on this machine, if it cannot: the
+/// backend choice (a PVM KVM, or none, or a failed boot probe) did not pick joey-vmm.
+pub fn joey_vmm_cannot_boot_linux() -> Option<String> {
+    // Missing artifacts are the tier's own precondition, reported there.
+    let artifacts = joey_shim::vm::Artifacts::find(None, None).ok()?;
+    match joey_shim::vm::backend::choose(&artifacts) {
+        (Backend::Vmm, _) => None,
+        (b, why) => Some(format!(
+            "KVM here does not run joey's kernel under joey-vmm (VMs run under {}: {why})",
+            b.name()
+        )),
+    }
+}
+
+/// A container in a VM run by joey-vmm (no QEMU): joey's kernel boots from the shared
+/// guest image on joey-vmm's virtio-blk, the agent answers over its in-process vsock,
+/// the container's output and exit status come back, joeyctl says it used joey-vmm,
+/// the guest's `joey-init: exit` line ends joey-vmm, and nothing is left. Runs where
+/// KVM runs standard guests ([`joey_vmm_cannot_boot_linux`] says why not elsewhere).
+pub async fn a_container_runs_under_joey_vmm() -> anyhow::Result<()> {
+    let rootfs = env().rootfs.display().to_string();
+    let o = joey_tests::run_command_env(
+        &env().joeyctl,
+        &[
+            "run",
+            "--vm",
+            "--debug",
+            "--rootfs",
+            &rootfs,
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo under-joey-vmm; exit 5",
+        ],
+        &[(BACKEND_ENV, std::path::Path::new("vmm"))],
+        b"",
+        Duration::from_secs(120),
+    )
+    .await?;
+    ensure!(
+        o.code == 5 && o.stdout.contains("under-joey-vmm"),
+        "exit {} stdout {:?} stderr {}",
+        o.code,
+        o.stdout,
+        o.stderr
+    );
+    ensure!(
+        o.stderr.contains("VM backend joey-vmm"),
+        "joeyctl did not say it used joey-vmm: {}",
+        o.stderr
+    );
+    no_vm_leftovers()
+}
 
 pub async fn boot_check_and_clean_end() -> anyhow::Result<()> {
     let started = Instant::now();
@@ -167,14 +239,14 @@ pub async fn killed_joeyctl_leaves_nothing_running() -> anyhow::Result<()> {
         .await?;
     }
     // The SIGKILLed joeyctl's directory is gone once another VM starts.
-    joey_shim::vm::qemu::prune_stale(&joey_shim::vm::qemu::vm_root());
+    joey_shim::vm::sandbox::prune_stale(&joey_shim::vm::sandbox::vm_root());
     no_vm_leftovers()
 }
 
 /// The container image attached at launch, as the agent finds it.
 pub(crate) fn disk() -> RootfsSource {
     RootfsSource::Disk {
-        serial: joey_shim::vm::qemu::ROOTFS_SERIAL.into(),
+        serial: joey_shim::vm::sandbox::ROOTFS_SERIAL.into(),
     }
 }
 
@@ -290,6 +362,7 @@ pub async fn a_vm_outlives_the_thread_that_started_it() -> anyhow::Result<()> {
 pub async fn interop_with_vhost_device_vsock() -> anyhow::Result<()> {
     let mut opts = vm_options(Some(env().image.clone()), &[]);
     opts.vsock = joey_shim::vm::config::VsockServer::VhostDeviceVsock;
+    opts.backend = qemu_backend();
     let pod = Pod::start_vm(&opts, BOOT_DEADLINE).await?;
     pod.create_container_from(
         "c",
@@ -314,11 +387,13 @@ pub async fn interop_with_vhost_device_vsock() -> anyhow::Result<()> {
 }
 
 /// The vsock backend dying mid-run ends `joeyctl run` within 2 s with exit 125 and
-/// an error naming the backend, and leaves nothing running.
+/// an error naming the backend, and leaves nothing running. (A QEMU VM's: joey-vmm's
+/// vsock device is in its own process.)
 pub async fn a_dead_vsock_backend_is_reported() -> anyhow::Result<()> {
     use tokio::io::AsyncBufReadExt;
     let image = env().image.display().to_string();
     let mut child = tokio::process::Command::new(&env().joeyctl)
+        .env(BACKEND_ENV, qemu_backend_env())
         .args(["run", "--vm", "--image", &image, "--"])
         .args(["/bin/sh", "-c", "echo started; exec sleep 1000"])
         .stdin(std::process::Stdio::null())

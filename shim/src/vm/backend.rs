@@ -2,19 +2,21 @@
 //!
 //! A PVM KVM (module `kvm_pvm`) runs only paravirtualised PVM guest kernels: a standard
 //! kernel crawls there with every instruction emulated, while a tiny test payload would
-//! still run and prove nothing. It is recognised by its module, instantly. Any other
-//! KVM is trusted only once joey's own kernel has booted under it to joey-init's
-//! console marker within [`PROBE_DEADLINE`]; the answer is cached per host, keyed by
-//! what it depends on (host kernel, KVM modules, QEMU, joey's kernel).
+//! still run and prove nothing. It is recognised by its module, instantly, and VMs run
+//! under QEMU's software emulation. Any other KVM is trusted only once joey's own
+//! kernel has booted under joey-vmm to joey-init's console marker within
+//! [`PROBE_DEADLINE`]; the answer is cached per host, keyed by what it depends on (host
+//! kernel, KVM modules, joey-vmm, joey's kernel). Where KVM runs standard guests, a VM
+//! runs under joey-vmm unless it needs a device joey-vmm lacks, and then under QEMU with
+//! KVM ([`for_run`]).
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::config::{Backend, VmOptions};
-use super::qemu::VmSandbox;
+use super::sandbox::VmSandbox;
 use super::Artifacts;
-use crate::binaries::which;
 use crate::cache::{cache_dir, write_cache_file};
 use crate::watch::Backoff;
 
@@ -23,13 +25,21 @@ use crate::watch::Backoff;
 /// that emulates every instruction takes minutes.
 pub const PROBE_DEADLINE: Duration = Duration::from_secs(5);
 
-/// The decisions that need no boot: `JOEY_VM_BACKEND=tcg|kvm`, no KVM device, or a
+/// The variable that picks the backend: `vmm` (joey-vmm), `kvm` (QEMU with KVM) or
+/// `tcg` (QEMU's software emulation).
+pub const BACKEND_ENV: &str = "JOEY_VM_BACKEND";
+
+/// The decisions that need no boot: `JOEY_VM_BACKEND=vmm|kvm|tcg`, no KVM device, or a
 /// PVM-only KVM. `None`: a KVM is there and only a boot probe can tell if it runs
 /// standard guests.
 pub fn recognise(sys_module: &Path, dev_kvm: &Path) -> Option<(Backend, String)> {
-    match std::env::var("JOEY_VM_BACKEND").as_deref() {
-        Ok("tcg") => return Some((Backend::QemuTcg, "JOEY_VM_BACKEND=tcg".into())),
-        Ok("kvm") => return Some((Backend::QemuKvm, "JOEY_VM_BACKEND=kvm".into())),
+    match std::env::var(BACKEND_ENV).as_deref() {
+        Ok("tcg") => return Some((Backend::QemuTcg, format!("{BACKEND_ENV}=tcg"))),
+        Ok("kvm") => return Some((Backend::QemuKvm, format!("{BACKEND_ENV}=kvm"))),
+        Ok("vmm") => return Some((Backend::Vmm, format!("{BACKEND_ENV}=vmm"))),
+        Ok(other) if !other.is_empty() => {
+            tracing::warn!("{BACKEND_ENV}={other} is not vmm, kvm or tcg; choosing as if unset");
+        }
         _ => {}
     }
     if !dev_kvm.exists() {
@@ -57,9 +67,9 @@ pub fn choose(artifacts: &Artifacts) -> (Backend, String) {
     }
     let (b, why) = match probe_kvm(artifacts, PROBE_DEADLINE) {
         Ok(took) => (
-            Backend::QemuKvm,
+            Backend::Vmm,
             format!(
-                "joey's kernel reached init under KVM in {} ms",
+                "joey's kernel reached init under joey-vmm on KVM in {} ms",
                 took.as_millis()
             ),
         ),
@@ -71,7 +81,21 @@ pub fn choose(artifacts: &Artifacts) -> (Backend, String) {
     (b, why)
 }
 
-/// Boots joey's kernel and guest image under KVM and waits for joey-init's marker.
+/// The backend for a run that needs virtio-fs (`needs_fs`: a Nydus image) or not:
+/// joey-vmm lacks virtio-fs, so such a run goes to QEMU with KVM where joey-vmm was
+/// chosen by the probe. Asked for by name (`JOEY_VM_BACKEND=vmm`), it stays, and the
+/// VM's start says what joey-vmm lacks.
+pub fn for_run(chosen: (Backend, String), needs_fs: bool) -> (Backend, String) {
+    match chosen {
+        (Backend::Vmm, why) if needs_fs && !why.starts_with(BACKEND_ENV) => (
+            Backend::QemuKvm,
+            format!("{why}; this run needs virtio-fs (a Nydus image), which joey-vmm lacks"),
+        ),
+        other => other,
+    }
+}
+
+/// Boots joey's kernel and guest image under joey-vmm and waits for joey-init's marker.
 /// Returns the time to the marker, or why KVM cannot run the guest. The VM is gone
 /// when this returns.
 pub fn probe_kvm(artifacts: &Artifacts, deadline: Duration) -> Result<Duration, String> {
@@ -83,7 +107,7 @@ pub fn probe_kvm(artifacts: &Artifacts, deadline: Duration) -> Result<Duration, 
         memory_mib: 256,
         vsock: super::config::VsockServer::Joey,
         images_fs: false,
-        backend: Backend::QemuKvm,
+        backend: Backend::Vmm,
         kernel_args: vec![],
         quiet: true,
     };
@@ -97,7 +121,7 @@ pub fn probe_kvm(artifacts: &Artifacts, deadline: Duration) -> Result<Duration, 
         }
         if let Some(code) = vm.try_wait() {
             return Err(format!(
-                "QEMU exited ({code}) before init started: {}",
+                "joey-vmm exited ({code}) before init started: {}",
                 vm.console_tail(3).trim()
             ));
         }
@@ -113,7 +137,7 @@ pub fn probe_kvm(artifacts: &Artifacts, deadline: Duration) -> Result<Duration, 
 }
 
 /// The cache file name for this host's probe answer: a hash of the host kernel release,
-/// the loaded KVM modules, the QEMU binary and joey's kernel (size and mtime).
+/// the loaded KVM modules, the joey-vmm binary and joey's kernel (size and mtime).
 fn probe_key(sys_module: &Path, kernel: &Path) -> String {
     let mut h = DefaultHasher::new();
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -128,8 +152,8 @@ fn probe_key(sys_module: &Path, kernel: &Path) -> String {
         .collect();
     kvm_modules.sort();
     kvm_modules.hash(&mut h);
-    let qemu = which("qemu-system-x86_64").unwrap_or_default();
-    for p in [&qemu, &kernel.to_path_buf()] {
+    let vmm = crate::binaries::vmm().unwrap_or_default();
+    for p in [&vmm, &kernel.to_path_buf()] {
         p.hash(&mut h);
         file_stamp(p).hash(&mut h);
     }
@@ -168,6 +192,19 @@ mod tests {
         let (b, why) = recognise(&modules, &kvm).unwrap();
         assert_eq!(b, Backend::QemuTcg);
         assert!(why.contains("PVM"), "{why}");
+    }
+
+    #[test]
+    fn a_run_needing_virtio_fs_leaves_a_probed_joey_vmm_for_qemu_with_kvm() {
+        let probed = (Backend::Vmm, "joey's kernel reached init".to_string());
+        assert_eq!(for_run(probed.clone(), false).0, Backend::Vmm);
+        let (b, why) = for_run(probed, true);
+        assert_eq!(b, Backend::QemuKvm);
+        assert!(why.contains("virtio-fs"), "{why}");
+        let named = (Backend::Vmm, format!("{BACKEND_ENV}=vmm"));
+        assert_eq!(for_run(named, true).0, Backend::Vmm, "asked for by name");
+        let tcg = (Backend::QemuTcg, "PVM".to_string());
+        assert_eq!(for_run(tcg, true).0, Backend::QemuTcg);
     }
 
     #[test]

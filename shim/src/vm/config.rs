@@ -5,7 +5,10 @@ use std::path::PathBuf;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
-    /// QEMU with KVM acceleration (a KVM that runs standard guests).
+    /// joey's own VMM, `joey-vmm run` (a KVM that runs standard guests).
+    Vmm,
+    /// QEMU with KVM acceleration (a KVM that runs standard guests, and a run that
+    /// needs a device joey-vmm lacks).
     QemuKvm,
     /// QEMU's software emulation.
     QemuTcg,
@@ -14,13 +17,14 @@ pub enum Backend {
 impl Backend {
     pub fn name(self) -> &'static str {
         match self {
+            Backend::Vmm => "joey-vmm",
             Backend::QemuKvm => "qemu-kvm",
             Backend::QemuTcg => "qemu-tcg",
         }
     }
 
     pub(crate) fn from_name(s: &str) -> Option<Self> {
-        [Backend::QemuKvm, Backend::QemuTcg]
+        [Backend::Vmm, Backend::QemuKvm, Backend::QemuTcg]
             .into_iter()
             .find(|b| b.name() == s)
     }
@@ -59,9 +63,15 @@ pub struct VmOptions {
     pub quiet: bool,
 }
 
-/// The kernel command line joey boots with.
+/// The kernel command line joey boots with. A reboot (joey-init's, or the one
+/// `panic=-1` makes of a panic) ends the VM: QEMU (`-no-reboot`) sees a triple fault
+/// (`reboot=t`), joey-vmm the i8042's reset line (`reboot=k`).
 pub fn cmdline(opts: &VmOptions) -> String {
-    let mut args: Vec<String> = ["console=ttyS0", "reboot=t", "panic=-1"]
+    let reboot = match opts.backend {
+        Backend::Vmm => "reboot=k",
+        Backend::QemuKvm | Backend::QemuTcg => "reboot=t",
+    };
+    let mut args: Vec<String> = ["console=ttyS0", reboot, "panic=-1"]
         .map(String::from)
         .into();
     if opts.initrd.is_none() {

@@ -1,5 +1,6 @@
-//! The devices of a VM. Each contributes its QEMU arguments and, if it needs one, what
-//! serves it over vhost-user: a process of its own, which the VM starts before QEMU,
+//! The devices of a VM. Each contributes its joey-vmm arguments (if joey-vmm has the
+//! device), its QEMU arguments and, under QEMU, if it needs one, what serves it over
+//! vhost-user: a process of its own, which the VM starts before QEMU,
 //! waits for, ends with itself and watches for an early death; or the host's image
 //! service, asked to serve it, whose death ends the VM too.
 
@@ -29,8 +30,14 @@ pub enum BackendSpec {
 }
 
 pub trait Device {
+    /// What the device is, for errors.
+    fn name(&self) -> &'static str;
+
     /// QEMU's arguments for this device.
     fn qemu_args(&self) -> Vec<String>;
+
+    /// `joey-vmm run`'s arguments for this device; None if joey-vmm lacks it.
+    fn vmm_args(&self) -> Option<Vec<String>>;
 
     /// The process serving the device, if it needs one.
     fn backend(&self) -> Result<Option<BackendSpec>, VmError> {
@@ -53,6 +60,17 @@ pub struct Disk {
 }
 
 impl Device for Disk {
+    fn name(&self) -> &'static str {
+        "virtio-blk"
+    }
+
+    fn vmm_args(&self) -> Option<Vec<String>> {
+        Some(vec![
+            "--disk".into(),
+            format!("{},ro,serial={}", self.file.display(), self.serial),
+        ])
+    }
+
     fn qemu_args(&self) -> Vec<String> {
         vec![
             "-drive".into(),
@@ -74,6 +92,14 @@ impl Device for Disk {
 pub struct Entropy;
 
 impl Device for Entropy {
+    fn name(&self) -> &'static str {
+        "virtio-rng"
+    }
+
+    fn vmm_args(&self) -> Option<Vec<String>> {
+        Some(vec!["--rng".into()])
+    }
+
     fn qemu_args(&self) -> Vec<String> {
         [
             "-object",
@@ -92,6 +118,14 @@ pub struct SerialConsole {
 }
 
 impl Device for SerialConsole {
+    fn name(&self) -> &'static str {
+        "serial console"
+    }
+
+    fn vmm_args(&self) -> Option<Vec<String>> {
+        Some(vec!["--console".into(), self.file.display().to_string()])
+    }
+
     fn qemu_args(&self) -> Vec<String> {
         vec!["-serial".into(), format!("file:{}", self.file.display())]
     }
@@ -129,6 +163,20 @@ impl Vsock {
 }
 
 impl Device for Vsock {
+    fn name(&self) -> &'static str {
+        "virtio-vsock"
+    }
+
+    /// joey-vmm's own vsock device, in its process (the vhost-user backend is QEMU's).
+    fn vmm_args(&self) -> Option<Vec<String>> {
+        (self.server == VsockServer::Joey).then(|| {
+            vec![
+                "--vsock".into(),
+                format!("{},cid={}", self.uds.display(), self.guest_cid),
+            ]
+        })
+    }
+
     fn qemu_args(&self) -> Vec<String> {
         vec![
             "-chardev".into(),
@@ -198,6 +246,14 @@ impl ImagesFs {
 }
 
 impl Device for ImagesFs {
+    fn name(&self) -> &'static str {
+        "virtio-fs"
+    }
+
+    fn vmm_args(&self) -> Option<Vec<String>> {
+        None
+    }
+
     fn qemu_args(&self) -> Vec<String> {
         vec![
             "-chardev".into(),
@@ -256,6 +312,10 @@ mod tests {
             ]
         );
         assert!(!disk.shares_memory() && disk.backend().unwrap().is_none());
+        assert_eq!(
+            disk.vmm_args().unwrap(),
+            ["--disk", "/img,ro,serial=joey-rootfs"]
+        );
 
         let tmp = tempfile::tempdir().unwrap();
         let vsock = Vsock::in_dir(tmp.path(), VsockServer::VhostDeviceVsock, 3).unwrap();
@@ -269,7 +329,14 @@ mod tests {
                 "{args:?}"
             );
         }
+        assert!(vsock.vmm_args().is_none(), "vhost-device-vsock is QEMU's");
+        let own = Vsock::in_dir(tmp.path(), VsockServer::Joey, 3).unwrap();
+        assert_eq!(
+            own.vmm_args().unwrap()[1],
+            format!("{},cid=3", tmp.path().join("vm.vsock").display())
+        );
         let images = ImagesFs::in_dir(tmp.path()).unwrap();
+        assert!(images.vmm_args().is_none(), "joey-vmm has no virtio-fs");
         assert!(images.shares_memory());
         assert_eq!(
             images.qemu_args()[3],

@@ -226,11 +226,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
     let prepared = prepare(reference, &registry, pull, true, p).await?;
     let artifacts =
         Artifacts::find(kernel.as_deref(), guest_image.as_deref()).map_err(anyhow::Error::msg)?;
-    let (backend, why) = joey_shim::vm::backend::choose(&artifacts);
-    tracing::info!("VM backend {} ({why})", backend.name());
-    if debug {
-        eprintln!("joeyctl: VM backend {} ({why})", backend.name());
-    }
     let tmp = crate::tempfile_dir()?;
     let rootfs_image = match (image, &prepared.rootfs, &prepared.pulled, &prepared.nydus) {
         (Some(img), _, _, _) => Some(img),
@@ -245,6 +240,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
         }
         (None, None, _, None) => anyhow::bail!("--vm needs --rootfs DIR or --image FILE"),
     };
+    let chosen = joey_shim::vm::backend::choose(&artifacts);
+    let (backend, why) = joey_shim::vm::backend::for_run(chosen, rootfs_image.is_none());
+    tracing::info!("VM backend {} ({why})", backend.name());
+    if debug {
+        eprintln!("joeyctl: VM backend {} ({why})", backend.name());
+    }
     let opts = VmOptions {
         kernel: artifacts.kernel,
         guest_image: artifacts.guest_image,
@@ -293,7 +294,7 @@ async fn run_vm(
                 (pod, dir, Some(lease))
             }
             (None, _) => {
-                let serial = joey_shim::vm::qemu::ROOTFS_SERIAL.to_string();
+                let serial = joey_shim::vm::sandbox::ROOTFS_SERIAL.to_string();
                 (boot.await?, RootfsSource::Disk { serial }, None)
             }
             (Some(_), None) => anyhow::bail!("a Nydus image needs the VM's images device"),

@@ -30,7 +30,7 @@ use joey_shim::nssandbox::NsOptions;
 use joey_shim::pod::{Pod, RootfsSource};
 use joey_shim::spec::ProcessSpec;
 use joey_shim::vm::image::{erofs_of_pulled, make_erofs, Compression};
-use joey_shim::vm::qemu::ROOTFS_SERIAL;
+use joey_shim::vm::sandbox::ROOTFS_SERIAL;
 use joey_shim::vm::VmOptions;
 use oci_client::client::BlobResponse;
 

@@ -12,7 +12,7 @@ use joey_shim::client::Stream;
 use joey_shim::pod::{Pod, RootfsSource, Sandbox};
 use joey_shim::spec::ProcessSpec;
 use joey_shim::vm::config::VsockServer;
-use joey_shim::vm::qemu::ROOTFS_SERIAL;
+use joey_shim::vm::sandbox::ROOTFS_SERIAL;
 use joey_shim::vm::{Artifacts, VmOptions, VmSandbox};
 
 use super::median;
