@@ -13,9 +13,10 @@ pub mod ns;
 pub mod nydus;
 pub mod pull;
 pub mod vm;
+pub mod vmm;
 
 #[derive(clap::Args)]
-#[group(id = "kind", required = true, multiple = false, args = ["ns", "vm", "pull", "nydus"])]
+#[group(id = "kind", required = true, multiple = false, args = ["ns", "vm", "pull", "nydus", "vmm"])]
 pub struct BenchArgs {
     /// Benchmark namespace sandboxes against crun.
     #[arg(long)]
@@ -24,6 +25,11 @@ pub struct BenchArgs {
     /// guest memory, artifact sizes.
     #[arg(long)]
     vm: bool,
+    /// Benchmark joey-vmm against QEMU on joey-vmm's test guest (a disk read and a
+    /// vsock echo): the VMM's resident memory outside guest memory, and joey-vmm's
+    /// timeline.
+    #[arg(long)]
+    vmm: bool,
     /// Benchmark a cold `run --ref` phase by phase, against streaming the layers and
     /// against skopeo copy + umoci unpack.
     #[arg(long, requires = "reference")]
@@ -36,7 +42,7 @@ pub struct BenchArgs {
     nydus: bool,
     /// With --ns or --vm: the container rootfs (a busybox rootfs: `joeyctl rootfs
     /// busybox DIR`).
-    #[arg(long, required_unless_present_any = ["pull", "nydus"])]
+    #[arg(long, required_unless_present_any = ["pull", "nydus", "vmm"])]
     rootfs: Option<PathBuf>,
     /// With --pull: the image (it needs /bin/echo); with --nydus, the ordinary image.
     #[arg(long = "ref", value_name = "REF")]
@@ -58,7 +64,7 @@ pub struct BenchArgs {
     cmd: Vec<String>,
     #[command(flatten)]
     registry: RegistryArgs,
-    /// Iterations (default: 20, 3 with --pull, 5 with --nydus).
+    /// Iterations (default: 20, 3 with --pull, 5 with --nydus, 10 with --vmm).
     #[arg(long)]
     iterations: Option<usize>,
 }
@@ -85,6 +91,10 @@ fn vm_base() -> anyhow::Result<(VmOptions, Artifacts)> {
 }
 
 pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if args.vmm {
+        let iterations = args.iterations.unwrap_or(10);
+        return vmm::bench_vmm(vmm::VmmBenchOptions { iterations }).await;
+    }
     if args.nydus {
         for m in &args.modes {
             anyhow::ensure!(
