@@ -41,6 +41,21 @@ fn known_disk(dir: &Path) -> anyhow::Result<(PathBuf, String)> {
     ))
 }
 
+/// An initrd of known bytes in `dir` (not a multiple of a page), and the line the
+/// test guest prints for its module.
+fn known_initrd(dir: &Path) -> anyhow::Result<(PathBuf, String)> {
+    let initrd = dir.join("initrd.img");
+    let bytes: Vec<u8> = (0..10_000u32).map(|i| (i * 7 + i / 13) as u8).collect();
+    std::fs::write(&initrd, &bytes)?;
+    let fnv = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    Ok((
+        initrd,
+        format!("joey-test-guest: module 10000 bytes fnv1a {fnv:#018x}"),
+    ))
+}
+
 /// Boots `guest` under QEMU (`-M microvm`, virtio 1.x over MMIO as joey-vmm's
 /// transport, `extra` devices, command line `append`) until it resets, which must end
 /// QEMU with status 0 within 30 s; returns what it printed on its serial port.
@@ -73,7 +88,8 @@ async fn boot_in_qemu(
 }
 
 /// Under QEMU the guest reaches long mode, prints on the 8250, reads its command line
-/// from the PVH start_info, finds its disk from the command line's
+/// from the PVH start_info and checksums its initrd (the start_info's module), finds
+/// its disk from the command line's
 /// `virtio_mmio.device=` entry (QEMU's announcement, as joey-vmm's is), reads 8
 /// sectors through its virtio-blk driver, each completion announced by an interrupt
 /// through the I/O APIC (`joey.irq=1`), prints their checksum, which must be the
@@ -83,7 +99,10 @@ pub async fn the_test_guest_boots_under_qemu() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let guest = write_guest(tmp.path()).await?;
     let (disk, want_blk) = known_disk(tmp.path())?;
+    let (initrd, want_module) = known_initrd(tmp.path())?;
     let extra = [
+        "-initrd".to_string(),
+        initrd.display().to_string(),
         "-drive".to_string(),
         format!(
             "id=d,file={},format=raw,if=none,readonly=on",
@@ -102,17 +121,18 @@ pub async fn the_test_guest_boots_under_qemu() -> anyhow::Result<()> {
     .await?;
     let lines: Vec<&str> = out.lines().collect();
     ensure!(
-        lines.len() == 6
+        lines.len() == 7
             && lines[0] == "joey-test-guest: started"
             && lines[1].starts_with(
                 "joey-test-guest: cmdline joey.irq=1 joey.sectors=8 virtio_mmio.device="
             )
-            && lines[2].starts_with("joey-test-guest: virtio-mmio 0x")
-            && lines[2].ends_with(" device 2")
-            && lines[3] == want_blk
-            && lines[4] == "joey-test-guest: blk interrupts 8"
-            && lines[5] == "joey-test-guest: exit 0",
-        "serial: {out:?} (expected the blk line {want_blk:?})"
+            && lines[2] == want_module
+            && lines[3].starts_with("joey-test-guest: virtio-mmio 0x")
+            && lines[3].ends_with(" device 2")
+            && lines[4] == want_blk
+            && lines[5] == "joey-test-guest: blk interrupts 8"
+            && lines[6] == "joey-test-guest: exit 0",
+        "serial: {out:?} (expected the module line {want_module:?}, the blk line {want_blk:?})"
     );
     Ok(())
 }
@@ -211,10 +231,11 @@ pub fn kvm_available() -> Option<String> {
     }
 }
 
-/// joey-vmm boots the test guest on KVM itself (no QEMU), with two vCPUs, a disk, an
-/// entropy device and vsock: the PVH entry through linux-loader, the CPUID KVM
-/// supports, the 8250 on stdout, the command line in the start_info with joey-vmm's
-/// `virtio_mmio.device=` announcements, the MP table naming both vCPUs; the guest
+/// joey-vmm boots the test guest on KVM itself (no QEMU), with two vCPUs, an initrd, a
+/// disk, an entropy device and vsock: the PVH entry through linux-loader, the CPUID
+/// KVM supports, the 8250 on stdout, the command line in the start_info with
+/// joey-vmm's `virtio_mmio.device=` announcements, the initrd as its module (the
+/// checksum the file's), the MP table naming both vCPUs; the guest
 /// reads 8 sectors through joey-vmm's virtio-blk, each completion an interrupt through
 /// KVM's I/O APIC (the device's irqfd), the checksum the disk's; it echoes a message
 /// through joey-vmm's in-process vsock device to a listener on the hybrid-vsock
@@ -243,6 +264,8 @@ pub async fn joey_vmm_boots_the_test_guest_on_kvm() -> anyhow::Result<()> {
     }
     let (disk, want_blk) = known_disk(tmp.path())?;
     let disk = format!("{},ro,serial=joey-test", disk.display());
+    let (initrd, want_module) = known_initrd(tmp.path())?;
+    let initrd = initrd.display().to_string();
     let uds = tmp.path().join("vm.vsock");
     let vsock = format!("{},cid=5", uds.display());
     let host = echo_once(&uds, 5000)?;
@@ -250,6 +273,7 @@ pub async fn joey_vmm_boots_the_test_guest_on_kvm() -> anyhow::Result<()> {
     let mut args = vec!["run", "--kernel", g, "--cmdline", cmdline];
     args.extend(["--mem", "32", "--cpus", "2", "--rng"]);
     args.extend(["--disk", disk.as_str(), "--vsock", vsock.as_str()]);
+    args.extend(["--initrd", initrd.as_str()]);
     if pvm {
         args.push("--allow-emulated-kvm");
     }
@@ -258,6 +282,7 @@ pub async fn joey_vmm_boots_the_test_guest_on_kvm() -> anyhow::Result<()> {
         "joey-test-guest: started\n\
          joey-test-guest: cmdline {cmdline} virtio_mmio.device=4K@0xd0000000:5 \
          virtio_mmio.device=4K@0xd0001000:6 virtio_mmio.device=4K@0xd0002000:7\n\
+         {want_module}\n\
          joey-test-guest: virtio-mmio 0x00000000d0000000 device 2\n\
          joey-test-guest: virtio-mmio 0x00000000d0001000 device 4\n\
          joey-test-guest: virtio-mmio 0x00000000d0002000 device 19\n\

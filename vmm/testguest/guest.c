@@ -1,6 +1,9 @@
 /* joey's test guest, in C: prints to the 8250 serial port, echoes its command line
- * (from the PVH start_info), names its virtio-mmio devices, reads sectors of its
- * virtio-blk disk and prints their checksum, then resets. */
+ * (from the PVH start_info) and its module's checksum (the initrd), names its
+ * virtio-mmio devices and the MP table's vCPUs, reads sectors of its virtio-blk disk
+ * and prints their checksum (waiting for each completion's interrupt with joey.irq=1),
+ * echoes a message over vsock (joey.vsock_port=P), prints its exit line (joey.exit=N)
+ * and resets. */
 #include "guest.h"
 
 struct start_info {
@@ -72,6 +75,19 @@ void guest_main(const struct start_info *si)
     puts_serial("joey-test-guest: cmdline ");
     puts_serial(cmdline);
     puts_serial("\n");
+    /* The first module (the initrd): its size and FNV-1a. */
+    if (si->magic == 0x336ec578 && si->nr_modules && si->modlist_paddr) {
+        const u64 *m = (const u64 *)si->modlist_paddr;
+        const u8 *p = (const u8 *)m[0];
+        u64 h = 0xcbf29ce484222325ull;
+        for (u64 i = 0; i < m[1]; i++)
+            h = (h ^ p[i]) * 0x100000001b3ull;
+        puts_serial("joey-test-guest: module ");
+        put_dec(m[1]);
+        puts_serial(" bytes fnv1a ");
+        put_hex(h);
+        puts_serial("\n");
+    }
     struct mmio_dev devs[8];
     int n = find_virtio_devices(cmdline, devs, 8);
     for (int i = 0; i < n; i++) {

@@ -214,12 +214,18 @@ impl Bench<'_> {
                     if let Some(s) = vm.try_wait()? {
                         break s;
                     }
-                    ensure!(Instant::now() < until, "joey-vmm did not end after the echo");
+                    ensure!(
+                        Instant::now() < until,
+                        "joey-vmm did not end after the echo"
+                    );
                     std::thread::sleep(Duration::from_millis(2));
                 };
                 let err = std::fs::read_to_string(&err_file).unwrap_or_default();
                 ensure!(status.success(), "joey-vmm exited {status}: {err}");
-                Some(parse_timeline(&err).with_context(|| format!("joey-vmm's timeline in {err:?}"))?)
+                Some(
+                    parse_timeline(&err)
+                        .with_context(|| format!("joey-vmm's timeline in {err:?}"))?,
+                )
             }
             Peer::Qemu { .. } => None,
         };
@@ -326,7 +332,12 @@ fn guest_mapping_rss(smaps: &str, guest_bytes: u64) -> anyhow::Result<u64> {
 fn parse_timeline(stderr: &str) -> Option<(f64, f64, f64)> {
     let line = stderr.lines().find(|l| l.starts_with("joey-vmm: ended"))?;
     let num = |key: &str| -> Option<f64> {
-        line.split(key).nth(1)?.split_whitespace().next()?.parse().ok()
+        line.split(key)
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
     };
     Some((num("setup ")?, num("start marker ")?, num("total ")?))
 }
@@ -342,7 +353,10 @@ fn report(joey: &[Sample], peer: &[Sample], qemu: Peer) -> anyhow::Result<()> {
     };
     let j_rss = mib(joey.iter().map(|s| s.rss_kib).collect());
     let q_rss = mib(peer.iter().map(|s| s.rss_kib).collect());
-    ensure!(q_rss > 0.0, "QEMU's resident memory outside the guest read as 0");
+    ensure!(
+        q_rss > 0.0,
+        "QEMU's resident memory outside the guest read as 0"
+    );
     let j_guest = mib(joey.iter().map(|s| s.guest_kib).collect());
     let q_guest = mib(peer.iter().map(|s| s.guest_kib).collect());
     let echo = |v: &[Sample]| median(v.iter().map(|s| super::ms(s.to_echo)).collect());
@@ -356,7 +370,13 @@ fn report(joey: &[Sample], peer: &[Sample], qemu: Peer) -> anyhow::Result<()> {
         true => "dynamically linked: its shared libraries' resident pages count",
         false => "statically linked",
     };
-    println!("  joey-vmm {}: {}", linkage(joey), joey_shim::binaries::vmm().map_err(anyhow::Error::msg)?.display());
+    println!(
+        "  joey-vmm {}: {}",
+        linkage(joey),
+        joey_shim::binaries::vmm()
+            .map_err(anyhow::Error::msg)?
+            .display()
+    );
     println!("  {} {}", qemu.name(), linkage(peer));
     println!(
         "  joey-vmm  {j_rss:6.2} MiB ({:.2}-{:.2})   guest memory touched {j_guest:.2} MiB",
@@ -368,7 +388,12 @@ fn report(joey: &[Sample], peer: &[Sample], qemu: Peer) -> anyhow::Result<()> {
         qr.0,
         qr.1
     );
-    println!("VMM spawn -> the guest's vsock message: joey-vmm {:.1} ms, {} {:.1} ms", echo(joey), qemu.name(), echo(peer));
+    println!(
+        "VMM spawn -> the guest's vsock message: joey-vmm {:.1} ms, {} {:.1} ms",
+        echo(joey),
+        qemu.name(),
+        echo(peer)
+    );
     println!("joey-vmm: setup (spawn -> first guest instruction) {setup:.1} ms, start marker {marker:.1} ms, guest reset {total:.1} ms");
     println!(
         "bench-vmm: rss_mib joey-vmm={j_rss:.2}{} {}={q_rss:.2} ratio={:.3} (target <= {TARGET_RSS_MIB} MiB: {}) setup_ms={setup:.1} marker_ms={marker:.1} run_ms={:.1} echo_ms joey-vmm={:.1} {}={:.1}",
