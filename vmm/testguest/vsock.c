@@ -63,7 +63,9 @@ int vsock_init(const struct mmio_dev *d)
 
 static void send(const struct mmio_dev *d, u32 port, u16 op, const u8 *data, u32 len)
 {
-    tx_hdr = (struct hdr){guest_cid, 2, 1234, port, len, 1 /* STREAM */, op, 0, BUF, fwd_cnt};
+    /* A SHUTDOWN shuts both directions (flags RCV | SEND). */
+    u32 flags = op == OP_SHUTDOWN ? 3 : 0;
+    tx_hdr = (struct hdr){guest_cid, 2, 1234, port, len, 1 /* STREAM */, op, flags, BUF, fwd_cnt};
     for (u32 i = 0; i < len; i++)
         tx_data[i] = data[i];
     txq.d[0] = (struct desc){(u64)&tx_hdr, sizeof(tx_hdr), len ? 1 : 0, 1};

@@ -282,7 +282,7 @@ fn echo_and_measure(
     let to_echo = started.elapsed();
     let (total, guest, dynamic) = rss_split(pid, MEM_MIB << 20)?;
     conn.write_all(&buf[..n])?;
-    // Until the guest shuts the stream down.
+    // Until the guest shuts the stream down (it then resets).
     let _ = conn.read(&mut buf);
     Ok((total.saturating_sub(guest), guest, dynamic, to_echo))
 }
