@@ -133,6 +133,19 @@ pub fn process_cmdlines() -> Vec<(i32, String)> {
     out
 }
 
+/// The parent of `pid` (from /proc/PID/stat), while it runs.
+pub fn parent_pid(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: the fields follow the
+    // last ')': state, then the parent's pid.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// What a finished command printed and returned.
 pub struct Output {
     pub code: i32,

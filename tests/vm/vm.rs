@@ -404,11 +404,17 @@ pub async fn a_dead_vsock_backend_is_reported() -> anyhow::Result<()> {
     let mut out = tokio::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
     let first = tokio::time::timeout(BOOT_DEADLINE, out.next_line()).await??;
     ensure!(first.as_deref() == Some("started"), "first line {first:?}");
+    // This joeyctl's backend (other tests' VMs run at the same time).
+    let joeyctl_pid = child.id().context("joeyctl's pid")? as i32;
     let backend = joey_tests::process_cmdlines()
         .into_iter()
-        .find(|(_, cmd)| cmd.contains("joey-vmm") && cmd.contains("vhost-user"))
+        .find(|(pid, cmd)| {
+            cmd.contains("joey-vmm")
+                && cmd.contains("vhost-user")
+                && joey_tests::parent_pid(*pid) == Some(joeyctl_pid)
+        })
         .map(|(pid, _)| pid)
-        .context("no joey-vmm vsock backend running")?;
+        .context("no joey-vmm vsock backend of this joeyctl running")?;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(backend),
         nix::sys::signal::Signal::SIGKILL,
