@@ -111,6 +111,13 @@ impl Container {
         self.res.cgroups_path.as_deref().unwrap_or_default()
     }
 
+    /// The container's OCI spec, as saved in its bundle.
+    pub fn spec(&self) -> Result<Spec> {
+        let path = self.res.bundle.join("config.json");
+        Spec::load(&path)
+            .map_err(|e| anyhow::anyhow!("read the spec of container {}: {e}", self.id).into())
+    }
+
     /// Started, and its init has not ended.
     pub fn is_running(&self) -> bool {
         self.started.load(Ordering::SeqCst) && self.init.exit_status().is_none()
@@ -163,6 +170,11 @@ impl Containers {
             dirs,
             table: Mutex::new(Table::default()),
         }
+    }
+
+    /// How many containers the table holds.
+    pub fn count(&self) -> usize {
+        lock(&self.table).live.len()
     }
 
     pub fn get(&self, id: &str) -> Result<Arc<Container>> {

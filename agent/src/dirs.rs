@@ -12,6 +12,8 @@ pub struct Dirs {
     pub scratch: PathBuf,
     /// Sandbox-wide files: resolv.conf, sandbox.json.
     pub sandbox: PathBuf,
+    /// CopyFile's root outside a VM (kata's shared containers directory).
+    pub shared: PathBuf,
 }
 
 impl Dirs {
@@ -21,6 +23,7 @@ impl Dirs {
             bundles: state.join("bundles"),
             scratch: state.join("scratch"),
             sandbox: state.join("sandbox"),
+            shared: state.join("shared").join("containers"),
         }
     }
 

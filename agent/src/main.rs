@@ -5,6 +5,7 @@
 //! sandbox's shared PID namespace).
 
 mod agent;
+mod cgroup;
 mod containers;
 mod dirs;
 mod error;
@@ -145,7 +146,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         reaper,
     };
     let init_daemon = std::process::id() == 1 || std::env::var_os("JOEY_UNDER_INIT").is_some();
-    let agent = Arc::new(Agent::new(os, dirs, init_daemon));
+    // joey-init says which sandbox the agent runs in; a standalone agent is on a host.
+    let in_vm = std::env::var(joey_protocols::contract::SANDBOX_KIND_ENV).as_deref() == Ok("vm");
+    let agent = Arc::new(Agent::new(os, dirs, init_daemon, in_vm));
     agent.recover().await;
 
     let addr = listener::parse(&args.server_addr)?;

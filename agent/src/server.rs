@@ -1,6 +1,6 @@
 //! The ttrpc services. They only dispatch: each RPC family lives in its own module
-//! (sandbox, container, exec, streams, stats). Every RPC this agent does not implement
-//! answers UNIMPLEMENTED naming the method, rather than the generated NOT_FOUND.
+//! (`crate::agent`). Every RPC this agent does not implement answers UNIMPLEMENTED
+//! naming the method and why, rather than the generated NOT_FOUND.
 
 use std::sync::Arc;
 
@@ -28,12 +28,12 @@ fn reply<T>(method: &str, r: crate::error::Result<T>) -> ttrpc::Result<T> {
 }
 
 /// Emits the AgentService impl: the implemented methods as written, plus one method
-/// per unimplemented RPC answering UNIMPLEMENTED. The impl is emitted whole so that
+/// per unimplemented RPC answering UNIMPLEMENTED with the reason. The impl is emitted whole so that
 /// `#[async_trait]` sees every method already expanded.
 macro_rules! agent_service {
     (
         implemented { $($implemented:tt)* }
-        unimplemented { $($fn_name:ident, $method:literal, $req:ty => $resp:ty;)* }
+        unimplemented { $($fn_name:ident, $method:literal, $req:ty => $resp:ty, $why:literal;)* }
     ) => {
         #[async_trait]
         impl AgentService for AgentRpc {
@@ -41,9 +41,10 @@ macro_rules! agent_service {
             $(
                 async fn $fn_name(&self, _ctx: &TtrpcContext, _req: $req) -> ttrpc::Result<$resp> {
                     reply($method, Err(AgentError::Unimplemented(format!(
-                        "grpc.AgentService/{} is not implemented by joey-agent {}",
+                        "grpc.AgentService/{} is not implemented by joey-agent {}: {}",
                         $method,
-                        env!("CARGO_PKG_VERSION")
+                        env!("CARGO_PKG_VERSION"),
+                        $why
                     ))))
                 }
             )*
@@ -126,35 +127,98 @@ agent_service! {
         reply("TtyWinResize", r.map(|_| Empty::new()))
     }
 
+    async fn pause_container(&self, _ctx: &TtrpcContext, req: agent::PauseContainerRequest) -> ttrpc::Result<Empty> {
+        reply("PauseContainer", self.agent.pause_container(&req.container_id).await.map(|_| Empty::new()))
+    }
+
+    async fn resume_container(&self, _ctx: &TtrpcContext, req: agent::ResumeContainerRequest) -> ttrpc::Result<Empty> {
+        reply("ResumeContainer", self.agent.resume_container(&req.container_id).await.map(|_| Empty::new()))
+    }
+
+    async fn update_container(&self, _ctx: &TtrpcContext, req: agent::UpdateContainerRequest) -> ttrpc::Result<Empty> {
+        reply("UpdateContainer", self.agent.update_container(req).await.map(|_| Empty::new()))
+    }
+
+    async fn get_oom_event(&self, _ctx: &TtrpcContext, _req: agent::GetOOMEventRequest) -> ttrpc::Result<agent::OOMEvent> {
+        let mut r = agent::OOMEvent::new();
+        r.container_id = self.agent.get_oom_event().await;
+        Ok(r)
+    }
+
+    async fn copy_file(&self, _ctx: &TtrpcContext, req: agent::CopyFileRequest) -> ttrpc::Result<Empty> {
+        reply("CopyFile", self.agent.copy_file(req).await.map(|_| Empty::new()))
+    }
+
+    async fn get_metrics(&self, _ctx: &TtrpcContext, _req: agent::GetMetricsRequest) -> ttrpc::Result<agent::Metrics> {
+        let mut r = agent::Metrics::new();
+        r.metrics = self.agent.metrics();
+        Ok(r)
+    }
+
+    async fn get_volume_stats(&self, _ctx: &TtrpcContext, req: agent::VolumeStatsRequest) -> ttrpc::Result<csi::VolumeStatsResponse> {
+        reply("GetVolumeStats", self.agent.volume_stats(&req.volume_guest_path))
+    }
+
+    async fn get_diagnostic_data(&self, _ctx: &TtrpcContext, req: agent::GetDiagnosticDataRequest) -> ttrpc::Result<agent::GetDiagnosticDataResponse> {
+        reply("GetDiagnosticData", self.agent.diagnostic_data(&req).map(|data| {
+            let mut r = agent::GetDiagnosticDataResponse::new();
+            r.data = data;
+            r
+        }))
+    }
+
+    async fn update_ephemeral_mounts(&self, _ctx: &TtrpcContext, req: agent::UpdateEphemeralMountsRequest) -> ttrpc::Result<Empty> {
+        reply("UpdateEphemeralMounts", self.agent.update_ephemeral_mounts(&req).map(|_| Empty::new()))
+    }
+
+    async fn set_guest_date_time(&self, _ctx: &TtrpcContext, req: agent::SetGuestDateTimeRequest) -> ttrpc::Result<Empty> {
+        reply("SetGuestDateTime", self.agent.set_guest_date_time(&req).map(|_| Empty::new()))
+    }
+
+    async fn reseed_random_dev(&self, _ctx: &TtrpcContext, req: agent::ReseedRandomDevRequest) -> ttrpc::Result<Empty> {
+        reply("ReseedRandomDev", self.agent.reseed_random_dev(&req).map(|_| Empty::new()))
+    }
+
+    async fn online_cpu_mem(&self, _ctx: &TtrpcContext, req: agent::OnlineCPUMemRequest) -> ttrpc::Result<Empty> {
+        reply("OnlineCPUMem", self.agent.online_cpu_mem(&req).await.map(|_| Empty::new()))
+    }
+
+    async fn add_swap_path(&self, _ctx: &TtrpcContext, req: agent::AddSwapPathRequest) -> ttrpc::Result<Empty> {
+        reply("AddSwapPath", self.agent.add_swap_path(&req).map(|_| Empty::new()))
+    }
+
+    async fn add_swap(&self, _ctx: &TtrpcContext, _req: agent::AddSwapRequest) -> ttrpc::Result<Empty> {
+        reply("AddSwap", self.agent.add_swap().map(|_| Empty::new()))
+    }
+
     }
     unimplemented {
-        update_container, "UpdateContainer", agent::UpdateContainerRequest => Empty;
-        update_ephemeral_mounts, "UpdateEphemeralMounts", agent::UpdateEphemeralMountsRequest => Empty;
-        pause_container, "PauseContainer", agent::PauseContainerRequest => Empty;
-        resume_container, "ResumeContainer", agent::ResumeContainerRequest => Empty;
-        remove_stale_virtiofs_share_mounts, "RemoveStaleVirtiofsShareMounts", agent::RemoveStaleVirtiofsShareMountsRequest => Empty;
-        update_interface, "UpdateInterface", agent::UpdateInterfaceRequest => types::Interface;
-        update_routes, "UpdateRoutes", agent::UpdateRoutesRequest => agent::Routes;
-        list_interfaces, "ListInterfaces", agent::ListInterfacesRequest => agent::Interfaces;
-        list_routes, "ListRoutes", agent::ListRoutesRequest => agent::Routes;
-        add_arp_neighbors, "AddARPNeighbors", agent::AddARPNeighborsRequest => Empty;
-        get_ip_tables, "GetIPTables", agent::GetIPTablesRequest => agent::GetIPTablesResponse;
-        set_ip_tables, "SetIPTables", agent::SetIPTablesRequest => agent::SetIPTablesResponse;
-        get_metrics, "GetMetrics", agent::GetMetricsRequest => agent::Metrics;
-        mem_agent_memcg_set, "MemAgentMemcgSet", agent::MemAgentMemcgConfig => Empty;
-        mem_agent_compact_set, "MemAgentCompactSet", agent::MemAgentCompactConfig => Empty;
-        online_cpu_mem, "OnlineCPUMem", agent::OnlineCPUMemRequest => Empty;
-        reseed_random_dev, "ReseedRandomDev", agent::ReseedRandomDevRequest => Empty;
-        mem_hotplug_by_probe, "MemHotplugByProbe", agent::MemHotplugByProbeRequest => Empty;
-        set_guest_date_time, "SetGuestDateTime", agent::SetGuestDateTimeRequest => Empty;
-        copy_file, "CopyFile", agent::CopyFileRequest => Empty;
-        get_oom_event, "GetOOMEvent", agent::GetOOMEventRequest => agent::OOMEvent;
-        add_swap, "AddSwap", agent::AddSwapRequest => Empty;
-        add_swap_path, "AddSwapPath", agent::AddSwapPathRequest => Empty;
-        get_diagnostic_data, "GetDiagnosticData", agent::GetDiagnosticDataRequest => agent::GetDiagnosticDataResponse;
-        get_volume_stats, "GetVolumeStats", agent::VolumeStatsRequest => csi::VolumeStatsResponse;
-        resize_volume, "ResizeVolume", agent::ResizeVolumeRequest => Empty;
-        set_policy, "SetPolicy", agent::SetPolicyRequest => Empty;
+        remove_stale_virtiofs_share_mounts, "RemoveStaleVirtiofsShareMounts", agent::RemoveStaleVirtiofsShareMountsRequest => Empty,
+            "the images device's shares are the image service's to add and remove";
+        update_interface, "UpdateInterface", agent::UpdateInterfaceRequest => types::Interface,
+            "networking comes with its own issue";
+        update_routes, "UpdateRoutes", agent::UpdateRoutesRequest => agent::Routes,
+            "networking comes with its own issue";
+        list_interfaces, "ListInterfaces", agent::ListInterfacesRequest => agent::Interfaces,
+            "networking comes with its own issue";
+        list_routes, "ListRoutes", agent::ListRoutesRequest => agent::Routes,
+            "networking comes with its own issue";
+        add_arp_neighbors, "AddARPNeighbors", agent::AddARPNeighborsRequest => Empty,
+            "networking comes with its own issue";
+        get_ip_tables, "GetIPTables", agent::GetIPTablesRequest => agent::GetIPTablesResponse,
+            "joey's guest kernel has no netfilter";
+        set_ip_tables, "SetIPTables", agent::SetIPTablesRequest => agent::SetIPTablesResponse,
+            "joey's guest kernel has no netfilter";
+        mem_agent_memcg_set, "MemAgentMemcgSet", agent::MemAgentMemcgConfig => Empty,
+            "joey has no memory agent";
+        mem_agent_compact_set, "MemAgentCompactSet", agent::MemAgentCompactConfig => Empty,
+            "joey has no memory agent";
+        mem_hotplug_by_probe, "MemHotplugByProbe", agent::MemHotplugByProbeRequest => Empty,
+            "joey's microVMs have no memory hotplug";
+        resize_volume, "ResizeVolume", agent::ResizeVolumeRequest => Empty,
+            "joey's volumes are not resizable block devices";
+        set_policy, "SetPolicy", agent::SetPolicyRequest => Empty,
+            "joey-agent has no policy engine";
     }
 }
 

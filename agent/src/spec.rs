@@ -17,6 +17,11 @@ pub fn to_oci(spec: &oci::Spec) -> Result<Spec> {
     serde_json::from_value(value).map_err(|e| invalid(format!("OCI spec: {e}")))
 }
 
+/// Converts UpdateContainer's resources. Errors name the offending field.
+pub fn resources_to_oci(r: &oci::LinuxResources) -> Result<oci_spec::runtime::LinuxResources> {
+    serde_json::from_value(resources_value(r)).map_err(|e| invalid(format!("LinuxResources: {e}")))
+}
+
 fn spec_value(s: &oci::Spec) -> Result<Value> {
     let mut v = Map::new();
     let version = if s.Version.is_empty() {

@@ -91,6 +91,10 @@ fn run(mode: Mode, args: &Args) -> anyhow::Result<i32> {
     }
     info!(?mode, "init ready");
     let mut sup = Supervisor::new(AgentConfig {
+        sandbox_kind: match mode {
+            Mode::Vm => "vm",
+            Mode::Namespace => "ns",
+        },
         path: args.agent.clone(),
         addr: args.agent_addr.clone(),
         state_dir: args.guest_dir.join("agent"),

@@ -15,6 +15,8 @@ pub const RESTART_WINDOW: Duration = Duration::from_secs(30);
 const RESTART_DELAY: Duration = Duration::from_millis(100);
 
 pub struct AgentConfig {
+    /// `vm` or `ns`.
+    pub sandbox_kind: &'static str,
     pub path: PathBuf,
     pub addr: String,
     pub state_dir: PathBuf,
@@ -60,7 +62,11 @@ impl Supervisor {
         let mut cmd = Command::new(&self.cfg.path);
         cmd.env("KATA_AGENT_SERVER_ADDR", &self.cfg.addr)
             .env("JOEY_AGENT_STATE_DIR", &self.cfg.state_dir)
-            .env("JOEY_UNDER_INIT", "1");
+            .env("JOEY_UNDER_INIT", "1")
+            .env(
+                joey_protocols::contract::SANDBOX_KIND_ENV,
+                self.cfg.sandbox_kind,
+            );
         // SAFETY: sigprocmask is async-signal-safe; the closure touches no shared state.
         // Init blocks the signals it waits for; the agent must not inherit that mask.
         unsafe {
@@ -146,6 +152,7 @@ mod tests {
     #[test]
     fn too_many_crashes_give_up() {
         let mut s = Supervisor::new(AgentConfig {
+            sandbox_kind: "ns",
             path: "/nonexistent".into(),
             addr: String::new(),
             state_dir: "/tmp".into(),

@@ -23,6 +23,10 @@ pub const INIT_START_MARKER: &str = "joey-init: started ";
 /// which joey-vmm makes its own exit status.
 pub const INIT_EXIT_MARKER: &str = "joey-init: exit ";
 
+/// The variable joey-init sets for the agent: `vm` or `ns`, the sandbox it runs in
+/// (RPCs that change the machine run only in a VM).
+pub const SANDBOX_KIND_ENV: &str = "JOEY_SANDBOX";
+
 /// [`RUNTIME_DIR`], or `$JOEY_RUNTIME_DIR` when set to an absolute path.
 pub fn runtime_dir() -> PathBuf {
     std::env::var_os(RUNTIME_DIR_ENV)

@@ -531,6 +531,181 @@ impl AgentClient {
     }
 }
 
+/// The RPCs of the cgroup, OOM, file and guest families (one request in, one reply
+/// out, errors naming the method and object).
+impl AgentClient {
+    /// PauseContainer: freezes the container's processes.
+    pub async fn pause_container(&self, cid: &str) -> Result<(), ClientError> {
+        let mut req = agent::PauseContainerRequest::new();
+        req.container_id = cid.into();
+        self.agent
+            .pause_container(ctx(Some(RPC_TIMEOUT)), &req)
+            .await
+            .map_err(rpc_error("PauseContainer", cid.into()))?;
+        Ok(())
+    }
+
+    /// ResumeContainer: thaws them.
+    pub async fn resume_container(&self, cid: &str) -> Result<(), ClientError> {
+        let mut req = agent::ResumeContainerRequest::new();
+        req.container_id = cid.into();
+        self.agent
+            .resume_container(ctx(Some(RPC_TIMEOUT)), &req)
+            .await
+            .map_err(rpc_error("ResumeContainer", cid.into()))?;
+        Ok(())
+    }
+
+    /// UpdateContainer: applies new cgroup resources to a running container.
+    pub async fn update_container(
+        &self,
+        cid: &str,
+        resources: oci::LinuxResources,
+    ) -> Result<(), ClientError> {
+        let mut req = agent::UpdateContainerRequest::new();
+        req.container_id = cid.into();
+        req.resources = Some(resources).into();
+        self.agent
+            .update_container(ctx(Some(RPC_TIMEOUT)), &req)
+            .await
+            .map_err(rpc_error("UpdateContainer", cid.into()))?;
+        Ok(())
+    }
+
+    /// GetOOMEvent: the id of the next container with an OOM kill, waiting up to
+    /// `timeout` (None: as long as it takes, as kata's shim polls).
+    pub async fn get_oom_event(&self, timeout: Option<Duration>) -> Result<String, ClientError> {
+        let r = self
+            .agent
+            .get_oom_event(ctx(timeout), &agent::GetOOMEventRequest::new())
+            .await
+            .map_err(rpc_error("GetOOMEvent", String::new()))?;
+        Ok(r.container_id)
+    }
+
+    /// CopyFile: one piece of a file (or a directory, or a symlink) under kata's root.
+    pub async fn copy_file(&self, req: agent::CopyFileRequest) -> Result<(), ClientError> {
+        let target = req.path.clone();
+        self.agent
+            .copy_file(ctx(Some(RPC_TIMEOUT)), &req)
+            .await
+            .map_err(rpc_error("CopyFile", target))?;
+        Ok(())
+    }
+
+    /// GetMetrics: Prometheus text.
+    pub async fn get_metrics(&self) -> Result<String, ClientError> {
+        let r = self
+            .agent
+            .get_metrics(ctx(Some(RPC_TIMEOUT)), &agent::GetMetricsRequest::new())
+            .await
+            .map_err(rpc_error("GetMetrics", String::new()))?;
+        Ok(r.metrics)
+    }
+
+    /// GetVolumeStats of the volume mounted at `path` in the sandbox.
+    pub async fn get_volume_stats(
+        &self,
+        path: &str,
+    ) -> Result<joey_protocols::csi::VolumeStatsResponse, ClientError> {
+        let mut req = agent::VolumeStatsRequest::new();
+        req.volume_guest_path = path.into();
+        self.agent
+            .get_volume_stats(ctx(Some(RPC_TIMEOUT)), &req)
+            .await
+            .map_err(rpc_error("GetVolumeStats", path.into()))
+    }
+
+    /// GetDiagnosticData of `log_type` for container `cid`.
+    pub async fn get_diagnostic_data(
+        &self,
+        cid: &str,
+        log_type: &str,
+    ) -> Result<String, ClientError> {
+        let mut req = agent::GetDiagnosticDataRequest::new();
+        req.container_id = cid.into();
+        req.log_type = log_type.into();
+        let r = self
+            .agent
+            .get_diagnostic_data(ctx(Some(RPC_TIMEOUT)), &req)
+            .await
+            .map_err(rpc_error("GetDiagnosticData", cid.into()))?;
+        Ok(r.data)
+    }
+
+    /// UpdateEphemeralMounts: new options for ephemeral storages already mounted.
+    pub async fn update_ephemeral_mounts(
+        &self,
+        storages: Vec<agent::Storage>,
+    ) -> Result<(), ClientError> {
+        let mut req = agent::UpdateEphemeralMountsRequest::new();
+        req.storages = storages;
+        self.agent
+            .update_ephemeral_mounts(ctx(Some(RPC_TIMEOUT)), &req)
+            .await
+            .map_err(rpc_error("UpdateEphemeralMounts", String::new()))?;
+        Ok(())
+    }
+
+    /// SetGuestDateTime (VM only).
+    pub async fn set_guest_date_time(&self, sec: i64, usec: i64) -> Result<(), ClientError> {
+        let mut req = agent::SetGuestDateTimeRequest::new();
+        req.Sec = sec;
+        req.Usec = usec;
+        self.agent
+            .set_guest_date_time(ctx(Some(RPC_TIMEOUT)), &req)
+            .await
+            .map_err(rpc_error("SetGuestDateTime", String::new()))?;
+        Ok(())
+    }
+
+    /// ReseedRandomDev (VM only).
+    pub async fn reseed_random_dev(&self, data: &[u8]) -> Result<(), ClientError> {
+        let mut req = agent::ReseedRandomDevRequest::new();
+        req.data = data.to_vec();
+        self.agent
+            .reseed_random_dev(ctx(Some(RPC_TIMEOUT)), &req)
+            .await
+            .map_err(rpc_error("ReseedRandomDev", String::new()))?;
+        Ok(())
+    }
+
+    /// OnlineCPUMem (VM only): `nb_cpus` offline vCPUs online, memory too unless
+    /// `cpu_only`.
+    pub async fn online_cpu_mem(&self, nb_cpus: u32, cpu_only: bool) -> Result<(), ClientError> {
+        let mut req = agent::OnlineCPUMemRequest::new();
+        req.nb_cpus = nb_cpus;
+        req.cpu_only = cpu_only;
+        self.agent
+            .online_cpu_mem(ctx(Some(RPC_TIMEOUT)), &req)
+            .await
+            .map_err(rpc_error("OnlineCPUMem", String::new()))?;
+        Ok(())
+    }
+
+    /// AddSwapPath (VM only): swap on a device or file in the guest.
+    pub async fn add_swap_path(&self, path: &str) -> Result<(), ClientError> {
+        let mut req = agent::AddSwapPathRequest::new();
+        req.path = path.into();
+        self.agent
+            .add_swap_path(ctx(Some(RPC_TIMEOUT)), &req)
+            .await
+            .map_err(rpc_error("AddSwapPath", path.into()))?;
+        Ok(())
+    }
+
+    /// AddSwap: by PCI path (refused: no PCI in joey's microVMs).
+    pub async fn add_swap(&self, pci_path: Vec<u32>) -> Result<(), ClientError> {
+        let mut req = agent::AddSwapRequest::new();
+        req.PCIPath = pci_path;
+        self.agent
+            .add_swap(ctx(Some(RPC_TIMEOUT)), &req)
+            .await
+            .map_err(rpc_error("AddSwap", String::new()))?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

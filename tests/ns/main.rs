@@ -12,6 +12,7 @@ mod registry_layers;
 mod restart;
 mod rpc;
 mod stale;
+mod surface;
 
 use joey_tests::{block_on, run_tier, Test};
 
@@ -63,6 +64,12 @@ fn main() {
         imaged::an_image_mounted_after_a_sandbox_started_reaches_it,
         imaged::failures_are_errors_not_wrong_bytes,
         imaged::lazy_reads_through_https_basic_auth_and_bearer_tokens,
+        surface::oom_kills_are_events_and_exit_137,
+        surface::update_lowers_the_memory_limit_and_stats_count_the_network,
+        surface::pause_stops_and_resume_restarts,
+        surface::copied_files_and_the_termination_log,
+        surface::metrics_volume_stats_and_ephemeral_mounts,
+        surface::machine_rpcs_are_refused_outside_a_vm,
     ];
     // The vsock transport needs a host vsock device, which these machines lack: that
     // is a property of the machine, not of the tier, so it is skipped even in strict mode.

@@ -31,15 +31,20 @@ impl Agent {
             .ok_or_else(|| invalid(format!("CreateContainer {cid}: no OCI spec")))?;
         let mut spec = spec::to_oci(oci)?;
         let cgroups_path = adjust_spec(&mut spec, &cid, req.sandbox_pidns, &self.sandbox.info())?;
+        copied_sources(&mut spec, &self.copy_root);
         self.containers
             .create(NewContainer {
-                id: cid,
+                id: cid.clone(),
                 exec_id,
                 spec,
                 cgroups_path,
                 storages: req.storages.iter().map(Into::into).collect(),
             })
-            .await
+            .await?;
+        // Watched from before it starts: an OOM right at its start is not missed.
+        let c = self.containers.get(&cid)?;
+        self.oom.watch(&cid, c.cgroups_path());
+        Ok(())
     }
 
     pub async fn start_container(&self, cid: &str) -> Result<()> {
@@ -51,7 +56,9 @@ impl Agent {
             0 => DEFAULT_REMOVE_TIMEOUT,
             s => Duration::from_secs(u64::from(s)),
         };
-        self.containers.remove(&req.container_id, timeout).await
+        self.containers.remove(&req.container_id, timeout).await?;
+        self.oom.unwatch(&req.container_id);
+        Ok(())
     }
 }
 
@@ -113,6 +120,25 @@ fn adjust_spec(
         }
     }
     Ok(cgroups_path)
+}
+
+/// Bind mounts of files CopyFile put under kata's root come from where that root is
+/// here (the agent's state directory in a namespace sandbox).
+fn copied_sources(spec: &mut Spec, copy_root: &Path) {
+    let root = Path::new(super::files::COPY_ROOT);
+    if copy_root == root {
+        return;
+    }
+    let Some(mut mounts) = spec.mounts().clone() else {
+        return;
+    };
+    for m in &mut mounts {
+        if let Some(rel) = m.source().as_ref().and_then(|s| s.strip_prefix(root).ok()) {
+            let source = copy_root.join(rel);
+            m.set_source(Some(source));
+        }
+    }
+    spec.set_mounts(Some(mounts));
 }
 
 /// Kata may send a systemd-style cgroup path (`slice:prefix:name`). The guest runs no

@@ -1,13 +1,20 @@
 //! The agent: the owner of the sandbox and of the container table, and the RPC
-//! families over them, one module each (sandbox, container, exec, streams, stats).
-//! `server.rs` only dispatches to these.
+//! families over them, one module each (sandbox, container, exec, streams, stats,
+//! resources (pause, resume, update), oom, files (CopyFile), guest (the machine:
+//! VM-only changes, metrics, volumes, diagnostics)). `server.rs` only dispatches to
+//! these.
 
 mod container;
 mod exec;
+mod files;
+mod guest;
+mod oom;
+mod resources;
 mod sandbox;
 mod stats;
 mod streams;
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -27,6 +34,11 @@ pub struct Agent {
     containers: Arc<Containers>,
     /// True when the agent runs under joey-init (or is PID 1 itself).
     init_daemon: bool,
+    /// True in a VM sandbox: RPCs that change the machine are allowed.
+    in_vm: bool,
+    /// Where CopyFile's root (kata's `/run/kata-containers/shared/containers/`) is.
+    copy_root: PathBuf,
+    oom: oom::OomEvents,
     /// Signalled after DestroySandbox: the agent's work is done.
     destroyed: Notify,
     /// Writes on the agent's connections, and their count when DestroySandbox finished
@@ -36,8 +48,18 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(os: Os, dirs: Dirs, init_daemon: bool) -> Self {
+    /// `in_vm`: the agent runs in a VM sandbox (joey-init says so).
+    pub fn new(os: Os, dirs: Dirs, init_daemon: bool, in_vm: bool) -> Self {
+        // In a namespace sandbox kata's root would be the host's /run: keep copies in
+        // the sandbox's own state instead.
+        let copy_root = match in_vm {
+            true => PathBuf::from(files::COPY_ROOT),
+            false => dirs.shared.clone(),
+        };
         Agent {
+            in_vm,
+            copy_root,
+            oom: oom::OomEvents::default(),
             sandbox: Sandbox::new(os.clone(), dirs.clone()),
             containers: Arc::new(Containers::new(os.clone(), dirs)),
             os,

@@ -28,6 +28,7 @@ impl Agent {
     /// The agent then shuts down (its supervisor ends the sandbox).
     pub async fn destroy_sandbox(&self) -> Result<()> {
         self.containers.remove_all(DESTROY_TIMEOUT).await;
+        self.oom.unwatch_all();
         let id = self.sandbox.destroy();
         info!(sandbox = %id, "sandbox destroyed");
         self.mark_destroyed();

@@ -1,36 +1,57 @@
-//! StatsContainer: the container's cgroup statistics (v1 or v2, as the host has).
-
-use std::path::PathBuf;
+//! StatsContainer: the container's cgroup statistics (v1 or v2, as the host has) and
+//! the counters of the sandbox's network interfaces (the containers share its network
+//! namespace, as the agent does).
 
 use joey_protocols::agent::{
     BlkioStats, BlkioStatsEntry, CgroupStats, CpuStats, CpuUsage, HugetlbStats, MemoryData,
-    MemoryStats, PidsStats, StatsContainerResponse, ThrottlingData,
+    MemoryStats, NetworkStats, PidsStats, StatsContainerResponse, ThrottlingData,
 };
-use libcgroups::common::{create_cgroup_manager, CgroupConfig, CgroupManager};
+use libcgroups::common::CgroupManager;
 
+use super::resources::blocking;
 use super::Agent;
 use crate::error::Result;
 
 impl Agent {
     pub async fn stats_container(&self, cid: &str) -> Result<StatsContainerResponse> {
         let c = self.containers.get(cid)?;
-        let config = CgroupConfig {
-            cgroup_path: PathBuf::from(c.cgroups_path()),
-            systemd_cgroup: false,
-            container_name: cid.to_string(),
-        };
-        let cid = cid.to_string();
-        let stats = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let manager = create_cgroup_manager(config)
-                .map_err(|e| anyhow::anyhow!("cgroup of container {cid}: {e}"))?;
-            manager
+        let (cid, path) = (cid.to_string(), c.cgroups_path().to_string());
+        let stats = blocking(move || {
+            crate::cgroup::manager(&cid, &path)?
                 .stats()
                 .map_err(|e| anyhow::anyhow!("read cgroup stats of container {cid}: {e}"))
         })
-        .await
-        .map_err(anyhow::Error::from)??;
-        Ok(convert(&stats))
+        .await?;
+        let mut r = convert(&stats);
+        r.network_stats = std::fs::read_to_string("/proc/net/dev")
+            .map(|t| network_stats(&t))
+            .unwrap_or_default();
+        Ok(r)
     }
+}
+
+/// The interfaces of a `/proc/net/dev` table: name, then 8 receive and 8 transmit
+/// counters (bytes, packets, errs, drop, …).
+fn network_stats(table: &str) -> Vec<NetworkStats> {
+    table
+        .lines()
+        .skip(2)
+        .filter_map(|l| {
+            let (name, rest) = l.split_once(':')?;
+            let v: Vec<u64> = rest
+                .split_whitespace()
+                .map(|n| n.parse().unwrap_or(0))
+                .collect();
+            if v.len() < 12 {
+                return None;
+            }
+            let mut n = NetworkStats::new();
+            n.name = name.trim().to_string();
+            (n.rx_bytes, n.rx_packets, n.rx_errors, n.rx_dropped) = (v[0], v[1], v[2], v[3]);
+            (n.tx_bytes, n.tx_packets, n.tx_errors, n.tx_dropped) = (v[8], v[9], v[10], v[11]);
+            Some(n)
+        })
+        .collect()
 }
 
 fn mem(d: &libcgroups::stats::MemoryData) -> MemoryData {
@@ -128,5 +149,33 @@ mod tests {
         assert_eq!(cg.memory_stats.usage.usage, 22);
         assert_eq!(cg.memory_stats.usage.limit, 33);
         assert_eq!(cg.pids_stats.current, 4);
+    }
+}
+
+#[cfg(test)]
+mod net_tests {
+    #[test]
+    fn proc_net_dev_is_read_per_interface() {
+        let t = "Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo:    1234      10    0    0    0     0          0         0     1234      10    0    0    0     0       0          0
+  eth0: 5000 40 1 2 0 0 0 0 7000 50 3 4 0 0 0 0
+";
+        let n = super::network_stats(t);
+        assert_eq!(n.len(), 2);
+        assert_eq!(
+            (n[0].name.as_str(), n[0].rx_bytes, n[0].tx_packets),
+            ("lo", 1234, 10)
+        );
+        assert_eq!(
+            (
+                n[1].rx_errors,
+                n[1].rx_dropped,
+                n[1].tx_bytes,
+                n[1].tx_errors,
+                n[1].tx_dropped
+            ),
+            (1, 2, 7000, 3, 4)
+        );
     }
 }

@@ -40,7 +40,7 @@ impl Harness {
         std::fs::write(rootfs.join("bin/sh"), b"").unwrap();
         let fake = FakeOs::new();
         let mounter = Arc::new(RecordingMounter::default());
-        let agent = Agent::new(fake.os(mounter.clone()), dirs.clone(), false);
+        let agent = Agent::new(fake.os(mounter.clone()), dirs.clone(), false, false);
         Harness {
             _tmp: tmp,
             root,
@@ -54,7 +54,12 @@ impl Harness {
 
     /// A new agent over the same state directories and fake OS (the old one died).
     fn restart(&mut self) {
-        self.agent = Agent::new(self.fake.os(self.mounter.clone()), self.dirs.clone(), true);
+        self.agent = Agent::new(
+            self.fake.os(self.mounter.clone()),
+            self.dirs.clone(),
+            true,
+            false,
+        );
     }
 
     fn spec(&self, args: &[&str], terminal: bool) -> oci::Spec {
