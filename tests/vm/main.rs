@@ -4,6 +4,7 @@
 //! QEMU, vhost-device-vsock and the artifacts in images/out (see README).
 
 mod nydus;
+mod surface;
 mod testguest;
 mod vm;
 
@@ -95,6 +96,8 @@ fn vm_options(rootfs_image: Option<PathBuf>, kernel_args: &[&str]) -> VmOptions 
         rootfs_image,
         initrd: None,
         memory_mib: 256,
+        cpus: 1,
+        extra_disks: Vec::new(),
         vsock: joey_shim::vm::config::VsockServer::Joey,
         images_fs: false,
         backend: env().backend.0,
@@ -180,6 +183,7 @@ fn main() {
         nydus::a_nydus_image_is_added_to_a_running_vm_and_read_lazily,
         nydus::joeyctl_runs_a_nydus_image_in_a_vm,
         nydus::a_dead_image_service_ends_the_vm,
+        surface::the_agent_surface_in_a_vm,
     ];
     // joey-vmm's own KVM boot needs /dev/kvm: a property of the machine, skipped (with
     // its reason) even in strict mode where it lacks one.

@@ -348,8 +348,13 @@ impl Agent {
 /// memory blocks) reads `offline_value`, in order.
 fn offline(dir: &Path, prefix: &str, offline_value: &str) -> Result<Vec<std::path::PathBuf>> {
     let file = if prefix == "cpu" { "online" } else { "state" };
-    let mut out: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(dir)
-        .map_err(|e| anyhow::anyhow!("OnlineCPUMem: read {}: {e}", dir.display()))?
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        // No memory blocks (no memory hotplug in the kernel): nothing is offline.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(anyhow::anyhow!("OnlineCPUMem: read {}: {e}", dir.display()).into()),
+    };
+    let mut out: Vec<(u64, std::path::PathBuf)> = entries
         .flatten()
         .filter_map(|e| {
             let n: u64 = e.file_name().to_str()?.strip_prefix(prefix)?.parse().ok()?;

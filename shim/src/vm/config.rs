@@ -51,6 +51,11 @@ pub struct VmOptions {
     /// every kernel from the same initrd).
     pub initrd: Option<PathBuf>,
     pub memory_mib: u32,
+    /// vCPUs (the kernel's `maxcpus=` may keep some offline for OnlineCPUMem).
+    pub cpus: u32,
+    /// More read-only disks, each with its serial (after the guest image and the
+    /// container image).
+    pub extra_disks: Vec<(PathBuf, String)>,
     pub backend: Backend,
     /// Extra kernel command-line arguments (appended).
     pub kernel_args: Vec<String>,
@@ -111,6 +116,8 @@ mod tests {
             rootfs_image: None,
             initrd: None,
             memory_mib: 256,
+            cpus: 1,
+            extra_disks: Vec::new(),
             vsock: VsockServer::Joey,
             images_fs: false,
             backend: Backend::QemuTcg,

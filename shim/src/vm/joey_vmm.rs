@@ -20,6 +20,7 @@ pub fn command(
         .arg("--kernel")
         .arg(&opts.kernel)
         .args(["--mem", &opts.memory_mib.to_string()])
+        .args(["--cpus", &opts.cpus.max(1).to_string()])
         .args(["--cmdline", &cmdline(opts)]);
     if let Some(initrd) = &opts.initrd {
         cmd.arg("--initrd").arg(initrd);

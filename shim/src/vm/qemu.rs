@@ -25,7 +25,7 @@ pub fn command(qemu: &Path, opts: &VmOptions, devices: &[Box<dyn Device>]) -> Co
     cmd.args(["-m", &mem])
         .args([
             "-smp",
-            "1",
+            &opts.cpus.max(1).to_string(),
             "-nodefaults",
             "-no-user-config",
             "-no-reboot",

@@ -30,6 +30,8 @@ pub fn vm_root() -> PathBuf {
     runtime_dir().join("vm")
 }
 
+/// QEMU's drive names for extra disks.
+const EXTRA_DISK_IDS: [&str; 4] = ["extra0", "extra1", "extra2", "extra3"];
 /// The virtio-blk serial of a container's rootfs image.
 pub const ROOTFS_SERIAL: &str = "joey-rootfs";
 /// The guest CID (each VM has its own vsock backend, so they need not differ).
@@ -250,6 +252,15 @@ impl VmSandbox {
                 id: "rootfs",
                 file: img.clone(),
                 serial: ROOTFS_SERIAL.into(),
+            }));
+        }
+        for (i, (file, serial)) in opts.extra_disks.iter().enumerate() {
+            devices.push(Box::new(Disk {
+                id: EXTRA_DISK_IDS.get(i).copied().ok_or_else(|| {
+                    setup(format!("at most {} extra disks", EXTRA_DISK_IDS.len()))
+                })?,
+                file: file.clone(),
+                serial: serial.clone(),
             }));
         }
         let images = if opts.images_fs {

@@ -81,6 +81,8 @@ fn vm_base() -> anyhow::Result<(VmOptions, Artifacts)> {
         rootfs_image: None,
         initrd: None,
         memory_mib: 256,
+        cpus: 1,
+        extra_disks: Vec::new(),
         vsock: joey_shim::vm::config::VsockServer::Joey,
         images_fs: false,
         backend,

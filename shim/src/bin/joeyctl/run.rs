@@ -253,6 +253,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
         rootfs_image,
         initrd: None,
         memory_mib: memory,
+        cpus: 1,
+        extra_disks: Vec::new(),
         vsock: joey_shim::vm::config::VsockServer::Joey,
         backend,
         kernel_args: if debug {
