@@ -54,6 +54,50 @@ pub fn manager(cid: &str, path: &str) -> anyhow::Result<AnyCgroupManager> {
     .map_err(|e| anyhow!("cgroup of container {cid}: {e}"))
 }
 
+/// cgroup v2 statistics of cgroup `path`, read file by file: what this kernel lacks
+/// (hugetlb, io accounting, pressure) is left empty rather than failing the whole
+/// read, as libcgroups' v2 reader does.
+pub fn v2_stats(path: &str) -> libcgroups::stats::Stats {
+    let dir = memory_dir(Layout::V2, path);
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    let keyed = |f: &str| -> std::collections::HashMap<String, u64> {
+        read(f)
+            .lines()
+            .filter_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                Some((k.to_string(), v.trim().parse().ok()?))
+            })
+            .collect()
+    };
+    // A single number, `max` (no limit) as u64::MAX, absent as 0.
+    let num = |f: &str| match read(f).trim() {
+        "max" => u64::MAX,
+        v => v.parse().unwrap_or(0),
+    };
+    let mut s = libcgroups::stats::Stats::default();
+    let cpu = keyed("cpu.stat");
+    let us = |k: &str| cpu.get(k).copied().unwrap_or(0) * 1000;
+    s.cpu.usage.usage_total = us("usage_usec");
+    s.cpu.usage.usage_user = us("user_usec");
+    s.cpu.usage.usage_kernel = us("system_usec");
+    s.cpu.throttling.periods = cpu.get("nr_periods").copied().unwrap_or(0);
+    s.cpu.throttling.throttled_periods = cpu.get("nr_throttled").copied().unwrap_or(0);
+    s.cpu.throttling.throttled_time = us("throttled_usec");
+    let m = &mut s.memory;
+    m.memory.usage = num("memory.current");
+    m.memory.limit = num("memory.max");
+    m.memory.max_usage = num("memory.peak");
+    m.memory.fail_count = keyed("memory.events").get("max").copied().unwrap_or(0);
+    m.memswap.usage = num("memory.swap.current");
+    m.memswap.limit = num("memory.swap.max");
+    m.stats = keyed("memory.stat");
+    m.cache = m.stats.get("file").copied().unwrap_or(0);
+    m.hierarchy = true;
+    s.pids.current = num("pids.current");
+    s.pids.limit = num("pids.max");
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -213,10 +213,7 @@ fn linux_value(l: &oci::Linux) -> Result<Value> {
     }
     if let Some(sc) = l.Seccomp.as_ref() {
         if !sc.DefaultAction.is_empty() || !sc.Syscalls.is_empty() {
-            return Err(invalid(
-                "linux.seccomp is set but this agent is built without seccomp support; \
-                 disable guest seccomp (kata: disable_guest_seccomp = true)",
-            ));
+            o.insert("seccomp".into(), seccomp_value(sc));
         }
     }
     put_str(&mut o, "rootfsPropagation", &l.RootfsPropagation);
@@ -232,6 +229,40 @@ fn linux_value(l: &oci::Linux) -> Result<Value> {
         }
     }
     Ok(Value::Object(o))
+}
+
+/// `linux.seccomp`: the default action, architectures, flags and the syscall rules
+/// (an errno only where the host set one: unset means the kernel's default, EPERM).
+fn seccomp_value(sc: &oci::LinuxSeccomp) -> Value {
+    let mut o = Map::new();
+    put_str(&mut o, "defaultAction", &sc.DefaultAction);
+    put_list(&mut o, "architectures", &sc.Architectures);
+    put_list(&mut o, "flags", &sc.Flags);
+    let syscalls: Vec<Value> = sc
+        .Syscalls
+        .iter()
+        .map(|s| {
+            let mut r = Map::new();
+            put_list(&mut r, "names", &s.Names);
+            put_str(&mut r, "action", &s.Action);
+            if s.has_errnoret() {
+                r.insert("errnoRet".into(), json!(s.errnoret()));
+            }
+            if !s.Args.is_empty() {
+                let args: Vec<Value> = s
+                    .Args
+                    .iter()
+                    .map(|a| json!({"index": a.Index, "value": a.Value, "valueTwo": a.ValueTwo, "op": a.Op}))
+                    .collect();
+                r.insert("args".into(), Value::Array(args));
+            }
+            Value::Object(r)
+        })
+        .collect();
+    if !syscalls.is_empty() {
+        o.insert("syscalls".into(), Value::Array(syscalls));
+    }
+    Value::Object(o)
 }
 
 fn resources_value(r: &oci::LinuxResources) -> Value {
@@ -498,12 +529,42 @@ mod tests {
     }
 
     #[test]
-    fn seccomp_is_refused_rather_than_dropped() {
+    fn seccomp_arrives_with_its_rules_errnos_and_arguments() {
         let mut s = sample();
         let mut sc = oci::LinuxSeccomp::new();
         sc.DefaultAction = "SCMP_ACT_ERRNO".into();
+        sc.Architectures = vec!["SCMP_ARCH_X86_64".into(), "SCMP_ARCH_X86".into()];
+        let mut allow = oci::LinuxSyscall::new();
+        allow.Names = vec!["read".into(), "write".into()];
+        allow.Action = "SCMP_ACT_ALLOW".into();
+        let mut deny = oci::LinuxSyscall::new();
+        deny.Names = vec!["mkdirat".into()];
+        deny.Action = "SCMP_ACT_ERRNO".into();
+        deny.set_errnoret(1);
+        let mut arg = oci::LinuxSeccompArg::new();
+        arg.Index = 1;
+        arg.Value = 0o777;
+        arg.Op = "SCMP_CMP_EQ".into();
+        deny.Args.push(arg);
+        sc.Syscalls = vec![allow, deny];
         s.Linux.as_mut().unwrap().Seccomp = Some(sc).into();
-        let err = to_oci(&s).unwrap_err().to_string();
-        assert!(err.contains("seccomp"), "{err}");
+        let spec = to_oci(&s).unwrap();
+        let sec = spec.linux().as_ref().unwrap().seccomp().as_ref().unwrap();
+        assert_eq!(
+            sec.default_action(),
+            oci_spec::runtime::LinuxSeccompAction::ScmpActErrno
+        );
+        assert_eq!(sec.architectures().as_ref().unwrap().len(), 2);
+        let rules = sec.syscalls().as_ref().unwrap();
+        assert_eq!(rules[0].names(), &["read".to_string(), "write".to_string()]);
+        assert_eq!(rules[0].errno_ret(), None, "unset stays unset");
+        assert_eq!(rules[1].errno_ret(), Some(1));
+        let a = &rules[1].args().as_ref().unwrap()[0];
+        assert_eq!((a.index(), a.value()), (1, 0o777));
+        // An unknown action is an error naming the spec, not a silent drop.
+        let mut bad = oci::LinuxSeccomp::new();
+        bad.DefaultAction = "SCMP_ACT_BOGUS".into();
+        s.Linux.as_mut().unwrap().Seccomp = Some(bad).into();
+        assert!(to_oci(&s).unwrap_err().to_string().contains("OCI spec"));
     }
 }

@@ -125,6 +125,10 @@ fn build_static(workspace: &Path) -> anyhow::Result<PathBuf> {
             "joey-agent",
         ])
         .env("CARGO_ENCODED_RUSTFLAGS", flags.join("\u{1f}"))
+        // The agent's seccomp support links libseccomp statically (libseccomp-dev's
+        // libseccomp.a).
+        .env("LIBSECCOMP_LINK_TYPE", "static")
+        .env("LIBSECCOMP_LIB_PATH", "/usr/lib/x86_64-linux-gnu")
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit())
         .status()

@@ -14,6 +14,7 @@ use libtest_mimic::{Arguments, Failed, Trial};
 
 pub mod nydus;
 pub mod registry;
+pub mod seccomp;
 pub mod tree;
 
 pub const STRICT_ENV: &str = "JOEY_REQUIRE_ALL_TIERS";

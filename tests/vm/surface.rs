@@ -1,7 +1,8 @@
 //! The agent surface in a VM (cgroup v2, and the RPCs that change the machine): an
 //! OOM-killed container's event and 137, pause and resume, UpdateContainer and
 //! StatsContainer, SetGuestDateTime, ReseedRandomDev, OnlineCPUMem (2 vCPUs, the
-//! kernel starting 1) and AddSwapPath (a mkswap'd disk, serial `joey-swap`).
+//! kernel starting 1), AddSwapPath (a mkswap'd disk, serial `joey-swap`), and seccomp
+//! profiles on a container's process.
 
 use std::time::Duration;
 
@@ -25,7 +26,8 @@ fn memory(limit: i64) -> oci::LinuxResources {
 
 /// Runs `script` in a new container `cid` and returns its output and status.
 async fn run(pod: &Pod, cid: &str, script: &str) -> anyhow::Result<(String, i32)> {
-    pod.create_container_from(cid, &disk(), &sh(script, false)).await?;
+    pod.create_container_from(cid, &disk(), &sh(script, false))
+        .await?;
     pod.start_container(cid).await?;
     let out = pod.read_to_end(cid, cid, Stream::Stdout).await?;
     let status = pod.wait_process(cid, cid).await?;
@@ -38,7 +40,11 @@ pub async fn the_agent_surface_in_a_vm() -> anyhow::Result<()> {
     let swap = tmp.path().join("swap.img");
     std::fs::write(&swap, vec![0u8; 16 << 20])?;
     let mk = std::process::Command::new("mkswap").arg(&swap).output()?;
-    ensure!(mk.status.success(), "mkswap: {}", String::from_utf8_lossy(&mk.stderr));
+    ensure!(
+        mk.status.success(),
+        "mkswap: {}",
+        String::from_utf8_lossy(&mk.stderr)
+    );
     let mut opts = vm_options(Some(env().image.clone()), &["maxcpus=1"]);
     opts.cpus = 2;
     opts.extra_disks = vec![(swap, "joey-swap".into())];
@@ -50,7 +56,8 @@ pub async fn the_agent_surface_in_a_vm() -> anyhow::Result<()> {
     let mut linux = cfg.spec.Linux.take().unwrap_or_default();
     linux.Resources = Some(memory(16 << 20)).into();
     cfg.spec.Linux = Some(linux).into();
-    c.create_container("hog", cfg.storages, cfg.spec, false).await?;
+    c.create_container("hog", cfg.storages, cfg.spec, false)
+        .await?;
     pod.start_container("hog").await?;
     let status = tokio::time::timeout(Duration::from_secs(120), pod.wait_process("hog", "hog"))
         .await
@@ -61,21 +68,35 @@ pub async fn the_agent_surface_in_a_vm() -> anyhow::Result<()> {
     pod.remove_container("hog").await?;
 
     // Pause stops a counting loop, resume restarts it; an update is read back.
-    pod.create_container_from("loop", &disk(), &sh("while :; do echo x; sleep 0.1; done", false))
-        .await?;
+    pod.create_container_from(
+        "loop",
+        &disk(),
+        &sh("while :; do echo x; sleep 0.1; done", false),
+    )
+    .await?;
     pod.start_container("loop").await?;
     let read = |wait: Duration| async move {
-        match tokio::time::timeout(wait, c.read_stream("loop", "loop", Stream::Stdout, 4096)).await {
+        match tokio::time::timeout(wait, c.read_stream("loop", "loop", Stream::Stdout, 4096)).await
+        {
             Ok(Ok(d)) => d,
             _ => Vec::new(),
         }
     };
-    ensure!(!read(Duration::from_secs(10)).await.is_empty(), "no output before the pause");
+    ensure!(
+        !read(Duration::from_secs(10)).await.is_empty(),
+        "no output before the pause"
+    );
     c.pause_container("loop").await?;
     while !read(Duration::from_millis(500)).await.is_empty() {}
-    ensure!(read(Duration::from_secs(2)).await.is_empty(), "output while paused");
+    ensure!(
+        read(Duration::from_secs(2)).await.is_empty(),
+        "output while paused"
+    );
     c.resume_container("loop").await?;
-    ensure!(!read(Duration::from_secs(10)).await.is_empty(), "no output after resume");
+    ensure!(
+        !read(Duration::from_secs(10)).await.is_empty(),
+        "no output after resume"
+    );
     c.update_container("loop", memory(48 << 20)).await?;
     let stats = c.stats_container("loop").await?;
     let limit = stats
@@ -86,7 +107,10 @@ pub async fn the_agent_surface_in_a_vm() -> anyhow::Result<()> {
         .map(|u| u.limit)
         .unwrap_or(0);
     ensure!(limit == 48 << 20, "memory limit after the update: {limit}");
-    ensure!(stats.network_stats.iter().any(|n| n.name == "lo"), "network stats");
+    ensure!(
+        stats.network_stats.iter().any(|n| n.name == "lo"),
+        "network stats"
+    );
     pod.remove_container("loop").await?;
 
     // The machine RPCs.
@@ -97,7 +121,11 @@ pub async fn the_agent_surface_in_a_vm() -> anyhow::Result<()> {
     c.online_cpu_mem(1, true).await?;
     c.add_swap_path("/dev/vdc").await?;
     let e = c.add_swap(vec![2, 1]).await.unwrap_err();
-    ensure!(e.status().is_some_and(|(code, _)| code == ttrpc::Code::INVALID_ARGUMENT), "{e}");
+    ensure!(
+        e.status()
+            .is_some_and(|(code, _)| code == ttrpc::Code::INVALID_ARGUMENT),
+        "{e}"
+    );
     let (out, status) = run(
         &pod,
         "after",
@@ -110,6 +138,8 @@ pub async fn the_agent_surface_in_a_vm() -> anyhow::Result<()> {
         lines.len() == 3 && lines[0].starts_with("2030") && lines[1] == "0-1" && lines[2] == "1",
         "after the machine RPCs: {out:?}"
     );
+    // Seccomp in the VM: the default profile and the mkdir-denying one.
+    joey_tests::seccomp::check_profiles(&pod, &disk()).await?;
     ensure!(pod.destroy().await? == 0, "the VM's exit status");
     Ok(())
 }

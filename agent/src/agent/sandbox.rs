@@ -48,7 +48,7 @@ impl Agent {
         d.version = env!("CARGO_PKG_VERSION").to_string();
         d.init_daemon = self.init_daemon;
         d.storage_handlers = DRIVERS.iter().map(|s| s.to_string()).collect();
-        d.supports_seccomp = false;
+        d.supports_seccomp = true;
         r.agent_details = Some(d).into();
         r
     }

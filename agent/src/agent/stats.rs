@@ -1,4 +1,5 @@
-//! StatsContainer: the container's cgroup statistics (v1 or v2, as the host has) and
+//! StatsContainer: the container's cgroup statistics (v1 through libcgroups; v2 file
+//! by file, tolerant of what the guest kernel lacks) and
 //! the counters of the sandbox's network interfaces (the containers share its network
 //! namespace, as the agent does).
 
@@ -16,10 +17,11 @@ impl Agent {
     pub async fn stats_container(&self, cid: &str) -> Result<StatsContainerResponse> {
         let c = self.containers.get(cid)?;
         let (cid, path) = (cid.to_string(), c.cgroups_path().to_string());
-        let stats = blocking(move || {
-            crate::cgroup::manager(&cid, &path)?
+        let stats = blocking(move || match crate::cgroup::layout() {
+            crate::cgroup::Layout::V2 => Ok(crate::cgroup::v2_stats(&path)),
+            crate::cgroup::Layout::V1 => crate::cgroup::manager(&cid, &path)?
                 .stats()
-                .map_err(|e| anyhow::anyhow!("read cgroup stats of container {cid}: {e}"))
+                .map_err(|e| anyhow::anyhow!("read cgroup stats of container {cid}: {e}")),
         })
         .await?;
         let mut r = convert(&stats);
