@@ -153,6 +153,59 @@ pub fn launcher_main() -> ! {
     std::process::exit(if ok { 0 } else { 1 });
 }
 
+/// The seccomp profile of container `id` (state under `root`), from its bundle's spec.
+fn container_seccomp(
+    root: &std::path::Path,
+    id: &str,
+) -> anyhow::Result<Option<oci_spec::runtime::LinuxSeccomp>> {
+    let c = libcontainer::container::Container::load(root.join(id))
+        .with_context(|| format!("load the state of container {id}"))?;
+    let config = c.bundle().join("config.json");
+    let spec = oci_spec::runtime::Spec::load(&config)
+        .with_context(|| format!("read {}", config.display()))?;
+    Ok(spec.linux().as_ref().and_then(|l| l.seccomp().clone()))
+}
+
+/// Runs an exec'd process under its container's seccomp profile. libcontainer 0.7
+/// builds an exec's `linux` without the container's `seccomp`, and calls the executor
+/// after dropping capabilities, where installing a filter needs no_new_privs: an exec
+/// in a container with a profile therefore also runs with no_new_privs (it cannot gain
+/// privileges through setuid binaries).
+#[derive(Clone)]
+struct SeccompExecutor(oci_spec::runtime::LinuxSeccomp);
+
+impl libcontainer::workload::Executor for SeccompExecutor {
+    fn exec(
+        &self,
+        spec: &oci_spec::runtime::Spec,
+    ) -> Result<(), libcontainer::workload::ExecutorError> {
+        use libcontainer::workload::ExecutorError;
+        nix::sys::prctl::set_no_new_privs()
+            .map_err(|e| ExecutorError::Other(format!("set no_new_privs for seccomp: {e}")))?;
+        match libcontainer::seccomp::initialize_seccomp(&self.0) {
+            Ok(None) => {}
+            Ok(Some(_)) => {
+                return Err(ExecutorError::Other(
+                    "seccomp notify (SCMP_ACT_NOTIFY) is not supported for exec'd processes".into(),
+                ))
+            }
+            Err(e) => {
+                return Err(ExecutorError::Other(format!(
+                    "install the seccomp profile: {e}"
+                )))
+            }
+        }
+        libcontainer::workload::default::get_executor().exec(spec)
+    }
+
+    fn validate(
+        &self,
+        spec: &oci_spec::runtime::Spec,
+    ) -> Result<(), libcontainer::workload::ExecutorValidationError> {
+        libcontainer::workload::default::get_executor().validate(spec)
+    }
+}
+
 fn launcher_run() -> anyhow::Result<i32> {
     use libcontainer::container::builder::ContainerBuilder;
     use libcontainer::syscall::syscall::SyscallType;
@@ -175,6 +228,10 @@ fn launcher_run() -> anyhow::Result<i32> {
             console_socket,
             ..
         } => (id.clone(), root.clone(), console_socket.clone()),
+    };
+    let exec_seccomp = match &req {
+        LaunchRequest::Exec { .. } => container_seccomp(&root, &id)?,
+        LaunchRequest::Create { .. } => None,
     };
     let mut builder = ContainerBuilder::new(id.clone(), SyscallType::default())
         .with_root_path(root)
@@ -207,6 +264,9 @@ fn launcher_run() -> anyhow::Result<i32> {
             Ok(pid.as_raw())
         }
         LaunchRequest::Exec { process, .. } => {
+            if let Some(profile) = exec_seccomp {
+                builder = builder.with_executor(SeccompExecutor(profile));
+            }
             let pid = builder
                 .as_tenant()
                 .with_process(Some(&process))

@@ -85,11 +85,11 @@ pub async fn bad_requests_are_refused_and_the_agent_keeps_serving() -> anyhow::R
     // generated client: the typed client has no method for it).
     let (code, msg) = raw_rpc_error(
         c.agent
-            .get_oom_event(ctx(Some(RPC_TIMEOUT)), &agent::GetOOMEventRequest::new())
+            .set_policy(ctx(Some(RPC_TIMEOUT)), &agent::SetPolicyRequest::new())
             .await,
     )?;
     ensure!(
-        code == Code::UNIMPLEMENTED && msg.contains("GetOOMEvent"),
+        code == Code::UNIMPLEMENTED && msg.contains("SetPolicy") && msg.contains("policy engine"),
         "{code:?} {msg}"
     );
 

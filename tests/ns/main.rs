@@ -70,7 +70,7 @@ fn main() {
         surface::copied_files_and_the_termination_log,
         surface::metrics_volume_stats_and_ephemeral_mounts,
         surface::machine_rpcs_are_refused_outside_a_vm,
-        surface::seccomp_profiles_apply_to_container_processes,
+        surface::seccomp_profiles_apply_to_processes_and_execs,
     ];
     // The vsock transport needs a host vsock device, which these machines lack: that
     // is a property of the machine, not of the tier, so it is skipped even in strict mode.

@@ -359,10 +359,10 @@ pub async fn raw_rpc_cli() -> anyhow::Result<()> {
         v["agentDetails"]["initDaemon"] == true,
         "GetGuestDetails: {v}"
     );
-    let o = crate::common::joeyctl(&["agent", "--addr", &addr, "GetOOMEvent"], b"").await?;
+    let o = crate::common::joeyctl(&["agent", "--addr", &addr, "SetPolicy"], b"").await?;
     ensure!(
         o.code == 125 && o.stderr.contains("not implemented"),
-        "GetOOMEvent: {} {}",
+        "SetPolicy: {} {}",
         o.code,
         o.stderr
     );

@@ -389,8 +389,8 @@ pub async fn machine_rpcs_are_refused_outside_a_vm() -> anyhow::Result<()> {
 }
 
 /// Seccomp in a namespace sandbox: the Docker-format default profile and a profile
-/// denying mkdir with EPERM, on a container's process.
-pub async fn seccomp_profiles_apply_to_container_processes() -> anyhow::Result<()> {
+/// denying mkdir with EPERM, on a container's process and an exec.
+pub async fn seccomp_profiles_apply_to_processes_and_execs() -> anyhow::Result<()> {
     let pod = pod().await?;
     let rootfs = joey_shim::pod::RootfsSource::HostDir(crate::common::env().rootfs.clone());
     joey_tests::seccomp::check_profiles(&pod, &rootfs).await?;

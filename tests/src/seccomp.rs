@@ -79,10 +79,8 @@ pub fn deny_mkdir() -> oci::LinuxSeccomp {
 }
 
 /// In `pod`, containers from `rootfs` under each profile: with the default profile a
-/// container's ordinary calls (mkdir, stat, write) work, and an exec's too; with
-/// [`deny_mkdir`] its process gets EPERM from mkdir and runs on. (An exec'd process
-/// does not get the profile yet: libcontainer 0.7 builds an exec's `linux` without
-/// `seccomp`.)
+/// container's and an exec's ordinary calls (mkdir, stat, write) work; with
+/// [`deny_mkdir`] both its process and an exec get EPERM from mkdir and run on.
 pub async fn check_profiles(
     pod: &joey_shim::pod::Pod,
     rootfs: &joey_shim::pod::RootfsSource,
@@ -103,7 +101,12 @@ pub async fn check_profiles(
             "made listed\n",
             Some("exec-made\n"),
         ),
-        ("seccomp-deny", Some(deny_mkdir()), "status=1\n", None),
+        (
+            "seccomp-deny",
+            Some(deny_mkdir()),
+            "status=1\n",
+            Some("exec-status=1\n"),
+        ),
     ];
     for (cid, profile, want, want_exec) in profiles {
         let script = "mkdir /tmp/d 2>/dev/null; s=$?; if [ $s = 0 ]; then ls /tmp >/dev/null && echo made listed; else echo status=$s; fi; exec sleep 1000";

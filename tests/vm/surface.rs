@@ -2,7 +2,7 @@
 //! OOM-killed container's event and 137, pause and resume, UpdateContainer and
 //! StatsContainer, SetGuestDateTime, ReseedRandomDev, OnlineCPUMem (2 vCPUs, the
 //! kernel starting 1), AddSwapPath (a mkswap'd disk, serial `joey-swap`), and seccomp
-//! profiles on a container's process.
+//! profiles on a container's process and an exec.
 
 use std::time::Duration;
 
