@@ -11,19 +11,11 @@ use joey_protocols::{agent, oci};
 use joey_shim::client::{ClientError, Stream};
 use joey_shim::pod::Pod;
 
+use joey_tests::limits::{memory, MEMORY_HOG};
+
 use crate::common::{config, create, exec, pod, read_all, sh, start};
 
-/// A shell that doubles a string until the memory cgroup's limit kills it.
-const MEMORY_HOG: &str = "a=0123456789abcdef; while :; do a=\"$a$a\"; done";
 const KATA_ROOT: &str = "/run/kata-containers/shared/containers/";
-
-fn memory(limit: i64) -> oci::LinuxResources {
-    let mut m = oci::LinuxMemory::new();
-    m.Limit = limit;
-    let mut r = oci::LinuxResources::new();
-    r.Memory = Some(m).into();
-    r
-}
 
 /// Starts container `cid` running `script` with a memory limit.
 async fn start_limited(pod: &Pod, cid: &str, script: &str, limit: i64) -> anyhow::Result<()> {

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::{Arguments, Failed, Trial};
 
+pub mod limits;
 pub mod nydus;
 pub mod registry;
 pub mod seccomp;

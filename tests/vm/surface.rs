@@ -7,22 +7,13 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
-use joey_protocols::oci;
 use joey_shim::client::Stream;
 use joey_shim::pod::Pod;
 
+use joey_tests::limits::{memory, MEMORY_HOG};
+
 use crate::vm::{disk, sh};
 use crate::{env, vm_options, BOOT_DEADLINE};
-
-const MEMORY_HOG: &str = "a=0123456789abcdef; while :; do a=\"$a$a\"; done";
-
-fn memory(limit: i64) -> oci::LinuxResources {
-    let mut m = oci::LinuxMemory::new();
-    m.Limit = limit;
-    let mut r = oci::LinuxResources::new();
-    r.Memory = Some(m).into();
-    r
-}
 
 /// Runs `script` in a new container `cid` and returns its output and status.
 async fn run(pod: &Pod, cid: &str, script: &str) -> anyhow::Result<(String, i32)> {
