@@ -55,11 +55,57 @@ pub enum LaunchReply {
 pub type StdioFds = Option<[OwnedFd; 3]>;
 
 /// Runs one launcher and returns the pid of the process it created.
+/// How many launchers run at once; the rest wait their turn (a burst of hundreds of
+/// creates or execs would otherwise fork as many processes and blocking threads).
+const MAX_CONCURRENT_LAUNCHES: usize = 8;
+static LAUNCHES: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(MAX_CONCURRENT_LAUNCHES);
+
+/// The variable that carries the open-file limit the agent started with to its
+/// launchers, so containers inherit that and not the agent's raised one.
+const CONTAINER_NOFILE_ENV: &str = "JOEY_CONTAINER_NOFILE";
+static CONTAINER_NOFILE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+fn nofile() -> Option<libc::rlimit> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct it is given.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0).then_some(r)
+}
+
+fn set_nofile_soft(soft: u64) -> std::io::Result<()> {
+    let mut r = nofile().ok_or_else(std::io::Error::last_os_error)?;
+    r.rlim_cur = soft.min(r.rlim_max);
+    // SAFETY: setrlimit reads the struct it is given.
+    match unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// Raises the agent's open-file limit to its hard limit (every container's stdio and
+/// every exec hold descriptors in the agent), remembering the limit it started with
+/// for the containers.
+pub fn raise_nofile() {
+    let Some(r) = nofile() else { return };
+    let _ = CONTAINER_NOFILE.set(r.rlim_cur);
+    match set_nofile_soft(r.rlim_max) {
+        Ok(()) => debug!(from = r.rlim_cur, to = r.rlim_max, "open-file limit raised"),
+        Err(e) => warn!("cannot raise the open-file limit: {e}"),
+    }
+}
+
 pub async fn launch(
     req: LaunchRequest,
     stdio: StdioFds,
     reaper: Arc<Reaper>,
 ) -> anyhow::Result<i32> {
+    let _turn = LAUNCHES
+        .acquire()
+        .await
+        .context("the launch queue closed")?;
     let started = std::time::Instant::now();
     let (reply, launcher_pid) = tokio::task::spawn_blocking(move || run_launcher(&req, stdio))
         .await
@@ -90,7 +136,14 @@ pub async fn launch(
 fn run_launcher(req: &LaunchRequest, stdio: StdioFds) -> anyhow::Result<(LaunchReply, i32)> {
     let exe = std::env::current_exe().context("find the agent's own executable")?;
     let mut cmd = Command::new(exe);
+    // A fixed working directory: the agent's own may be a container's state directory
+    // for a moment (libcontainer's start chdirs there), and may then be removed.
     cmd.arg("launch")
+        .current_dir("/")
+        .env(
+            CONTAINER_NOFILE_ENV,
+            CONTAINER_NOFILE.get().copied().unwrap_or(1024).to_string(),
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
@@ -140,6 +193,13 @@ fn run_launcher(req: &LaunchRequest, stdio: StdioFds) -> anyhow::Result<(LaunchR
 
 /// `joey-agent launch`: the single-threaded side. Never returns.
 pub fn launcher_main() -> ! {
+    // Containers inherit the open-file limit the agent started with.
+    if let Some(soft) = std::env::var(CONTAINER_NOFILE_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        let _ = set_nofile_soft(soft);
+    }
     let reply = match launcher_run() {
         Ok(pid) => LaunchReply::Ok { pid },
         Err(e) => LaunchReply::Err {

@@ -128,6 +128,7 @@ fn init_launcher_logging() {
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
+    launcher::raise_nofile();
     let reaper = reaper::Reaper::start().context("start the child reaper")?;
     // The guest's own runtime directory: the host's JOEY_RUNTIME_DIR does not reach it.
     let state_dir = args

@@ -57,6 +57,9 @@ pub trait Runtime: Send + Sync {
     fn ids(&self) -> Vec<String>;
 }
 
+/// Serialises libcontainer's start (see [`Libcontainer`]'s `start`).
+static START: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// youki's libcontainer: creation and exec (which clone) through `joey-agent launch`,
 /// the rest on tokio's blocking pool.
 pub struct Libcontainer {
@@ -125,7 +128,15 @@ impl Runtime for Libcontainer {
     }
 
     async fn start(&self, id: &str) -> anyhow::Result<()> {
-        self.with_container(id, "start", |c| c.start()).await
+        self.with_container(id, "start", |c| {
+            // libcontainer's start signals the container through a socket it reaches by
+            // chdir into the container's state directory and back: the working
+            // directory is the process's, so two starts at once would connect in each
+            // other's directories. One at a time.
+            let _one = START.lock().unwrap_or_else(|p| p.into_inner());
+            c.start()
+        })
+        .await
     }
 
     async fn kill_all(&self, id: &str, sig: i32) -> anyhow::Result<()> {

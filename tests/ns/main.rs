@@ -5,6 +5,7 @@ mod bad_input;
 mod cli;
 mod common;
 mod imaged;
+mod load;
 mod nydus;
 mod registry;
 mod registry_auth;
@@ -71,6 +72,7 @@ fn main() {
         surface::metrics_volume_stats_and_ephemeral_mounts,
         surface::machine_rpcs_are_refused_outside_a_vm,
         surface::seccomp_profiles_apply_to_processes_and_execs,
+        load::two_hundred_containers_and_a_thousand_execs,
     ];
     // The vsock transport needs a host vsock device, which these machines lack: that
     // is a property of the machine, not of the tier, so it is skipped even in strict mode.

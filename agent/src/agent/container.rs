@@ -42,8 +42,9 @@ impl Agent {
             })
             .await?;
         // Watched from before it starts: an OOM right at its start is not missed.
-        let c = self.containers.get(&cid)?;
-        self.oom.watch(&cid, c.cgroups_path());
+        if let Ok(c) = self.containers.get(&cid) {
+            self.oom.watch(&cid, c.cgroups_path());
+        }
         Ok(())
     }
 

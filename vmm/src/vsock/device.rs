@@ -1,7 +1,9 @@
 //! The virtio side of the vsock device: moves packets between the guest's queues and
 //! a [`VsockBackend`] (the muxer). It knows guest memory and descriptor chains, not
 //! Unix sockets. A malformed chain is logged and completed empty; it never panics and
-//! never stops the queue.
+//! never stops the queue. [`Vsock`] is the device on joey-vmm's own virtio-mmio
+//! transport; the vhost-user backend (`crate::vhost_user`) serves the same
+//! [`exchange`] to QEMU.
 
 use std::io::{Read, Write};
 
