@@ -12,7 +12,7 @@ mod supervisor;
 
 use std::time::Instant;
 
-use joey_protocols::contract::INIT_START_MARKER;
+use joey_protocols::contract::{INIT_MONOTONIC_MARKER, INIT_START_MARKER};
 use nix::sys::signal::Signal;
 use tracing::{error, info, warn};
 
@@ -21,12 +21,16 @@ use crate::mounts::Mode;
 use crate::supervisor::{AgentConfig, AgentExit, Supervisor};
 
 fn main() {
+    let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC);
     if let Ok(t) = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME) {
         eprintln!(
             "{INIT_START_MARKER}{}.{:06}s after boot",
             t.tv_sec(),
             t.tv_nsec() / 1000
         );
+    }
+    if let Ok(t) = mono {
+        eprintln!("{INIT_MONOTONIC_MARKER}{}.{:09}", t.tv_sec(), t.tv_nsec());
     }
     // JOEY_LOG names the level (`error` … `trace`, `off`); no colours on a serial line.
     let _ = tracing_subscriber::fmt()

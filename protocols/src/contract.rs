@@ -19,6 +19,10 @@ pub const RUNTIME_DIR_ENV: &str = "JOEY_RUNTIME_DIR";
 /// What joey-init prints on the console as it starts, followed by the time since boot
 /// (`<seconds>.<micros>s after boot`). The host waits for it before dialling a VM.
 pub const INIT_START_MARKER: &str = "joey-init: started ";
+/// What joey-init prints right after its start marker: its start on CLOCK_MONOTONIC
+/// (`<seconds>.<nanoseconds>`), which the host shares with a namespace sandbox, so a
+/// benchmark can time init's exec → the agent answering.
+pub const INIT_MONOTONIC_MARKER: &str = "joey-init: monotonic ";
 /// joey-init's last console line in a VM, before reboot(2): `joey-init: exit CODE`,
 /// which joey-vmm makes its own exit status.
 pub const INIT_EXIT_MARKER: &str = "joey-init: exit ";

@@ -9,6 +9,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nix::sched::CloneFlags;
 use nix::sys::signal::Signal;
@@ -58,6 +59,8 @@ pub struct NsSandbox {
     pub id: String,
     pub dir: PathBuf,
     pub init_pid: Pid,
+    /// Just before the clone into new namespaces.
+    pub cloned_at: Instant,
     exit: Option<i32>,
 }
 
@@ -153,6 +156,7 @@ impl NsSandbox {
         }
         // Cloned from the spawner thread: PR_SET_PDEATHSIG follows the forking thread,
         // which must live as long as joeyctl (see `crate::spawner`).
+        let cloned_at = Instant::now();
         let pid = on_spawner_thread(move || {
             let console_fd = console.as_ref().map(|f| f.as_raw_fd());
             let null_fd = devnull.as_raw_fd();
@@ -188,6 +192,7 @@ impl NsSandbox {
             id,
             dir,
             init_pid: pid,
+            cloned_at,
             exit: None,
         })
     }
@@ -222,6 +227,18 @@ impl NsSandbox {
             let _ = waitpid(self.init_pid, None);
             self.exit = Some(128 + libc::SIGKILL);
         }
+    }
+
+    /// joey-init's start on CLOCK_MONOTONIC (the host's clock too: a namespace sandbox
+    /// has no time namespace), once its console says it.
+    pub fn init_started_monotonic(&self) -> Option<Duration> {
+        let console = std::fs::read_to_string(self.dir.join("console.log")).ok()?;
+        let v = console.lines().find_map(|l| {
+            l.trim_end()
+                .strip_prefix(joey_protocols::contract::INIT_MONOTONIC_MARKER)
+        })?;
+        let (s, ns) = v.split_once('.')?;
+        Some(Duration::new(s.parse().ok()?, ns.parse().ok()?))
     }
 
     /// The last `lines` lines of the guest console, for error reports.

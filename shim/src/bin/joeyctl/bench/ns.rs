@@ -2,7 +2,10 @@
 //! (run in this same process, on the same rootfs) as the peer.
 //!
 //! Measured per iteration, reported as medians:
-//! - `sandbox_ready`: joey-init started in new namespaces → agent answers Check;
+//! - `sandbox_ready`: joey-init started in new namespaces → agent answers Check →
+//!   CreateSandbox done; split into `clone()` → Check answered, joey-init's exec →
+//!   Check answered (init stamps its start on CLOCK_MONOTONIC, the host's clock too),
+//!   and CreateSandbox on its own;
 //! - `container`: CreateContainer + StartContainer + WaitProcess + RemoveContainer of
 //!   `/bin/true` through the agent (includes the launcher re-exec);
 //! - `crun`: `crun run` of `/bin/true` on the same rootfs (crun refuses these hybrid
@@ -20,8 +23,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use joey_shim::binaries::Binaries;
-use joey_shim::nssandbox::NsOptions;
-use joey_shim::pod::Pod;
+use joey_shim::client::AgentClient;
+use joey_shim::nssandbox::{NsOptions, NsSandbox};
+use joey_shim::pod::{Pod, Sandbox, AGENT_READY_DEADLINE};
 use joey_shim::spec::ProcessSpec;
 
 use super::median_ms;
@@ -122,6 +126,55 @@ fn launcher_once(agent: &Path) -> anyhow::Result<Duration> {
     Ok(elapsed)
 }
 
+/// A sandbox start's phases.
+struct Phases {
+    clone_check: Duration,
+    init_check: Duration,
+    create_sandbox: Duration,
+}
+
+/// CLOCK_MONOTONIC now.
+fn monotonic() -> anyhow::Result<Duration> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+    Ok(Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32))
+}
+
+/// `Pod::start_ns`, timed phase by phase.
+async fn start_timed(bins: &Binaries) -> anyhow::Result<(Pod, Phases)> {
+    let sandbox = NsSandbox::start(bins, &NsOptions::default())?;
+    let client = AgentClient::connect_ready(&sandbox.agent_addr(), AGENT_READY_DEADLINE).await?;
+    let (checked, checked_mono) = (Instant::now(), monotonic()?);
+    let clone_check = checked.duration_since(sandbox.cloned_at);
+    let init = sandbox
+        .init_started_monotonic()
+        .context("joey-init's console has no monotonic start stamp")?;
+    let init_check = checked_mono.saturating_sub(init);
+    let sandbox = Sandbox::Ns(sandbox);
+    let id = sandbox.id().to_string();
+    client
+        .create_sandbox(
+            &id,
+            &format!("joey-{}", &id[..8]),
+            false,
+            sandbox.sandbox_storages(),
+        )
+        .await?;
+    let create_sandbox = checked.elapsed();
+    let pod = Pod {
+        sandbox,
+        client,
+        sandbox_pidns: false,
+    };
+    Ok((
+        pod,
+        Phases {
+            clone_check,
+            init_check,
+            create_sandbox,
+        },
+    ))
+}
+
 pub struct BenchOptions {
     pub rootfs: PathBuf,
     pub iterations: usize,
@@ -135,6 +188,7 @@ pub async fn bench_ns(bins: &Binaries, opts: &BenchOptions) -> anyhow::Result<()
     let n = opts.iterations.max(1);
     let (mut ready, mut container, mut crun, mut launcher, mut run) =
         (vec![], vec![], vec![], vec![], vec![]);
+    let (mut clone_check, mut init_check, mut create_sandbox) = (vec![], vec![], vec![]);
     // The peer is measured in the same run, or there is no ratio to print.
     if joey_shim::binaries::which("crun").is_none() {
         bail!(
@@ -156,8 +210,11 @@ pub async fn bench_ns(bins: &Binaries, opts: &BenchOptions) -> anyhow::Result<()
         pod.destroy().await?;
         for i in 0..n {
             let t = Instant::now();
-            let pod = Pod::start_ns(bins, &NsOptions::default()).await?;
+            let (pod, phases) = start_timed(bins).await?;
             ready.push(t.elapsed());
+            clone_check.push(phases.clone_check);
+            init_check.push(phases.init_check);
+            create_sandbox.push(phases.create_sandbox);
             container_once(&pod, &format!("r{i}"), &rootfs).await?;
             pod.destroy().await?;
             run.push(t.elapsed());
@@ -174,16 +231,24 @@ pub async fn bench_ns(bins: &Binaries, opts: &BenchOptions) -> anyhow::Result<()
         median_ms(launcher),
         median_ms(run),
     );
+    let (clone_check, init_check, create_sandbox) = (
+        median_ms(clone_check),
+        median_ms(init_check),
+        median_ms(create_sandbox),
+    );
     println!(
         "joey namespace-sandbox benchmark, medians over {n} iterations (/bin/true, busybox rootfs)"
     );
     println!("  sandbox ready (init + agent answering)  {ready:8.2} ms");
+    println!("    clone() -> Check answered             {clone_check:8.2} ms");
+    println!("    joey-init exec -> Check answered      {init_check:8.2} ms");
+    println!("    CreateSandbox                         {create_sandbox:8.2} ms");
     println!("  container create+start+wait+remove      {container:8.2} ms");
     println!("  crun run (peer, same rootfs)            {crun:8.2} ms");
     println!("  launcher re-exec (part of each create)  {launcher:8.2} ms");
     println!("  whole run (sandbox + container + end)   {run:8.2} ms");
     println!(
-        "bench-ns: iterations={n} sandbox_ready_ms={ready:.2} container_ms={container:.2} crun_ms={crun:.2} container_vs_crun={:.2} launcher_exec_ms={launcher:.2} run_ms={run:.2}",
+        "bench-ns: iterations={n} sandbox_ready_ms={ready:.2} clone_to_check_ms={clone_check:.2} init_to_check_ms={init_check:.2} create_sandbox_ms={create_sandbox:.2} container_ms={container:.2} crun_ms={crun:.2} container_vs_crun={:.2} launcher_exec_ms={launcher:.2} run_ms={run:.2}",
         container / crun
     );
     Ok(())
