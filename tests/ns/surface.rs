@@ -11,7 +11,7 @@ use joey_protocols::{agent, oci};
 use joey_shim::client::{ClientError, Stream};
 use joey_shim::pod::Pod;
 
-use joey_tests::limits::{memory, MEMORY_HOG};
+use joey_tests::limits::{memory, memory_limit, MEMORY_HOG};
 
 use crate::common::{config, create, exec, pod, read_all, sh, start};
 
@@ -71,13 +71,7 @@ pub async fn update_lowers_the_memory_limit_and_stats_count_the_network() -> any
     let limit = 24i64 << 20;
     pod.client.update_container("c1", memory(limit)).await?;
     let stats = pod.client.stats_container("c1").await?;
-    let got = stats
-        .cgroup_stats
-        .as_ref()
-        .and_then(|c| c.memory_stats.as_ref())
-        .and_then(|m| m.usage.as_ref())
-        .map(|u| u.limit)
-        .unwrap_or(0);
+    let got = memory_limit(&stats);
     ensure!(got == limit as u64, "memory limit after the update: {got}");
     ensure!(
         stats.network_stats.iter().any(|n| n.name == "lo"),

@@ -13,3 +13,14 @@ pub fn memory(limit: i64) -> oci::LinuxResources {
     r.Memory = Some(m).into();
     r
 }
+
+/// The memory limit StatsContainer reports (0 if it reports none).
+pub fn memory_limit(stats: &joey_protocols::agent::StatsContainerResponse) -> u64 {
+    stats
+        .cgroup_stats
+        .as_ref()
+        .and_then(|c| c.memory_stats.as_ref())
+        .and_then(|m| m.usage.as_ref())
+        .map(|u| u.limit)
+        .unwrap_or(0)
+}

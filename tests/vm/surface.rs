@@ -10,7 +10,7 @@ use anyhow::{ensure, Context};
 use joey_shim::client::Stream;
 use joey_shim::pod::Pod;
 
-use joey_tests::limits::{memory, MEMORY_HOG};
+use joey_tests::limits::{memory, memory_limit, MEMORY_HOG};
 
 use crate::vm::{disk, sh};
 use crate::{env, vm_options, BOOT_DEADLINE};
@@ -90,13 +90,7 @@ pub async fn the_agent_surface_in_a_vm() -> anyhow::Result<()> {
     );
     c.update_container("loop", memory(48 << 20)).await?;
     let stats = c.stats_container("loop").await?;
-    let limit = stats
-        .cgroup_stats
-        .as_ref()
-        .and_then(|s| s.memory_stats.as_ref())
-        .and_then(|m| m.usage.as_ref())
-        .map(|u| u.limit)
-        .unwrap_or(0);
+    let limit = memory_limit(&stats);
     ensure!(limit == 48 << 20, "memory limit after the update: {limit}");
     ensure!(
         stats.network_stats.iter().any(|n| n.name == "lo"),
