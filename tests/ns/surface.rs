@@ -250,7 +250,8 @@ pub async fn copied_files_and_the_termination_log() -> anyhow::Result<()> {
 }
 
 /// GetMetrics is Prometheus text (every sample line a name, optional labels and a
-/// number, every name declared by HELP and TYPE), with the agent's memory; the
+/// number, every name declared by HELP and TYPE), with the agent's memory and init's
+/// and the agent's Pss; the
 /// volume stats of a container's rootfs have bytes and inodes; an ephemeral storage is
 /// resized by UpdateEphemeralMounts (its volume stats follow).
 pub async fn metrics_volume_stats_and_ephemeral_mounts() -> anyhow::Result<()> {
@@ -283,6 +284,15 @@ pub async fn metrics_volume_stats_and_ephemeral_mounts() -> anyhow::Result<()> {
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
     ensure!(samples >= 8 && rss > 1e6, "metrics:\n{text}");
+    for p in ["init", "agent"] {
+        let key = format!("joey_process_pss_bytes{{process=\"{p}\"}} ");
+        let pss = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        ensure!(pss > 0.0, "no {key}in the metrics:\n{text}");
+    }
 
     let mut cfg = config(&pod, "c1", &sh("sleep 1000"));
     let rootfs = pod.rootfs_mount_point("c1");

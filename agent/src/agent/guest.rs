@@ -189,6 +189,39 @@ impl Agent {
             "Containers the agent runs.",
             self.containers.count() as f64,
         );
+        // The sandbox's own processes, from smaps_rollup: joey-init (the agent's parent
+        // when it runs under init) and the agent.
+        let mut own = vec![("agent", rollup("self"))];
+        if self.init_daemon {
+            let init = nix::unistd::getppid().as_raw().to_string();
+            own.insert(0, ("init", rollup(&init)));
+        }
+        m.help(
+            "joey_process_pss_bytes",
+            "Proportional set size of the sandbox's own processes.",
+            "gauge",
+        );
+        for (name, r) in &own {
+            if let Some((pss, _)) = r {
+                m.sample(
+                    &format!("joey_process_pss_bytes{{process=\"{name}\"}}"),
+                    *pss as f64,
+                );
+            }
+        }
+        m.help(
+            "joey_process_private_dirty_bytes",
+            "Private dirty memory of the sandbox's own processes.",
+            "gauge",
+        );
+        for (name, r) in &own {
+            if let Some((_, dirty)) = r {
+                m.sample(
+                    &format!("joey_process_private_dirty_bytes{{process=\"{name}\"}}"),
+                    *dirty as f64,
+                );
+            }
+        }
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
         m.help(
             "joey_guest_memory_bytes",
@@ -364,6 +397,21 @@ fn offline(dir: &Path, prefix: &str, offline_value: &str) -> Result<Vec<std::pat
         .collect();
     out.sort();
     Ok(out.into_iter().map(|(_, p)| p).collect())
+}
+
+/// (Pss, Private_Dirty) in bytes of /proc/`pid`/smaps_rollup.
+fn rollup(pid: &str) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let kib = |key: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))?
+            .split_whitespace()
+            .next()?
+            .parse::<u64>()
+            .ok()
+            .map(|v| v * 1024)
+    };
+    Some((kib("Pss:")?, kib("Private_Dirty:")?))
 }
 
 /// Prometheus text exposition.

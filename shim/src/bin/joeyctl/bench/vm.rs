@@ -1,4 +1,5 @@
-//! `joeyctl bench --vm`: boot time, agent readiness, guest memory and artifact sizes,
+//! `joeyctl bench --vm`: boot time, agent readiness, guest memory (and init's and the
+//! agent's own Pss and private dirty memory, from GetMetrics) and artifact sizes,
 //! with Debian's cloud kernel as the peer, booted by the same emulator with the same
 //! quiet command line and the same initrd.
 
@@ -177,7 +178,28 @@ pub async fn bench_vm(o: &VmBenchOptions) -> anyhow::Result<()> {
     pod.start_container("mem").await?;
     let text = pod.read_to_end("mem", "", Stream::Stdout).await?;
     pod.wait_process("mem", "").await?;
+    // init's and the agent's own memory, as the agent reports it (idle: one container
+    // ran and exited).
+    let metrics = pod.client.get_metrics().await?;
     pod.destroy().await?;
+    let own = |metric: &str| -> anyhow::Result<u64> {
+        ["init", "agent"]
+            .iter()
+            .map(|p| {
+                let key = format!("{metric}{{process=\"{p}\"}} ");
+                metrics
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&key))
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .map(|v| v as u64 / 1024)
+                    .with_context(|| format!("GetMetrics has no {key}"))
+            })
+            .sum()
+    };
+    let (own_pss, own_dirty) = (
+        own("joey_process_pss_bytes")?,
+        own("joey_process_private_dirty_bytes")?,
+    );
     let text = String::from_utf8_lossy(&text);
     let field = |name: &str| -> u64 {
         text.lines()
@@ -242,9 +264,12 @@ pub async fn bench_vm(o: &VmBenchOptions) -> anyhow::Result<()> {
     .map(|f| format!("{} {}", f.trim_end_matches(':'), field(f)))
     .collect();
     println!("    of which (KiB): {}", parts.join(", "));
+    println!(
+        "  joey-init + joey-agent, idle: Pss {own_pss} KiB, of it Private_Dirty {own_dirty} KiB"
+    );
     println!("  vmlinux {vmlinux} KiB, guest.img {img} KiB, initrd.img {initrd} KiB");
     println!(
-        "bench-vm: backend={} kernel_init_ms={joey:.1} debian_init_ms={deb:.1} boot_ratio_vs_debian={:.2} agent_ready_ms={ready:.1} agent_ready_vhost_device_vsock_ms={ready_peer:.1} vsock_rss_kib={joey_rss} vhost_device_vsock_rss_kib={peer_rss} guest_used_kib={used} guest_img_kib={img} vmlinux_kib={vmlinux}",
+        "bench-vm: backend={} kernel_init_ms={joey:.1} debian_init_ms={deb:.1} boot_ratio_vs_debian={:.2} agent_ready_ms={ready:.1} agent_ready_vhost_device_vsock_ms={ready_peer:.1} vsock_rss_kib={joey_rss} vhost_device_vsock_rss_kib={peer_rss} guest_used_kib={used} init_agent_pss_kib={own_pss} init_agent_private_dirty_kib={own_dirty} guest_img_kib={img} vmlinux_kib={vmlinux}",
         o.base.backend.name(),
         joey / deb
     );
