@@ -406,8 +406,24 @@ async fn run_pod(
         }
         Err(e) => {
             // Notice a sandbox (or a device's server) that died under the run, so the
-            // error says so.
-            pod.sandbox.try_wait();
+            // error says so. A connection cut by a death can be seen a moment before
+            // the dead process can be waited for: after a transport error, give the
+            // death up to half a second to show.
+            let transport = e.chain().any(|c| {
+                c.downcast_ref::<joey_shim::client::ClientError>()
+                    .is_some_and(|ce| ce.status().is_none())
+            });
+            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+            let watch = pod.sandbox.watch();
+            while pod.sandbox.try_wait().is_none() && pod.sandbox.failure().is_none() && transport {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                watch
+                    .wait(left.min(std::time::Duration::from_millis(20)))
+                    .await;
+            }
             let e = match console_context(&pod.sandbox) {
                 Some(console) => e.context(console),
                 None => e,
