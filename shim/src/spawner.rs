@@ -73,6 +73,18 @@ fn die_with_owner(cmd: &mut Command) {
     }
 }
 
+/// The resident memory of process `pid` (VmRSS), in KiB, while it runs.
+pub fn vm_rss_kib(pid: i32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -36,12 +36,7 @@ fn agent_pid(pod: &Pod) -> anyhow::Result<i32> {
 /// (open descriptors, VmRSS KiB) of `pid`.
 fn usage(pid: i32) -> anyhow::Result<(usize, u64)> {
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")?;
+    let rss = joey_shim::spawner::vm_rss_kib(pid).context("no VmRSS")?;
     Ok((fds, rss))
 }
 

@@ -24,6 +24,17 @@ use crate::mptable::IOAPIC_PINS;
 use crate::serial::{Console, GuestReport, Irq, COM1_IRQ};
 use crate::vcpu::End;
 
+/// A device flag's `PATH[,OPTION]...`: the path (`missing` if there is none) and the
+/// options.
+fn path_and_options<'a>(
+    s: &'a str,
+    missing: &'static str,
+) -> Result<(&'a str, std::str::Split<'a, char>), String> {
+    let mut parts = s.split(',');
+    let path = parts.next().filter(|p| !p.is_empty()).ok_or(missing)?;
+    Ok((path, parts))
+}
+
 /// A disk: its file, whether it is read-only, and its serial string.
 #[derive(Debug, Clone)]
 pub struct DiskSpec {
@@ -36,11 +47,7 @@ impl std::str::FromStr for DiskSpec {
     type Err = String;
     /// `PATH[,ro][,serial=S]`.
     fn from_str(s: &str) -> Result<Self, String> {
-        let mut parts = s.split(',');
-        let path = parts
-            .next()
-            .filter(|p| !p.is_empty())
-            .ok_or("a disk needs a path")?;
+        let (path, parts) = path_and_options(s, "a disk needs a path")?;
         let mut d = DiskSpec {
             path: path.into(),
             read_only: false,
@@ -70,11 +77,7 @@ impl std::str::FromStr for VsockSpec {
     type Err = String;
     /// `UDS[,cid=N]` (N: 3 or more; 3 by default).
     fn from_str(s: &str) -> Result<Self, String> {
-        let mut parts = s.split(',');
-        let uds = parts
-            .next()
-            .filter(|p| !p.is_empty())
-            .ok_or("vsock needs the host socket's path")?;
+        let (uds, parts) = path_and_options(s, "vsock needs the host socket's path")?;
         let mut v = VsockSpec {
             uds: uds.into(),
             cid: 3,

@@ -141,21 +141,15 @@ impl Agent {
     pub fn metrics(&self) -> String {
         let mut m = Metrics(String::new());
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        let kib = |key: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        };
-        if let Some(v) = kib("VmRSS:") {
+        if let Some(v) = proc_field(&status, "VmRSS:") {
             m.gauge(
                 "joey_agent_resident_memory_bytes",
                 "The agent's resident memory.",
-                v * 1024.0,
+                (v * 1024) as f64,
             );
         }
-        if let Some(v) = kib("Threads:") {
-            m.gauge("joey_agent_threads", "The agent's threads.", v);
+        if let Some(v) = proc_field(&status, "Threads:") {
+            m.gauge("joey_agent_threads", "The agent's threads.", v as f64);
         }
         let fds = std::fs::read_dir("/proc/self/fd")
             .map(|d| d.count())
@@ -196,55 +190,39 @@ impl Agent {
             let init = nix::unistd::getppid().as_raw().to_string();
             own.insert(0, ("init", rollup(&init)));
         }
-        m.help(
+        let pick = |f: fn(&(u64, u64)) -> u64| -> Vec<(&str, f64)> {
+            own.iter()
+                .filter_map(|(name, r)| Some((*name, f(r.as_ref()?) as f64)))
+                .collect()
+        };
+        m.labelled(
             "joey_process_pss_bytes",
             "Proportional set size of the sandbox's own processes.",
-            "gauge",
+            "process",
+            &pick(|r| r.0),
         );
-        for (name, r) in &own {
-            if let Some((pss, _)) = r {
-                m.sample(
-                    &format!("joey_process_pss_bytes{{process=\"{name}\"}}"),
-                    *pss as f64,
-                );
-            }
-        }
-        m.help(
+        m.labelled(
             "joey_process_private_dirty_bytes",
             "Private dirty memory of the sandbox's own processes.",
-            "gauge",
+            "process",
+            &pick(|r| r.1),
         );
-        for (name, r) in &own {
-            if let Some((_, dirty)) = r {
-                m.sample(
-                    &format!("joey_process_private_dirty_bytes{{process=\"{name}\"}}"),
-                    *dirty as f64,
-                );
-            }
-        }
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        m.help(
-            "joey_guest_memory_bytes",
-            "The guest's memory, from /proc/meminfo.",
-            "gauge",
-        );
-        for (key, kind) in [
+        let memory: Vec<(&str, f64)> = [
             ("MemTotal:", "total"),
             ("MemFree:", "free"),
             ("MemAvailable:", "available"),
             ("Cached:", "cached"),
-        ] {
-            if let Some(v) = meminfo
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-            {
-                m.sample(
-                    &format!("joey_guest_memory_bytes{{kind=\"{kind}\"}}"),
-                    v * 1024.0,
-                );
-            }
-        }
+        ]
+        .into_iter()
+        .filter_map(|(key, kind)| Some((kind, (proc_field(&meminfo, key)? * 1024) as f64)))
+        .collect();
+        m.labelled(
+            "joey_guest_memory_bytes",
+            "The guest's memory, from /proc/meminfo.",
+            "kind",
+            &memory,
+        );
         let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
         let loads: Vec<f64> = load
             .split_whitespace()
@@ -252,10 +230,12 @@ impl Agent {
             .filter_map(|v| v.parse().ok())
             .collect();
         if let [l1, l5, l15] = loads[..] {
-            m.help("joey_guest_load", "The guest's load averages.", "gauge");
-            m.sample("joey_guest_load{period=\"1m\"}", l1);
-            m.sample("joey_guest_load{period=\"5m\"}", l5);
-            m.sample("joey_guest_load{period=\"15m\"}", l15);
+            m.labelled(
+                "joey_guest_load",
+                "The guest's load averages.",
+                "period",
+                &[("1m", l1), ("5m", l5), ("15m", l15)],
+            );
         }
         if let Some(up) = std::fs::read_to_string("/proc/uptime")
             .ok()
@@ -402,16 +382,20 @@ fn offline(dir: &Path, prefix: &str, offline_value: &str) -> Result<Vec<std::pat
 /// (Pss, Private_Dirty) in bytes of /proc/`pid`/smaps_rollup.
 fn rollup(pid: &str) -> Option<(u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    let kib = |key: &str| -> Option<u64> {
-        text.lines()
-            .find_map(|l| l.strip_prefix(key))?
-            .split_whitespace()
-            .next()?
-            .parse::<u64>()
-            .ok()
-            .map(|v| v * 1024)
-    };
-    Some((kib("Pss:")?, kib("Private_Dirty:")?))
+    Some((
+        proc_field(&text, "Pss:")? * 1024,
+        proc_field(&text, "Private_Dirty:")? * 1024,
+    ))
+}
+
+/// The number after `key` on its line of a /proc text (`VmRSS:   1234 kB`).
+fn proc_field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Prometheus text exposition.
@@ -431,5 +415,35 @@ impl Metrics {
     fn counter(&mut self, name: &str, help: &str, v: f64) {
         self.help(name, help, "counter");
         self.sample(name, v);
+    }
+    /// A gauge with one sample per value of `label` (none: nothing written).
+    fn labelled(&mut self, name: &str, help: &str, label: &str, samples: &[(&str, f64)]) {
+        if samples.is_empty() {
+            return;
+        }
+        self.help(name, help, "gauge");
+        for (value, v) in samples {
+            self.sample(&format!("{name}{{{label}=\"{value}\"}}"), *v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_fields_and_labelled_gauges() {
+        let status = "Name:\tjoey-agent\nVmRSS:\t    4312 kB\nThreads:\t6\n";
+        assert_eq!(proc_field(status, "VmRSS:"), Some(4312));
+        assert_eq!(proc_field(status, "Threads:"), Some(6));
+        assert_eq!(proc_field(status, "VmSwap:"), None);
+        let mut m = Metrics(String::new());
+        m.labelled("x_bytes", "X.", "kind", &[("a", 1.0), ("b", 2.5)]);
+        m.labelled("y_bytes", "Y.", "kind", &[]);
+        assert_eq!(
+            m.0,
+            "# HELP x_bytes X.\n# TYPE x_bytes gauge\nx_bytes{kind=\"a\"} 1\nx_bytes{kind=\"b\"} 2.5\n"
+        );
     }
 }

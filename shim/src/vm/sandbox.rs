@@ -376,16 +376,7 @@ impl VmSandbox {
     pub fn backend_rss_kib(&self) -> Vec<u64> {
         self.backends
             .pids()
-            .filter_map(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/status"))
-                    .ok()?
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
+            .filter_map(crate::spawner::vm_rss_kib)
             .collect()
     }
 

@@ -290,12 +290,7 @@ fn echo_and_measure(
 /// A process's VmRSS and the Rss of its guest memory mapping (the mapping of exactly
 /// `guest_bytes`), in KiB, and whether it maps libc as a shared library.
 fn rss_split(pid: u32, guest_bytes: u64) -> anyhow::Result<(u64, u64, bool)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let vm_rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")?;
+    let vm_rss = joey_shim::spawner::vm_rss_kib(pid as i32).context("no VmRSS")?;
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
     let dynamic = smaps.contains("/libc.so");
     Ok((vm_rss, guest_mapping_rss(&smaps, guest_bytes)?, dynamic))
