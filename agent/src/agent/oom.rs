@@ -110,11 +110,9 @@ fn owned(fd: i32, what: &str) -> anyhow::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// The OOM kill count in `file` (0 if unreadable).
-fn count(file: &Path) -> u64 {
-    std::fs::read_to_string(file)
-        .map(|t| cgroup::oom_kills(&t))
-        .unwrap_or(0)
+/// The OOM kill count in `file` (an error once the cgroup is gone).
+fn count(file: &Path) -> std::io::Result<u64> {
+    std::fs::read_to_string(file).map(|t| cgroup::oom_kills(&t))
 }
 
 /// Polls `fd` on tokio's reactor.
@@ -141,7 +139,7 @@ impl Watch {
         }
         Ok(Watch {
             fd: register(fd)?,
-            seen: count(events),
+            seen: count(events).unwrap_or(0),
             counter: events.to_path_buf(),
             _control: None,
         })
@@ -165,14 +163,13 @@ impl Watch {
         .with_context(|| format!("register in {}", event_control.display()))?;
         Ok(Watch {
             fd: register(fd)?,
-            seen: count(&oom_control),
+            seen: count(&oom_control).unwrap_or(0),
             counter: oom_control,
             _control: Some(control),
         })
     }
 
     async fn run(self, cid: &str, tx: &UnboundedSender<String>) -> anyhow::Result<()> {
-        let read_count = || std::fs::read_to_string(&self.counter).map(|t| cgroup::oom_kills(&t));
         let mut seen = self.seen;
         let mut buf = [0u8; 4096];
         loop {
@@ -196,23 +193,23 @@ impl Watch {
             }
             // v1 notifies as the cgroup comes under OOM, before the kill is counted:
             // give the count a moment to move.
-            let mut count = None;
+            let mut grown = None;
             for _ in 0..50 {
-                match read_count() {
+                match count(&self.counter) {
                     Err(_) => {
                         debug!(container = cid, "memory cgroup gone; OOM watch done");
                         return Ok(());
                     }
                     Ok(c) if c > seen => {
-                        count = Some(c);
+                        grown = Some(c);
                         break;
                     }
                     Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
                 }
             }
-            if let Some(count) = count {
-                info!(container = cid, oom_kills = count, "OOM kill");
-                seen = count;
+            if let Some(kills) = grown {
+                info!(container = cid, oom_kills = kills, "OOM kill");
+                seen = kills;
                 let _ = tx.send(cid.to_string());
             }
         }
