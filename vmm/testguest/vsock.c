@@ -4,6 +4,8 @@
 #include "guest.h"
 
 #define BUF 4096
+/* Polling iterations between repeated kicks. */
+#define REKICK 200000
 
 enum { OP_REQUEST = 1, OP_RESPONSE = 2, OP_RST = 3, OP_SHUTDOWN = 4, OP_RW = 5 };
 
@@ -74,16 +76,22 @@ static void send(const struct mmio_dev *d, u32 port, u16 op, const u8 *data, u32
     __asm__ volatile("mfence" ::: "memory");
     txq.a.idx++;
     mmio_notify(d, 1);
-    while (*(volatile u16 *)&txq.u.idx == txq.seen)
-        ;
+    for (u32 spins = 1; *(volatile u16 *)&txq.u.idx == txq.seen; spins++)
+        if (spins % REKICK == 0)
+            mmio_notify(d, 1);
     txq.seen++;
 }
 
 /* The next packet the host sends; its header is `*h`, its payload the returned bytes. */
 static const u8 *receive(const struct mmio_dev *d, struct hdr *h)
 {
-    while (*(volatile u16 *)&rxq.u.idx == rxq.seen)
-        ;
+    for (u32 spins = 1; *(volatile u16 *)&rxq.u.idx == rxq.seen; spins++)
+        if (spins % REKICK == 0) {
+            /* A polling driver kicks again now and then: a kick that reaches a
+             * vhost-user backend before QEMU has enabled its rings is dropped. */
+            mmio_notify(d, 0);
+            mmio_notify(d, 1);
+        }
     u16 id = (u16)rxq.u.ring[rxq.seen % QSIZE].id;
     rxq.seen++;
     const u8 *buf = rx_bufs[id];
