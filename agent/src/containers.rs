@@ -6,7 +6,7 @@
 //! create, recovery — goes through [`Containers::teardown`]: stop what runs, then
 //! release what the container holds ([`Resources`]: runtime state, cgroup, mounts,
 //! bundle). What a container holds is saved in its bundle as it is acquired, so a
-//! restarted agent can release what its predecessor held.
+//! restarted agent can take over (or release) what its predecessor held.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
@@ -22,7 +22,8 @@ use tracing::{info, warn};
 use crate::dirs::Dirs;
 use crate::error::{invalid, not_found, AgentError, Result};
 use crate::os::Os;
-use crate::process::{self, Launch, Process};
+use crate::monitor::{Entry, What};
+use crate::process::{self, Process};
 use crate::runtime::dir_names;
 use crate::storage::{self, MountedStorage, StorageContext, StorageRequest};
 use crate::validate::{check_abs_path, check_id};
@@ -276,16 +277,17 @@ impl Containers {
             .and_then(|p| p.terminal())
             .unwrap_or(false);
         let console = res.bundle.join(format!("{}.console", new.exec_id));
-        let bundle = res.bundle.clone();
-        let (pid, stdio) = process::launch(
-            &self.os,
-            id,
-            Launch::Create { bundle: &bundle },
+        let init = process::launch(
+            &self.os.monitor,
+            &self.dirs.containers,
+            (id, &new.exec_id),
+            What::Create {
+                bundle: res.bundle.clone(),
+            },
             terminal,
             &console,
         )
         .await?;
-        let init = Process::new(new.exec_id, pid, stdio, &self.os.reaper);
         Ok(Arc::new(Container {
             id: new.id,
             init,
@@ -335,16 +337,19 @@ impl Containers {
         std::fs::write(&path, json)
             .map_err(|e| anyhow::anyhow!("write {}: {e}", path.display()))?;
         let launched = process::launch(
-            &self.os,
-            cid,
-            Launch::Exec { process: &path },
+            &self.os.monitor,
+            &self.dirs.containers,
+            (cid, eid),
+            What::Exec {
+                process: path.clone(),
+            },
             process.terminal().unwrap_or(false),
             &c.res.bundle.join(format!("{eid}.console")),
         )
         .await;
         let _ = std::fs::remove_file(&path);
-        let (pid, stdio) = launched?;
-        let p = Process::new(eid.to_string(), pid, stdio, &self.os.reaper);
+        let p = launched?;
+        let pid = p.pid;
         lock(&c.execs).insert(eid.to_string(), p);
         info!(container = %cid, exec = %eid, pid, "exec started");
         Ok(pid)
@@ -387,13 +392,22 @@ impl Containers {
         }
     }
 
-    /// Called once at start: a previous agent may have left containers. Their stdio
-    /// died with it, so they cannot be re-attached: each is ended, what it held is
+    /// Called once at start: a previous agent may have left containers. Those the
+    /// monitor still holds are taken over as they are: their processes, stdio and
+    /// exits are the monitor's, what they hold is in their bundles. Any other (the
+    /// monitor does not know it) cannot be re-attached: it is ended, what it held is
     /// released, and its id is remembered so the host is told it was lost. When the
     /// sandbox itself had ended (`sandbox_alive` false), their processes and mounts
     /// ended with it: only what is left is released, and no pid from the old state is
-    /// signalled.
-    pub async fn recover(&self, sandbox_alive: bool) {
+    /// signalled. Returns the containers taken over.
+    pub async fn recover(&self, sandbox_alive: bool) -> Vec<Arc<Container>> {
+        let held = match sandbox_alive {
+            true => self.os.monitor.list().await.unwrap_or_else(|e| {
+                warn!("cannot list the monitor's processes: {e:#}");
+                Vec::new()
+            }),
+            false => Vec::new(),
+        };
         let ids: BTreeSet<String> = self
             .os
             .runtime
@@ -401,15 +415,30 @@ impl Containers {
             .into_iter()
             .chain(dir_names(&self.dirs.bundles))
             .collect();
+        let mut adopted = Vec::new();
         for id in ids {
             let res = Resources::load(self.dirs.bundles.join(&id));
+            let procs: Vec<Entry> = held.iter().filter(|e| e.cid == id).cloned().collect();
+            let res = match procs.iter().any(|e| e.init) {
+                true => match self.adopt(&id, res, procs).await {
+                    Ok(c) => {
+                        adopted.push(c);
+                        continue;
+                    }
+                    Err((res, e)) => {
+                        warn!(container = %id, "cannot take the container over: {e:#}");
+                        res
+                    }
+                },
+                false => res,
+            };
             let reason = if sandbox_alive {
-                warn!(container = %id, "container of a previous agent: killing it and removing it");
+                warn!(container = %id, "container of a previous agent the monitor does not hold: killing it and removing it");
                 let _ = self
                     .teardown(&id, &res, Running::Orphan, RECOVER_KILL_TIMEOUT)
                     .await;
-                "the agent restarted and cannot re-attach to a running container's stdio, \
-                 so the container was killed and removed"
+                "the agent restarted and the monitor no longer held the container's \
+                 processes, so the container was killed and removed"
             } else {
                 warn!(container = %id, "container of a sandbox that ended: removing what is left of it");
                 self.release(&id, &res, true).await;
@@ -417,6 +446,52 @@ impl Containers {
             };
             lock(&self.table).lost.insert(id, reason.into());
         }
+        // Processes of containers that have no state left (a create that failed).
+        let live: HashSet<String> = lock(&self.table).live.keys().cloned().collect();
+        for cid in held.iter().map(|e| &e.cid).collect::<BTreeSet<_>>() {
+            if !live.contains(cid) {
+                self.os.monitor.forget(cid, None);
+            }
+        }
+        adopted
+    }
+
+    /// Takes over container `id`, whose processes the monitor holds.
+    async fn adopt(
+        &self,
+        id: &str,
+        res: Resources,
+        procs: Vec<Entry>,
+    ) -> std::result::Result<Arc<Container>, (Resources, anyhow::Error)> {
+        let started = match self.os.runtime.started(id).await {
+            Ok(s) => s,
+            Err(e) => return Err((res, e)),
+        };
+        let monitor = &self.os.monitor;
+        let mut init = None;
+        let mut execs = HashMap::new();
+        for e in procs {
+            match e.init {
+                true => init = Some(Process::adopt(e, monitor.clone())),
+                false => {
+                    execs.insert(e.eid.clone(), Process::adopt(e, monitor.clone()));
+                }
+            }
+        }
+        let Some(init) = init else {
+            return Err((res, anyhow::anyhow!("the monitor holds no init for {id}")));
+        };
+        info!(container = %id, pid = init.pid, execs = execs.len(), started, "container taken over from the previous agent");
+        let c = Arc::new(Container {
+            id: id.to_string(),
+            init,
+            res,
+            execs: Mutex::new(execs),
+            started: AtomicBool::new(started),
+            removing: AtomicBool::new(false),
+        });
+        lock(&self.table).live.insert(id.to_string(), c.clone());
+        Ok(c)
     }
 
     /// Ends a container: stops what runs (waiting up to `timeout` for its init), then
@@ -497,6 +572,8 @@ impl Containers {
     /// Deletes the runtime state and cgroup, unmounts the storages (with
     /// `mounted_only`, only those still mounted here) and removes the bundle.
     async fn release(&self, id: &str, res: &Resources, mounted_only: bool) {
+        // Its processes' stdio and exits, in the monitor.
+        self.os.monitor.forget(id, None);
         if let Err(e) = self
             .os
             .runtime

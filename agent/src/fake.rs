@@ -1,22 +1,39 @@
-//! A fake operating system for unit tests: a container runtime and processes that
-//! live in a table. Processes "run" until the test ends them or a signal kills them;
-//! their exits reach the agent through the real [`Reaper`], their stdio are real
-//! pipes (and ptys) whose container ends the test holds.
+//! A fake operating system for unit tests: a container runtime, a monitor and
+//! processes that live in a table. Processes "run" until the test ends them or a
+//! signal kills them; their stdio are real pipes (and ptys) whose container ends the
+//! test holds, and whose other ends the fake monitor reads and writes.
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use nix::sys::signal::Signal;
 
-use crate::launcher::StdioFds;
+use crate::monitor::{Entry, ErrorKind, Launch, Monitor, MonitorError, Stream, What};
 use crate::mount::RecordingMounter;
 use crate::os::{Namespaces, Os, ProcessId, Syscalls};
-use crate::reaper::{Exit, Reaper};
 use crate::runtime::Runtime;
+use crate::stdio::TTY_EOF;
+
+/// How a fake process ended: an exit code, or a signal.
+#[derive(Debug, Clone, Copy)]
+enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+/// The fake monitor's side of a process's stdio: its pipes' other ends, or the
+/// terminal's master.
+struct Held {
+    entry: Entry,
+    stdin: Option<std::fs::File>,
+    stdout: std::fs::File,
+    stderr: Option<std::fs::File>,
+}
 
 struct Alive {
     start_time: u64,
@@ -26,6 +43,7 @@ struct Alive {
 struct FakeContainer {
     init: i32,
     cgroup: String,
+    started: bool,
 }
 
 #[derive(Default)]
@@ -43,10 +61,12 @@ struct State {
     fail_create: Option<String>,
     calls: Vec<String>,
     namespaces: Namespaces,
+    /// What the fake monitor holds, by (container, exec) id.
+    held: HashMap<(String, String), Held>,
+    exits: HashMap<i32, i32>,
 }
 
 pub struct FakeOs {
-    reaper: Arc<Reaper>,
     state: Mutex<State>,
     gone: tokio::sync::Notify,
 }
@@ -54,7 +74,6 @@ pub struct FakeOs {
 impl FakeOs {
     pub fn new() -> Arc<Self> {
         Arc::new(FakeOs {
-            reaper: Arc::new(Reaper::default()),
             state: Mutex::new(State {
                 next_pid: 1000,
                 namespaces: Namespaces { mnt: 1, pid: 2 },
@@ -70,7 +89,7 @@ impl FakeOs {
             runtime: self.clone(),
             sys: self.clone(),
             mounter,
-            reaper: self.reaper.clone(),
+            monitor: self.clone(),
         }
     }
 
@@ -92,7 +111,7 @@ impl FakeOs {
         pid
     }
 
-    /// Ends `pid` as `exit`: its stdio closes and the agent's reaper hears of it.
+    /// Ends `pid` as `exit`: its stdio closes and the monitor hears of it.
     fn die(&self, pid: i32, exit: Exit) {
         {
             let mut st = self.st();
@@ -101,9 +120,18 @@ impl FakeOs {
             }
             st.stdio.remove(&pid);
             st.ttys.remove(&pid);
+            let status = match exit {
+                Exit::Code(c) => c,
+                Exit::Signal(s) => 128 + s,
+            };
+            st.exits.insert(pid, status);
         }
-        self.reaper.record(pid, exit);
         self.gone.notify_waiters();
+    }
+
+    /// The monitor ended and a new one started: it holds nothing.
+    pub fn lose_monitor(&self) {
+        self.st().held.clear();
     }
 
     /// The process exits by itself with `code`.
@@ -155,6 +183,7 @@ impl FakeOs {
             FakeContainer {
                 init: pid,
                 cgroup: cgroup.into(),
+                started: true,
             },
         );
         pid
@@ -176,67 +205,13 @@ fn cgroup_of(bundle: &Path) -> String {
         .to_string()
 }
 
-/// Opens a pty and sends its master to the console socket, as a runtime does.
-fn send_terminal(console: &Path) -> OwnedFd {
-    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-    let pty = nix::pty::openpty(None, None).expect("openpty");
-    let stream = std::os::unix::net::UnixStream::connect(console).expect("console socket");
-    let fds = [pty.master.as_raw_fd()];
-    sendmsg::<()>(
-        stream.as_raw_fd(),
-        &[std::io::IoSlice::new(b"pty")],
-        &[ControlMessage::ScmRights(&fds)],
-        MsgFlags::empty(),
-        None,
-    )
-    .expect("send the terminal");
-    pty.slave
-}
-
 #[async_trait]
 impl Runtime for FakeOs {
-    async fn create(
-        &self,
-        id: &str,
-        bundle: &Path,
-        console_socket: Option<PathBuf>,
-        stdio: StdioFds,
-    ) -> anyhow::Result<i32> {
-        self.record(format!("create {id}"));
-        if self.st().fail_create.as_deref() == Some(id) {
-            anyhow::bail!("create container {id}: the fake runtime was told to fail");
-        }
-        let cgroup = cgroup_of(bundle);
-        let pid = self.spawn(Some(cgroup.clone()));
-        self.st()
-            .containers
-            .insert(id.into(), FakeContainer { init: pid, cgroup });
-        self.attach(pid, console_socket, stdio);
-        Ok(pid)
-    }
-
-    async fn exec(
-        &self,
-        id: &str,
-        process: &Path,
-        console_socket: Option<PathBuf>,
-        stdio: StdioFds,
-    ) -> anyhow::Result<i32> {
-        self.record(format!("exec {id}"));
-        anyhow::ensure!(process.exists(), "no process file {}", process.display());
-        let cgroup = self
-            .st()
-            .containers
-            .get(id)
-            .map(|c| c.cgroup.clone())
-            .ok_or_else(|| anyhow::anyhow!("exec in container {id}: no such container"))?;
-        let pid = self.spawn(Some(cgroup));
-        self.attach(pid, console_socket, stdio);
-        Ok(pid)
-    }
-
     async fn start(&self, id: &str) -> anyhow::Result<()> {
         self.record(format!("start {id}"));
+        if let Some(c) = self.st().containers.get_mut(id) {
+            c.started = true;
+        }
         Ok(())
     }
 
@@ -271,20 +246,202 @@ impl Runtime for FakeOs {
         Ok(self.st().containers.get(id).map(|c| c.init))
     }
 
+    async fn started(&self, id: &str) -> anyhow::Result<bool> {
+        let st = self.st();
+        let c = st
+            .containers
+            .get(id)
+            .ok_or_else(|| anyhow::anyhow!("inspect container {id}: no state"))?;
+        Ok(c.started)
+    }
+
     fn ids(&self) -> Vec<String> {
         self.st().containers.keys().cloned().collect()
     }
 }
 
 impl FakeOs {
-    fn attach(&self, pid: i32, console_socket: Option<PathBuf>, stdio: StdioFds) {
-        if let Some(fds) = stdio {
-            self.st().stdio.insert(pid, fds);
+    /// Gives a new process pipes (or a terminal): the test takes the process's ends,
+    /// the fake monitor keeps the others.
+    fn attach(&self, entry: Entry, console: Option<&Path>) -> anyhow::Result<()> {
+        let pid = entry.pid;
+        let key = (entry.cid.clone(), entry.eid.clone());
+        let held = match console {
+            None => {
+                let p = crate::stdio::pipes()?;
+                let [i, o, e] = p.ours;
+                self.st().stdio.insert(pid, p.theirs);
+                Held {
+                    entry,
+                    stdin: Some(i.into()),
+                    stdout: o.into(),
+                    stderr: Some(e.into()),
+                }
+            }
+            Some(_console) => {
+                let pty = nix::pty::openpty(None, None)?;
+                let master = pty.master;
+                self.st().ttys.insert(pid, pty.slave);
+                let stdin = master.try_clone()?;
+                Held {
+                    entry,
+                    stdin: Some(stdin.into()),
+                    stdout: master.into(),
+                    stderr: None,
+                }
+            }
+        };
+        self.st().held.insert(key, held);
+        Ok(())
+    }
+
+    fn held<T>(
+        &self,
+        cid: &str,
+        eid: &str,
+        f: impl FnOnce(&mut Held) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let mut st = self.st();
+        let h = st
+            .held
+            .get_mut(&(cid.to_string(), eid.to_string()))
+            .ok_or_else(|| MonitorError {
+                kind: ErrorKind::NotFound,
+                message: format!("process {eid:?} of container {cid} is not in the monitor"),
+            })?;
+        f(h)
+    }
+}
+
+#[async_trait]
+impl Monitor for FakeOs {
+    async fn launch(&self, l: Launch) -> anyhow::Result<i32> {
+        let (pid, init) = match &l.what {
+            What::Create { bundle } => {
+                self.record(format!("create {}", l.cid));
+                if self.st().fail_create.as_deref() == Some(l.cid.as_str()) {
+                    return Err(MonitorError {
+                        kind: ErrorKind::Invalid,
+                        message: format!("create container {}: the fake was told to fail", l.cid),
+                    }
+                    .into());
+                }
+                let cgroup = cgroup_of(bundle);
+                let pid = self.spawn(Some(cgroup.clone()));
+                let c = FakeContainer {
+                    init: pid,
+                    cgroup,
+                    started: false,
+                };
+                self.st().containers.insert(l.cid.clone(), c);
+                (pid, true)
+            }
+            What::Exec { process } => {
+                self.record(format!("exec {}", l.cid));
+                anyhow::ensure!(process.exists(), "no process file {}", process.display());
+                let cgroup = self
+                    .st()
+                    .containers
+                    .get(&l.cid)
+                    .map(|c| c.cgroup.clone())
+                    .ok_or_else(|| anyhow::anyhow!("exec in container {}: no such container", l.cid))?;
+                (self.spawn(Some(cgroup)), false)
+            }
+        };
+        let entry = Entry {
+            cid: l.cid.clone(),
+            eid: l.eid.clone(),
+            pid,
+            init,
+            terminal: l.console.is_some(),
+            exit: None,
+        };
+        self.attach(entry, l.console.as_deref())?;
+        Ok(pid)
+    }
+
+    async fn read(&self, cid: &str, eid: &str, stream: Stream, max: usize) -> anyhow::Result<Vec<u8>> {
+        let mut file = self.held(cid, eid, |h| {
+            let f = match stream {
+                Stream::Stdout => Some(&h.stdout),
+                Stream::Stderr => h.stderr.as_ref(),
+            };
+            Ok(f.map(|f| f.try_clone()).transpose()?)
+        })?;
+        let Some(f) = file.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let mut buf = vec![0u8; max.clamp(1, 1 << 16)];
+        match f.read(&mut buf) {
+            Ok(n) => buf.truncate(n),
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => buf.clear(),
+            Err(e) => return Err(e.into()),
         }
-        if let Some(console) = console_socket {
-            let slave = send_terminal(&console);
-            self.st().ttys.insert(pid, slave);
+        Ok(buf)
+    }
+
+    async fn write(&self, cid: &str, eid: &str, data: &[u8]) -> anyhow::Result<()> {
+        self.held(cid, eid, |h| {
+            let f = h.stdin.as_mut().ok_or_else(|| MonitorError {
+                kind: ErrorKind::Invalid,
+                message: format!("stdin of {cid}/{eid} is closed"),
+            })?;
+            Ok(f.write_all(data)?)
+        })
+    }
+
+    async fn close_stdin(&self, cid: &str, eid: &str) -> anyhow::Result<()> {
+        self.held(cid, eid, |h| {
+            if let (Some(f), true) = (h.stdin.as_mut(), h.entry.terminal) {
+                f.write_all(&[TTY_EOF])?;
+            }
+            h.stdin = None;
+            Ok(())
+        })
+    }
+
+    async fn resize(&self, cid: &str, eid: &str, rows: u16, cols: u16) -> anyhow::Result<()> {
+        self.held(cid, eid, |h| {
+            if !h.entry.terminal {
+                return Err(MonitorError {
+                    kind: ErrorKind::Invalid,
+                    message: format!("{cid}/{eid} has no terminal"),
+                }
+                .into());
+            }
+            let master = OwnedFd::from(h.stdout.try_clone()?);
+            Ok(crate::stdio::resize(&master, rows, cols)?)
+        })
+    }
+
+    async fn wait(&self, cid: &str, eid: &str) -> anyhow::Result<i32> {
+        let pid = self.held(cid, eid, |h| Ok(h.entry.pid))?;
+        loop {
+            let gone = self.gone.notified();
+            if let Some(status) = self.st().exits.get(&pid) {
+                return Ok(*status);
+            }
+            gone.await;
         }
+    }
+
+    fn forget(&self, cid: &str, eid: Option<&str>) {
+        self.record(format!("forget {cid} {}", eid.unwrap_or("*")));
+        self.st()
+            .held
+            .retain(|(c, e), _| c != cid || eid.is_some_and(|x| x != e));
+    }
+
+    async fn list(&self) -> anyhow::Result<Vec<Entry>> {
+        let st = self.st();
+        Ok(st
+            .held
+            .values()
+            .map(|h| Entry {
+                exit: st.exits.get(&h.entry.pid).copied(),
+                ..h.entry.clone()
+            })
+            .collect())
     }
 }
 

@@ -1,7 +1,7 @@
 //! joey-agent: serves the kata agent API (ttrpc) over vsock or a Unix socket.
 //!
 //! Two internal subcommands run single-threaded helpers from this same binary:
-//! `launch` (container creation, see `launcher`) and `pidns` (the holder of a
+//! `monitor` (the container monitor, see `monitor`) and `pidns` (the holder of a
 //! sandbox's shared PID namespace).
 
 mod agent;
@@ -11,8 +11,8 @@ mod dirs;
 mod error;
 #[cfg(test)]
 mod fake;
-mod launcher;
 mod listener;
+mod monitor;
 mod mount;
 mod os;
 mod process;
@@ -61,10 +61,15 @@ fn main() {
         Some(&nix::sys::signal::SigSet::empty()),
         None,
     );
-    match std::env::args().nth(1).as_deref() {
-        Some("launch") => {
-            init_launcher_logging();
-            launcher::launcher_main()
+    let argv: Vec<String> = std::env::args().collect();
+    match argv.get(1).map(String::as_str) {
+        Some("monitor") => {
+            // Its launches log from processes whose stderr becomes a container's.
+            match monitor::launch::LogFd::open() {
+                Ok(()) => init_logging_to(|| monitor::launch::LogFd),
+                Err(_) => init_logging(),
+            }
+            monitor::server::main(&argv[2..])
         }
         Some("pidns") => os::pidns_main(),
         _ => {}
@@ -89,9 +94,13 @@ fn main() {
     std::process::exit(0);
 }
 
-/// Logs to `writer` at the level `JOEY_LOG` names (`error`, `warn`, `info`, `debug`,
+/// Logs to stderr at the level `JOEY_LOG` names (`error`, `warn`, `info`, `debug`,
 /// `trace` or `off`; default `info`), without colours (the guest's console is a serial
 /// line).
+fn init_logging() {
+    init_logging_to(std::io::stderr);
+}
+
 fn init_logging_to<W>(writer: W)
 where
     W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
@@ -104,32 +113,9 @@ where
         .try_init();
 }
 
-fn init_logging() {
-    init_logging_to(std::io::stderr);
-}
-
-/// The launcher's container process logs until it execs, after its stderr became the
-/// container's: log to a private copy of the console instead (closed at exec).
-fn init_launcher_logging() {
-    use std::os::fd::{AsFd, OwnedFd};
-    let console: Option<OwnedFd> = nix::fcntl::fcntl(
-        std::os::fd::AsRawFd::as_raw_fd(&std::io::stderr().as_fd()),
-        nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10),
-    )
-    .ok()
-    .map(|fd| {
-        // SAFETY: F_DUPFD_CLOEXEC just returned this fd; we are its only owner.
-        unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
-    });
-    let Some(console) = console else {
-        return init_logging();
-    };
-    init_logging_to(std::sync::Mutex::new(std::fs::File::from(console)));
-}
-
 async fn serve(args: Args) -> anyhow::Result<()> {
-    launcher::raise_nofile();
-    let reaper = reaper::Reaper::start().context("start the child reaper")?;
+    monitor::launch::raise_nofile();
+    reaper::start().context("start the child reaper")?;
     // The guest's own runtime directory: the host's JOEY_RUNTIME_DIR does not reach it.
     let state_dir = args
         .state_dir
@@ -137,14 +123,17 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let dirs = Dirs::under(&state_dir);
     dirs.create()
         .with_context(|| format!("create state directories under {}", state_dir.display()))?;
+    // joey-init starts the monitor before the agent; an agent on its own starts one.
+    let monitor_socket = match std::env::var_os(monitor::SOCKET_ENV) {
+        Some(path) => PathBuf::from(path),
+        None => monitor::client::spawn_own(&state_dir)?,
+    };
+    let monitor = monitor::client::MonitorClient::connect(&monitor_socket).await?;
     let os = os::Os {
-        runtime: Arc::new(runtime::Libcontainer::new(
-            dirs.containers.clone(),
-            reaper.clone(),
-        )),
+        runtime: Arc::new(runtime::Libcontainer::new(dirs.containers.clone())),
         sys: Arc::new(os::Linux),
         mounter: Arc::new(mount::LinuxMounter),
-        reaper,
+        monitor,
     };
     let init_daemon = std::process::id() == 1 || std::env::var_os("JOEY_UNDER_INIT").is_some();
     // joey-init says which sandbox the agent runs in; a standalone agent is on a host.

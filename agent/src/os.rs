@@ -1,6 +1,7 @@
 //! The operating system behind traits, as youki's `Syscall`: processes and the host
 //! facts the agent reads ([`Syscalls`]), the container runtime
-//! ([`crate::runtime::Runtime`]) and mounts ([`crate::mount::Mounter`]). The agent's
+//! ([`crate::runtime::Runtime`]), the monitor ([`crate::monitor::Monitor`]) and mounts
+//! ([`crate::mount::Mounter`]). The agent's
 //! logic sees only [`Os`], so sandbox, container, exec, stream and recovery logic is
 //! unit-tested against the fake in `crate::fake` without root.
 
@@ -16,8 +17,8 @@ use async_trait::async_trait;
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
+use crate::monitor::Monitor;
 use crate::mount::Mounter;
-use crate::reaper::Reaper;
 use crate::runtime::Runtime;
 
 /// Every seam the agent's logic goes through, shared by its owners.
@@ -26,7 +27,8 @@ pub struct Os {
     pub runtime: Arc<dyn Runtime>,
     pub sys: Arc<dyn Syscalls>,
     pub mounter: Arc<dyn Mounter>,
-    pub reaper: Arc<Reaper>,
+    /// Launches container processes and holds their stdio and exits.
+    pub monitor: Arc<dyn Monitor>,
 }
 
 /// The mount and PID namespaces a process runs in (their inode numbers). A sandbox

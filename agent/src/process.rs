@@ -1,108 +1,95 @@
-//! One process of a container (its init or an exec): pid, stdio and exit.
+//! One process of a container (its init or an exec) as the agent sees it: a name in
+//! the monitor, which holds its stdio and collects its exit.
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use tokio::sync::{watch, Mutex};
+use tokio::sync::watch;
+use tracing::warn;
 
-use crate::error::{invalid, Result};
-use crate::os::{Os, Syscalls};
-use crate::reaper::Reaper;
-use crate::stdio::{self, ConsoleSocket, Input, Output, PipeSet, Pty};
-
-/// How long the agent waits for a new terminal to arrive from the container.
-const CONSOLE_DEADLINE: Duration = Duration::from_secs(10);
+use crate::error::{invalid, not_found, AgentError, Result};
+use crate::monitor::{Entry, ErrorKind, Launch, Monitor, MonitorError, Stream, What};
+use crate::os::Syscalls;
 
 pub struct Process {
+    pub cid: String,
     pub exec_id: String,
     pub pid: i32,
-    pub stdin: Mutex<Option<Input>>,
-    pub stdout: Mutex<Option<Output>>,
-    pub stderr: Mutex<Option<Output>>,
-    pub tty: Option<Arc<Pty>>,
+    pub terminal: bool,
+    monitor: Arc<dyn Monitor>,
     exit: watch::Receiver<Option<i32>>,
+    /// An exec leaves the monitor when the agent drops it; a container's init leaves
+    /// with its container.
+    is_exec: bool,
 }
 
-/// The agent's side of a new process's stdio.
-pub enum AgentStdio {
-    Pipes(PipeSet),
-    Pty(Arc<Pty>),
+/// The monitor's answer as the host should see it.
+pub fn monitor_error(e: anyhow::Error) -> AgentError {
+    match e.downcast_ref::<MonitorError>() {
+        Some(m) if m.kind == ErrorKind::NotFound => not_found(m.message.clone()),
+        Some(m) if m.kind == ErrorKind::Invalid => invalid(m.message.clone()),
+        _ => AgentError::Internal(e),
+    }
 }
 
-/// What a launch creates: a container (its init) or a process in a running one.
-pub enum Launch<'a> {
-    /// From the OCI bundle at this path.
-    Create { bundle: &'a Path },
-    /// From an OCI `process.json` at this path.
-    Exec { process: &'a Path },
-}
-
-/// Launches container `id`'s init or an exec through the runtime: with pipes, or
-/// with a terminal when `terminal` (the runtime then sends the terminal's master to a
-/// console socket at `console`). Returns the new process's pid and the agent's side of
-/// its stdio. A process whose terminal never arrives is killed.
+/// Launches container `cid`'s init or exec `eid` through the monitor (libcontainer
+/// state under `root`): with pipes, or with a terminal whose master the runtime
+/// sends to a console socket at `console`.
 pub async fn launch(
-    os: &Os,
-    id: &str,
-    what: Launch<'_>,
+    monitor: &Arc<dyn Monitor>,
+    root: &Path,
+    (cid, eid): (&str, &str),
+    what: What,
     terminal: bool,
     console: &Path,
-) -> Result<(i32, AgentStdio)> {
-    let (pipes, fds, socket) = if terminal {
-        (None, None, Some(ConsoleSocket::bind(console)?))
-    } else {
-        let (p, fds) = stdio::pipes()?;
-        (Some(p), Some(fds), None)
+) -> Result<Arc<Process>> {
+    let is_exec = matches!(what, What::Exec { .. });
+    let pid = monitor
+        .launch(Launch {
+            cid: cid.to_string(),
+            eid: eid.to_string(),
+            what,
+            root: root.to_path_buf(),
+            console: terminal.then(|| console.to_path_buf()),
+        })
+        .await
+        .map_err(monitor_error)?;
+    let entry = Entry {
+        cid: cid.to_string(),
+        eid: eid.to_string(),
+        pid,
+        init: !is_exec,
+        terminal,
+        exit: None,
     };
-    let console_socket = socket.as_ref().map(|s| s.path().to_path_buf());
-    let pid = match what {
-        Launch::Create { bundle } => os.runtime.create(id, bundle, console_socket, fds).await,
-        Launch::Exec { process } => os.runtime.exec(id, process, console_socket, fds).await,
-    }
-    .map_err(|e| invalid(format!("{e:#}")))?;
-    let stdio = match (pipes, socket) {
-        (Some(p), _) => AgentStdio::Pipes(p),
-        (None, Some(s)) => match s.receive(CONSOLE_DEADLINE).await {
-            Ok(fd) => AgentStdio::Pty(Arc::new(Pty::new(fd)?)),
-            Err(e) => {
-                let _ = os.sys.kill(pid, Signal::SIGKILL);
-                return Err(e.into());
-            }
-        },
-        (None, None) => unreachable!("either pipes or a console socket exist"),
-    };
-    Ok((pid, stdio))
+    Ok(Process::adopt(entry, monitor.clone()))
 }
 
 impl Process {
-    /// Registers a process that was just created, and starts watching for its exit.
-    pub fn new(exec_id: String, pid: i32, stdio: AgentStdio, reaper: &Reaper) -> Arc<Self> {
-        let (tx, rx) = watch::channel(None);
-        let exited = reaper.wait_for(pid);
-        tokio::spawn(async move {
-            if let Ok(exit) = exited.await {
-                let _ = tx.send(Some(exit.status()));
-            }
-        });
-        let (stdin, stdout, stderr, tty) = match stdio {
-            AgentStdio::Pipes(p) => (
-                Input::Pipe(p.stdin),
-                Output::Pipe(p.stdout),
-                Some(Output::Pipe(p.stderr)),
-                None,
-            ),
-            AgentStdio::Pty(t) => (Input::Pty(t.clone()), Output::Pty(t.clone()), None, Some(t)),
-        };
+    /// The agent's record of a process the monitor holds (just launched, or found
+    /// after the agent restarted), watching for its exit.
+    pub fn adopt(e: Entry, monitor: Arc<dyn Monitor>) -> Arc<Self> {
+        let (tx, rx) = watch::channel(e.exit);
+        if e.exit.is_none() {
+            let (m, cid, eid) = (monitor.clone(), e.cid.clone(), e.eid.clone());
+            tokio::spawn(async move {
+                match m.wait(&cid, &eid).await {
+                    Ok(status) => {
+                        let _ = tx.send(Some(status));
+                    }
+                    Err(e) => warn!("wait for {cid}/{eid}: {e:#}"),
+                }
+            });
+        }
         Arc::new(Process {
-            exec_id,
-            pid,
-            stdin: Mutex::new(Some(stdin)),
-            stdout: Mutex::new(Some(stdout)),
-            stderr: Mutex::new(stderr),
-            tty,
+            cid: e.cid,
+            exec_id: e.eid,
+            pid: e.pid,
+            terminal: e.terminal,
+            monitor,
             exit: rx,
+            is_exec: !e.init,
         })
     }
 
@@ -119,11 +106,44 @@ impl Process {
                 return s;
             }
             if rx.changed().await.is_err() {
-                // The watcher is gone without a status: the reaper stopped. Report the
-                // process as killed rather than hanging the caller forever.
+                // The watcher is gone without a status: the monitor's connection
+                // failed. Report the process as killed rather than hang the caller.
                 return 128 + libc::SIGKILL;
             }
         }
+    }
+
+    /// One read of up to `len` bytes; an empty read is the end of the stream (a
+    /// terminal has no separate stderr: it is always at its end).
+    pub async fn read(&self, stream: Stream, len: usize) -> Result<Vec<u8>> {
+        if self.terminal && stream == Stream::Stderr {
+            return Ok(Vec::new());
+        }
+        self.monitor
+            .read(&self.cid, &self.exec_id, stream, len)
+            .await
+            .map_err(monitor_error)
+    }
+
+    pub async fn write(&self, data: &[u8]) -> Result<()> {
+        self.monitor
+            .write(&self.cid, &self.exec_id, data)
+            .await
+            .map_err(monitor_error)
+    }
+
+    pub async fn close_stdin(&self) -> Result<()> {
+        self.monitor
+            .close_stdin(&self.cid, &self.exec_id)
+            .await
+            .map_err(monitor_error)
+    }
+
+    pub async fn resize(&self, rows: u16, cols: u16) -> Result<()> {
+        self.monitor
+            .resize(&self.cid, &self.exec_id, rows, cols)
+            .await
+            .map_err(monitor_error)
     }
 
     /// Sends a signal; a process that already ended is not an error.
@@ -141,23 +161,10 @@ impl Process {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn this_test_process_handles_no_sigterm() {
-        let reaper = Reaper::default();
-        let (pipes, _theirs) = crate::stdio::pipes().unwrap();
-        let p = Process::new(
-            "e".into(),
-            std::process::id() as i32,
-            AgentStdio::Pipes(pipes),
-            &reaper,
-        );
-        // The test harness installs no SIGTERM handler; tokio's signal driver is not
-        // listening for SIGTERM here either.
-        assert!(!p.handles_signal(&crate::os::Linux, libc::SIGTERM));
-        assert_eq!(p.exit_status(), None);
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.is_exec {
+            self.monitor.forget(&self.cid, Some(&self.exec_id));
+        }
     }
 }

@@ -1,44 +1,21 @@
-//! The container runtime behind a trait: creating a container or a process in it
-//! (through the single-threaded launcher), starting, signalling and deleting it.
+//! The container runtime behind a trait: starting, signalling, inspecting and
+//! deleting a container (creating one and exec'ing in it is the monitor's, which
+//! forks to do it: see `crate::monitor`).
 //!
 //! [`Libcontainer`] is the real one (youki's libcontainer, state under the agent's
 //! state root). Container logic only sees [`Runtime`], so it is unit-tested against
 //! the fake in `crate::fake` without root.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::Context;
 use async_trait::async_trait;
 use libcontainer::container::Container as LcContainer;
+use libcontainer::container::ContainerStatus;
 use libcontainer::signal::Signal as LcSignal;
-
-use crate::launcher::{self, LaunchRequest, StdioFds};
-use crate::reaper::Reaper;
 
 #[async_trait]
 pub trait Runtime: Send + Sync {
-    /// Creates (but does not start) container `id` from the OCI bundle at `bundle`.
-    /// Its stdio is `stdio`, or a terminal whose master goes to `console_socket`.
-    /// Returns the container's init pid.
-    async fn create(
-        &self,
-        id: &str,
-        bundle: &Path,
-        console_socket: Option<PathBuf>,
-        stdio: StdioFds,
-    ) -> anyhow::Result<i32>;
-
-    /// Starts a new process in running container `id` from an OCI `process.json`.
-    /// Returns its pid.
-    async fn exec(
-        &self,
-        id: &str,
-        process: &Path,
-        console_socket: Option<PathBuf>,
-        stdio: StdioFds,
-    ) -> anyhow::Result<i32>;
-
     /// Runs the created container's process.
     async fn start(&self, id: &str) -> anyhow::Result<()>;
 
@@ -53,6 +30,9 @@ pub trait Runtime: Send + Sync {
     /// The container's init pid from its saved state.
     async fn init_pid(&self, id: &str) -> anyhow::Result<Option<i32>>;
 
+    /// Whether the container was started (its state is past `created`).
+    async fn started(&self, id: &str) -> anyhow::Result<bool>;
+
     /// The ids of every container with saved state.
     fn ids(&self) -> Vec<String>;
 }
@@ -60,17 +40,15 @@ pub trait Runtime: Send + Sync {
 /// Serialises libcontainer's start (see [`Libcontainer`]'s `start`).
 static START: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// youki's libcontainer: creation and exec (which clone) through `joey-agent launch`,
-/// the rest on tokio's blocking pool.
+/// youki's libcontainer, on tokio's blocking pool.
 pub struct Libcontainer {
     root: PathBuf,
-    reaper: Arc<Reaper>,
 }
 
 impl Libcontainer {
-    /// A runtime keeping container state under `root`; `reaper` collects launchers.
-    pub fn new(root: PathBuf, reaper: Arc<Reaper>) -> Self {
-        Libcontainer { root, reaper }
+    /// A runtime keeping container state under `root`.
+    pub fn new(root: PathBuf) -> Self {
+        Libcontainer { root }
     }
 
     async fn with_container<T: Send + 'static>(
@@ -95,38 +73,6 @@ impl Libcontainer {
 
 #[async_trait]
 impl Runtime for Libcontainer {
-    async fn create(
-        &self,
-        id: &str,
-        bundle: &Path,
-        console_socket: Option<PathBuf>,
-        stdio: StdioFds,
-    ) -> anyhow::Result<i32> {
-        let req = LaunchRequest::Create {
-            id: id.to_string(),
-            root: self.root.clone(),
-            bundle: bundle.to_path_buf(),
-            console_socket,
-        };
-        launcher::launch(req, stdio, self.reaper.clone()).await
-    }
-
-    async fn exec(
-        &self,
-        id: &str,
-        process: &Path,
-        console_socket: Option<PathBuf>,
-        stdio: StdioFds,
-    ) -> anyhow::Result<i32> {
-        let req = LaunchRequest::Exec {
-            id: id.to_string(),
-            root: self.root.clone(),
-            process: process.to_path_buf(),
-            console_socket,
-        };
-        launcher::launch(req, stdio, self.reaper.clone()).await
-    }
-
     async fn start(&self, id: &str) -> anyhow::Result<()> {
         self.with_container(id, "start", |c| {
             // libcontainer's start signals the container through a socket it reaches by
@@ -164,6 +110,13 @@ impl Runtime for Libcontainer {
     async fn init_pid(&self, id: &str) -> anyhow::Result<Option<i32>> {
         self.with_container(id, "inspect", |c| Ok(c.pid().map(|p| p.as_raw())))
             .await
+    }
+
+    async fn started(&self, id: &str) -> anyhow::Result<bool> {
+        self.with_container(id, "inspect", |c| {
+            Ok(!matches!(c.status(), ContainerStatus::Created))
+        })
+        .await
     }
 
     fn ids(&self) -> Vec<String> {

@@ -1,6 +1,7 @@
 //! joey-init: PID 1 of a joey sandbox.
 //!
-//! Mounts what the guest needs, starts joey-agent and restarts it if it dies, reaps
+//! Mounts what the guest needs, starts the container monitor and joey-agent and
+//! restarts the agent if it dies (the monitor's death ends the sandbox), reaps
 //! orphans, and ends the sandbox on SIGTERM or when the agent finishes after
 //! DestroySandbox: in a VM with reboot(2), in a namespace sandbox by exiting.
 
@@ -103,6 +104,7 @@ fn run(mode: Mode, args: &Args) -> anyhow::Result<i32> {
         addr: args.agent_addr.clone(),
         state_dir: args.guest_dir.join("agent"),
     });
+    sup.spawn_monitor()?;
     sup.spawn_agent()?;
     loop {
         let timeout = sup
@@ -113,6 +115,10 @@ fn run(mode: Mode, args: &Args) -> anyhow::Result<i32> {
                 Some(AgentExit::Finished) => {
                     info!("agent finished after DestroySandbox");
                     return Ok(0);
+                }
+                Some(AgentExit::MonitorDied(how)) => {
+                    error!("the container monitor died ({how}): ending the sandbox");
+                    return Ok(1);
                 }
                 Some(AgentExit::Crashed(why)) if !sup.on_crash(&why) => return Ok(1),
                 Some(AgentExit::Crashed(_)) => {}

@@ -1,4 +1,5 @@
-//! Starts the agent, restarts it when it dies, and reaps every orphan.
+//! Starts the container monitor and the agent, restarts the agent when it dies, ends
+//! the sandbox when the monitor dies (docs/monitor.md), and reaps every orphan.
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -22,13 +23,20 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
 }
 
-/// What the agent's exit means for the sandbox.
+/// The variable that tells the agent where the monitor listens (the agent's
+/// `monitor::SOCKET_ENV`).
+const MONITOR_SOCKET_ENV: &str = "JOEY_MONITOR_SOCKET";
+
+/// What the agent's or the monitor's exit means for the sandbox.
 #[derive(Debug, PartialEq, Eq)]
 pub enum AgentExit {
     /// Exit 0: the agent finished after DestroySandbox; the sandbox ends.
     Finished,
     /// Any other end: restart it (unless it keeps dying).
     Crashed(String),
+    /// The monitor ended: the containers' stdio and exits went with it, so the
+    /// sandbox ends.
+    MonitorDied(String),
 }
 
 pub fn classify(status: WaitStatus) -> Option<AgentExit> {
@@ -43,6 +51,7 @@ pub fn classify(status: WaitStatus) -> Option<AgentExit> {
 pub struct Supervisor {
     cfg: AgentConfig,
     pub agent: Option<Pid>,
+    monitor: Option<Pid>,
     deaths: Vec<Instant>,
     /// When set, the agent is due to be restarted at this time.
     pub restart_at: Option<Instant>,
@@ -53,29 +62,39 @@ impl Supervisor {
         Supervisor {
             cfg,
             agent: None,
+            monitor: None,
             deaths: Vec::new(),
             restart_at: None,
         }
     }
 
+    fn monitor_socket(&self) -> PathBuf {
+        self.cfg.state_dir.join("monitor.sock")
+    }
+
+    /// Starts the monitor (`joey-agent monitor`), before the agent: the agent
+    /// connects to it, retrying while it starts.
+    pub fn spawn_monitor(&mut self) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.cfg.state_dir)?;
+        let mut cmd = Command::new(&self.cfg.path);
+        cmd.arg("monitor").arg("--listen").arg(self.monitor_socket());
+        let pid = spawn(cmd, "monitor", &self.cfg.path)?;
+        info!(pid = pid.as_raw(), "monitor started");
+        self.monitor = Some(pid);
+        Ok(())
+    }
+
     pub fn spawn_agent(&mut self) -> anyhow::Result<()> {
         let mut cmd = Command::new(&self.cfg.path);
         cmd.env("KATA_AGENT_SERVER_ADDR", &self.cfg.addr)
+            .env(MONITOR_SOCKET_ENV, self.monitor_socket())
             .env("JOEY_AGENT_STATE_DIR", &self.cfg.state_dir)
             .env("JOEY_UNDER_INIT", "1")
             .env(
                 joey_protocols::contract::SANDBOX_KIND_ENV,
                 self.cfg.sandbox_kind,
             );
-        // SAFETY: sigprocmask is async-signal-safe; the closure touches no shared state.
-        // Init blocks the signals it waits for; the agent must not inherit that mask.
-        unsafe {
-            cmd.pre_exec(|| crate::signals::unblock_all().map_err(std::io::Error::from));
-        }
-        let child = cmd
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("start agent {}: {e}", self.cfg.path.display()))?;
-        let pid = Pid::from_raw(child.id() as i32);
+        let pid = spawn(cmd, "agent", &self.cfg.path)?;
         info!(pid = pid.as_raw(), addr = %self.cfg.addr, "agent started");
         self.agent = Some(pid);
         self.restart_at = None;
@@ -89,6 +108,10 @@ impl Supervisor {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => break,
                 Ok(status) => {
+                    if status.pid().is_some() && status.pid() == self.monitor {
+                        self.monitor = None;
+                        return Some(AgentExit::MonitorDied(format!("{status:?}")));
+                    }
                     if status.pid().is_some() && status.pid() == self.agent {
                         fate = classify(status);
                         if fate.is_some() {
@@ -125,6 +148,19 @@ impl Supervisor {
         self.restart_at = Some(now + RESTART_DELAY);
         true
     }
+}
+
+/// Spawns `cmd` with every signal unblocked (init blocks the signals it waits for;
+/// its children must not inherit that mask).
+fn spawn(mut cmd: Command, what: &str, path: &std::path::Path) -> anyhow::Result<Pid> {
+    // SAFETY: sigprocmask is async-signal-safe; the closure touches no shared state.
+    unsafe {
+        cmd.pre_exec(|| crate::signals::unblock_all().map_err(std::io::Error::from));
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("start {what} {}: {e}", path.display()))?;
+    Ok(Pid::from_raw(child.id() as i32))
 }
 
 #[cfg(test)]

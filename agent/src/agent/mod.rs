@@ -74,7 +74,10 @@ impl Agent {
     /// [`Sandbox::recover`] and [`Containers::recover`]).
     pub async fn recover(&self) {
         let ended = self.sandbox.recover();
-        self.containers.recover(!ended).await;
+        for c in self.containers.recover(!ended).await {
+            // OOM kills are cgroup facts: watched again from here on.
+            self.oom.watch(&c.id, c.cgroups_path());
+        }
     }
 
     /// Counts the writes on the agent's connections.

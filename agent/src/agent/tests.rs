@@ -52,14 +52,16 @@ impl Harness {
         }
     }
 
-    /// A new agent over the same state directories and fake OS (the old one died).
+    /// A new agent over the same state directories and fake OS (the old one was
+    /// killed: none of its destructors runs).
     fn restart(&mut self) {
-        self.agent = Agent::new(
+        let new = Agent::new(
             self.fake.os(self.mounter.clone()),
             self.dirs.clone(),
             true,
             false,
         );
+        std::mem::forget(std::mem::replace(&mut self.agent, new));
     }
 
     fn spec(&self, args: &[&str], terminal: bool) -> oci::Spec {
@@ -360,7 +362,7 @@ async fn streams_carry_output_input_and_end_of_stream() {
 }
 
 #[tokio::test]
-async fn a_terminal_arrives_through_the_console_socket() {
+async fn a_terminal_takes_input_and_resizes() {
     let h = Harness::new();
     h.create_with("t1", vec![], true).await.unwrap();
     h.agent.tty_win_resize("t1", "", 30, 100).await.unwrap();
@@ -368,7 +370,9 @@ async fn a_terminal_arrives_through_the_console_socket() {
         matches!(e, AgentError::InvalidArgument(_))
     });
     h.agent.write_stdin("t1", "", b"x").await.unwrap();
-    assert!(!h.dirs.bundles.join("t1/t1.console").exists());
+    // A terminal has no stderr of its own.
+    let err = h.agent.read_stream("t1", "", Stream::Stderr, 10).await;
+    assert!(err.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -418,7 +422,49 @@ async fn the_sandbox_is_created_once_and_destroyed_with_its_containers() {
 }
 
 #[tokio::test]
-async fn a_restarted_agent_keeps_the_sandbox_and_ends_the_old_containers() {
+async fn a_restarted_agent_takes_over_the_containers_the_monitor_holds() {
+    let mut h = Harness::new();
+    h.agent
+        .create_sandbox(sandbox_sb(vec![h.ephemeral("shm")]))
+        .await
+        .unwrap();
+    h.create("old", vec![h.ephemeral("v1")]).await.unwrap();
+    h.agent.start_container("old").await.unwrap();
+    h.exec("old", "e1").await.unwrap();
+    h.create("fresh", vec![]).await.unwrap();
+    let init = h.fake.init_of("old");
+    let exec = h.agent.containers.process("old", "e1").unwrap().1.pid;
+    let [stdin, stdout, _stderr] = h.fake.take_stdio(init);
+    std::fs::File::from(stdout).write_all(b"before").unwrap();
+
+    h.restart();
+    h.agent.recover().await;
+    // Nothing was ended or released, and nothing is reported lost.
+    assert!(h.fake.is_alive(init) && h.fake.is_alive(exec));
+    assert!(h.calls_with("delete").is_empty());
+    assert!(!h.unmounted("v1"));
+    // Output written while the agent was down, input, exits and removal all work.
+    let out = h.agent.read_stream("old", "", Stream::Stdout, 100).await;
+    assert_eq!(out.unwrap(), b"before");
+    assert_eq!(h.agent.write_stdin("old", "", b"in").await.unwrap(), 2);
+    let mut got = [0u8; 2];
+    std::fs::File::from(stdin).read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"in");
+    h.fake.exit(exec, 4);
+    assert_eq!(h.agent.wait_process("old", "e1").await.unwrap(), 4);
+    // The created container is still to be started, once.
+    h.agent.start_container("fresh").await.unwrap();
+    is(h.agent.start_container("old").await, |e| {
+        matches!(e, AgentError::FailedPrecondition(_))
+    });
+    h.remove("old", 1).await.unwrap();
+    assert!(!h.fake.is_alive(init));
+    assert!(h.unmounted("v1"));
+    assert_eq!(h.calls_with("forget old *").len(), 1);
+}
+
+#[tokio::test]
+async fn a_restarted_agent_ends_the_containers_the_monitor_lost() {
     let mut h = Harness::new();
     h.agent
         .create_sandbox(sandbox_sb(vec![h.ephemeral("shm")]))
@@ -429,6 +475,7 @@ async fn a_restarted_agent_keeps_the_sandbox_and_ends_the_old_containers() {
     let init = h.fake.init_of("old");
     let holder = h.agent.sandbox.info().pidns_pid.unwrap();
 
+    h.fake.lose_monitor();
     h.restart();
     h.agent.recover().await;
     // The sandbox is alive: kept.
@@ -447,7 +494,7 @@ async fn a_restarted_agent_keeps_the_sandbox_and_ends_the_old_containers() {
     let msg = is(h.agent.wait_process("old", "").await, |e| {
         matches!(e, AgentError::NotFound(_))
     });
-    assert!(msg.contains("lost") && msg.contains("restarted"), "{msg}");
+    assert!(msg.contains("lost") && msg.contains("monitor"), "{msg}");
     // The id can be used again.
     h.create("old", vec![]).await.unwrap();
     h.agent.start_container("old").await.unwrap();
