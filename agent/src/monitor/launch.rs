@@ -94,9 +94,9 @@ pub fn raise_nofile() {
 pub fn child_main(launch: &Launch, stdio: Option<[RawFd; 3]>, result: RawFd) -> ! {
     // What the monitor set for itself must not reach the container.
     reset_inherited();
-    let mut keep = vec![result];
+    let mut keep = vec![(result, RESULT_FD)];
     if let Some(fds) = stdio {
-        keep.splice(0..0, fds);
+        keep.extend(fds.into_iter().zip(STDIO_BASE_FD..));
     }
     let outcome = place_fds(&keep)
         .context("arrange the launch's descriptors")
@@ -130,29 +130,31 @@ fn reset_inherited() {
     }
 }
 
-/// Moves `fds` to 3, 4, … in order and closes every other descriptor above 2.
-fn place_fds(fds: &[RawFd]) -> anyhow::Result<()> {
+/// Moves each `(fd, target)` to its target and closes every other descriptor above
+/// 2 but the log's.
+fn place_fds(fds: &[(RawFd, RawFd)]) -> anyhow::Result<()> {
     let mut moved = Vec::with_capacity(fds.len());
-    for fd in fds {
+    for (fd, target) in fds {
         // Above every target first, so no dup2 below clobbers a source still needed.
         // SAFETY: F_DUPFD_CLOEXEC duplicates an fd this process holds.
         let m = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 64) };
         anyhow::ensure!(m >= 0, "dup {fd}: {}", std::io::Error::last_os_error());
-        moved.push(m);
+        moved.push((m, *target));
     }
-    for (i, fd) in moved.iter().enumerate() {
-        // SAFETY: dup2 onto a small fd number; the source is open.
-        let rc = unsafe { libc::dup2(*fd, STDIO_BASE_FD + i as i32) };
+    let close = |from: RawFd, to: u32| {
+        // SAFETY: close_range closes descriptors only; none in the range is needed.
+        let rc = unsafe { libc::syscall(libc::SYS_close_range, from as u32, to, 0) };
+        anyhow::ensure!(rc == 0, "close_range: {}", std::io::Error::last_os_error());
+        Ok(())
+    };
+    close(STDIO_BASE_FD, LOG_FD as u32 - 1)?;
+    for (fd, target) in moved {
+        // SAFETY: dup2 onto a small fd number just closed; the source is open.
+        let rc = unsafe { libc::dup2(fd, target) };
         anyhow::ensure!(rc >= 0, "dup2: {}", std::io::Error::last_os_error());
     }
-    let first_free = STDIO_BASE_FD as u32 + fds.len() as u32;
-    // Everything else the monitor holds goes, except the log (closed at exec).
-    for (from, to) in [(first_free, LOG_FD as u32 - 1), (LOG_FD as u32 + 1, u32::MAX)] {
-        // SAFETY: close_range closes descriptors only; none in the range is needed.
-        let rc = unsafe { libc::syscall(libc::SYS_close_range, from, to, 0) };
-        anyhow::ensure!(rc == 0, "close_range: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
+    // The moved copies (at 64 and up) and everything else the monitor holds.
+    close(LOG_FD + 1, u32::MAX)
 }
 
 /// The seccomp profile of container `id` (state under `root`), from its bundle's spec.
