@@ -159,6 +159,27 @@ pub fn pids_mentioning(needle: &str) -> Vec<i32> {
         .collect()
 }
 
+/// joey-init's child in `pod`'s namespace sandbox running joey-agent: the container
+/// monitor (`joey-agent monitor`) when `monitor`, else the agent.
+pub fn init_child(pod: &Pod, monitor: bool) -> anyhow::Result<i32> {
+    let init = pod
+        .sandbox
+        .ns()
+        .ok_or_else(|| anyhow::anyhow!("not a namespace sandbox"))?
+        .init_pid
+        .as_raw();
+    let what = if monitor { "monitor" } else { "agent" };
+    joey_tests::process_cmdlines()
+        .into_iter()
+        .find(|(pid, cmd)| {
+            cmd.contains("joey-agent")
+                && cmd.contains(" monitor ") == monitor
+                && joey_tests::parent_pid(*pid) == Some(init)
+        })
+        .map(|(pid, _)| pid)
+        .ok_or_else(|| anyhow::anyhow!("no joey-agent {what} under the sandbox's init"))
+}
+
 /// The comm (process name) of `pid`.
 pub fn comm(pid: i32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))

@@ -1,84 +1,240 @@
-//! The agent killed and restarted by init.
+//! The agent killed (SIGKILL) and restarted by init: the containers started before
+//! live on in the monitor, and the new agent takes them over.
 
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
-use joey_shim::client::{AgentClient, RPC_TIMEOUT};
+use joey_shim::client::{AgentClient, Stream};
+use joey_shim::pod::Pod;
+use joey_shim::spec::ProcessSpec;
 use joey_tests::wait_until;
 
-use crate::common::{comm, descendants, pod, ppid, rpc_error, sh, start};
+use crate::common::{descendants, exec, init_child, pod, read_all, sh, start};
+use crate::surface::start_limited;
 
-/// A container started before the agent died is reported as lost (by name) and is
-/// killed, never left orphaned; the sandbox and a new container work afterwards.
-pub async fn agent_restart_reports_lost_containers() -> anyhow::Result<()> {
-    let mut pod = pod().await?;
-    start(&pod, "old", &sh("sleep 1000")).await?;
-    let init = pod
-        .sandbox
-        .ns()
-        .context("a namespace sandbox")?
-        .init_pid
-        .as_raw();
-    let agent_pid = descendants(init)
-        .into_iter()
-        .find(|p| ppid(*p) == Some(init) && comm(*p) == "joey-agent")
-        .context("no joey-agent under the sandbox's init")?;
-    let sleeping = || -> Vec<i32> {
-        descendants(init)
-            .into_iter()
-            .filter(|p| comm(*p) == "sleep")
-            .collect()
-    };
-    wait_until(
-        "the container's sleep to run",
-        Duration::from_secs(10),
-        || sleeping().len() == 1,
-    )
-    .await?;
-    let sleeps_before = sleeping();
+/// What `seq 1 N` prints.
+fn seq(n: u32) -> Vec<u8> {
+    (1..=n).map(|i| format!("{i}\n")).collect::<String>().into_bytes()
+}
+
+/// Kills the sandbox's agent with SIGKILL and connects to the one init starts next.
+async fn kill_agent(pod: &mut Pod) -> anyhow::Result<()> {
+    let old = init_child(pod, false)?;
+    let monitor = init_child(pod, true)?;
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent_pid),
+        nix::unistd::Pid::from_raw(old),
         nix::sys::signal::Signal::SIGKILL,
     )?;
-
-    let client =
-        AgentClient::connect_ready(&pod.sandbox.agent_addr(), Duration::from_secs(20)).await?;
-    let new_agent = descendants(init)
-        .into_iter()
-        .find(|p| ppid(*p) == Some(init) && comm(*p) == "joey-agent")
-        .context("init did not restart the agent")?;
-    ensure!(new_agent != agent_pid, "the same agent pid answered");
-
-    let wait = tokio::time::timeout(RPC_TIMEOUT, client.wait_process("old", "")).await?;
-    let (_, msg) = rpc_error(wait)?;
+    wait_until("the killed agent to be gone", Duration::from_secs(10), || {
+        init_child(pod, false).map_or(true, |p| p != old)
+    })
+    .await?;
+    pod.client = AgentClient::connect_ready(&pod.sandbox.agent_addr(), Duration::from_secs(20))
+        .await
+        .context("the restarted agent")?;
+    ensure!(init_child(pod, false)? != old, "the same agent pid answered");
     ensure!(
-        msg.contains("old") && msg.contains("lost"),
-        "WaitProcess on the lost container: {msg}"
+        init_child(pod, true)? == monitor,
+        "the monitor did not outlive the agent"
     );
-    wait_until(
-        "the lost container's process to be gone",
-        Duration::from_secs(10),
-        || {
-            sleeps_before.iter().all(|p| {
-                !std::path::Path::new(&format!("/proc/{p}")).exists() || comm(*p) != "sleep"
-            })
-        },
+    Ok(())
+}
+
+/// Reads `cid`/`eid`'s `stream` until `want` bytes came (or it ended).
+async fn read_n(pod: &Pod, cid: &str, eid: &str, stream: Stream, want: usize) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    while out.len() < want {
+        let chunk = tokio::time::timeout(
+            Duration::from_secs(20),
+            pod.client.read_stream(cid, eid, stream, (want - out.len()) as u32),
+        )
+        .await
+        .with_context(|| format!("no output from {cid}/{eid} within 20 s"))??;
+        if chunk.is_empty() {
+            break;
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+/// Reads a terminal's output until it contains `needle`; returns all it read.
+async fn read_until(pod: &Pod, cid: &str, eid: &str, needle: &str) -> anyhow::Result<String> {
+    let mut out = String::new();
+    while !out.contains(needle) {
+        let chunk = tokio::time::timeout(
+            Duration::from_secs(20),
+            pod.client.read_stream(cid, eid, Stream::Stdout, 4096),
+        )
+        .await
+        .with_context(|| format!("{cid}/{eid} printed no {needle:?} within 20 s: {out:?}"))??;
+        ensure!(!chunk.is_empty(), "{cid}/{eid} ended before {needle:?}: {out:?}");
+        out.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    Ok(out)
+}
+
+/// Pipes, killed mid-stream and mid-exec: a container writing 1 MiB while the agent
+/// is down loses no byte, an exec started before takes input and reports its code,
+/// an exec killed while the agent was down reports 143, and StatsContainer, pause,
+/// resume, OOM events, SignalProcess and RemoveContainer work on the old containers.
+pub async fn pipes_survive_an_agent_restart() -> anyhow::Result<()> {
+    const N: u32 = 200_000;
+    let mut pod = pod().await?;
+    let want = seq(N);
+    ensure!(want.len() > 1 << 20, "the stream is under 1 MiB");
+    start(&pod, "w", &sh(&format!("seq 1 {N}; echo done >&2; exit 5"))).await?;
+    start(&pod, "idle", &sh("exec sleep 1000")).await?;
+    start_limited(&pod, "m", "read go; a=0123456789abcdef; while :; do a=\"$a$a\"; done", 16 << 20)
+        .await?;
+    exec(&pod, "idle", "e1", &sh("read x; echo \"got $x\"; exit 7")).await?;
+    exec(&pod, "idle", "e2", &ProcessSpec {
+        args: vec!["sleep".into(), "1001".into()],
+        ..Default::default()
+    })
+    .await?;
+    let head = read_n(&pod, "w", "", Stream::Stdout, 100 << 10).await?;
+
+    kill_agent(&mut pod).await?;
+    // e2 ends while nobody asks: its exit waits in the monitor.
+    let init = pod.sandbox.ns().context("a namespace sandbox")?.init_pid.as_raw();
+    let find_e2 = || {
+        let sleeps: Vec<i32> = joey_tests::process_cmdlines()
+            .into_iter()
+            .filter(|(_, c)| c.trim() == "sleep 1001")
+            .map(|(p, _)| p)
+            .collect();
+        descendants(init).into_iter().find(|p| sleeps.contains(p))
+    };
+    wait_until("exec e2's sleep to run", Duration::from_secs(10), || find_e2().is_some()).await?;
+    let e2 = find_e2().context("no sleep 1001 in the sandbox")?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(e2), nix::sys::signal::Signal::SIGTERM)?;
+
+    let rest = read_all(&pod, "w", "", false).await?;
+    let mut all = head.clone();
+    all.extend_from_slice(&rest);
+    ensure!(
+        all == want,
+        "the stream across the restart: {} bytes before, {} after, {} wanted; equal: {}",
+        head.len(),
+        rest.len(),
+        want.len(),
+        all.len() == want.len()
+    );
+    ensure!(read_all(&pod, "w", "", true).await? == b"done\n", "stderr of w");
+    ensure!(pod.wait_process("w", "").await? == 5, "exit code of w");
+
+    pod.client.write_stdin("idle", "e1", b"hello\n").await?;
+    pod.client.close_stdin("idle", "e1").await?;
+    let out = read_all(&pod, "idle", "e1", false).await?;
+    ensure!(out == b"got hello\n", "e1 printed {:?}", String::from_utf8_lossy(&out));
+    ensure!(pod.wait_process("idle", "e1").await? == 7, "exit code of e1");
+    ensure!(pod.wait_process("idle", "e2").await? == 143, "exit code of e2");
+
+    let stats = pod.client.stats_container("idle").await?;
+    ensure!(stats.cgroup_stats.is_some(), "no cgroup stats after the restart");
+    pod.client.pause_container("idle").await?;
+    pod.client.resume_container("idle").await?;
+    // OOM watches are taken over too.
+    pod.client.write_stdin("m", "", b"go\n").await?;
+    let status = tokio::time::timeout(Duration::from_secs(60), pod.wait_process("m", ""))
+        .await
+        .context("the memory hog was not killed within 60 s")??;
+    ensure!(status == 137, "m: status {status}, want 137");
+    let oom = pod.client.get_oom_event(Some(Duration::from_secs(10))).await?;
+    ensure!(oom == "m", "OOM event {oom:?}");
+
+    pod.client.signal_process("idle", "", 9).await?;
+    ensure!(pod.wait_process("idle", "").await? == 137, "idle after SIGKILL");
+    for cid in ["w", "idle", "m"] {
+        pod.remove_container(cid).await?;
+    }
+    for h in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
+        let cg = h.path().join("joey").join(pod.sandbox.id()).join("idle");
+        ensure!(!cg.exists(), "cgroup {} left behind", cg.display());
+    }
+    ensure!(pod.destroy().await? == 0);
+    Ok(())
+}
+
+/// Terminals, killed mid-stream and mid-exec: the container's and an exec's terminal
+/// carry on (continuous output, input, resize) and report their codes.
+pub async fn terminals_survive_an_agent_restart() -> anyhow::Result<()> {
+    const N: u32 = 30_000;
+    let mut pod = pod().await?;
+    let tty = |script: &str| ProcessSpec {
+        terminal: true,
+        ..sh(script)
+    };
+    start(
+        &pod,
+        "t",
+        &tty(&format!("stty -echo; echo ready; read go; seq 1 {N}; read x; echo \"got $x\"; stty size; exit 4")),
     )
     .await?;
+    exec(&pod, "t", "te", &tty("stty -echo; echo ready; read y; echo \"exec $y\"; exit 6")).await?;
+    read_until(&pod, "t", "te", "ready").await?;
+    let mut seen = read_until(&pod, "t", "", "ready").await?;
+    pod.client.write_stdin("t", "", b"go\n").await?;
+    seen.push_str(&String::from_utf8_lossy(
+        &read_n(&pod, "t", "", Stream::Stdout, 20 << 10).await?,
+    ));
 
-    // Recovery ran before the new agent answered: the lost container's cgroup is gone.
-    for h in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
-        let cg = h.path().join("joey").join(pod.sandbox.id()).join("old");
-        ensure!(
-            !cg.exists(),
-            "cgroup {} of the lost container was left behind",
-            cg.display()
-        );
+    kill_agent(&mut pod).await?;
+    pod.client.resize_tty("t", "", 30, 100).await?;
+    pod.client.resize_tty("t", "te", 40, 120).await?;
+    let want = String::from_utf8(seq(N))?;
+    while seen.replace("\r\n", "\n").len() < "ready\n".len() + want.len() {
+        let read = pod.client.read_stream("t", "", Stream::Stdout, 64 << 10);
+        let chunk = tokio::time::timeout(Duration::from_secs(20), read)
+            .await
+            .with_context(|| format!("t's output stopped after {} bytes", seen.len()))??;
+        ensure!(!chunk.is_empty(), "the terminal ended early");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
     }
-    pod.client = client;
-    start(&pod, "new", &sh("echo alive")).await?;
-    ensure!(pod.wait_process("new", "").await? == 0);
-    pod.remove_container("new").await?;
+    let text = seen.replace("\r\n", "\n");
+    ensure!(
+        text.strip_prefix("ready\n") == Some(want.as_str()),
+        "the terminal's output across the restart is not continuous ({} bytes)",
+        text.len()
+    );
+    // The exec first: it dies with the container's init.
+    pod.client.write_stdin("t", "te", b"y1\n").await?;
+    let out = read_until(&pod, "t", "te", "exec y1").await?;
+    ensure!(!out.contains("y1\r\ny1"), "the exec's terminal echoed: {out:?}");
+    ensure!(pod.wait_process("t", "te").await? == 6, "exit code of te");
+    pod.client.write_stdin("t", "", b"x1\n").await?;
+    let tail = read_until(&pod, "t", "", "30 100").await?;
+    ensure!(tail.contains("got x1"), "t printed {tail:?}");
+    ensure!(pod.wait_process("t", "").await? == 4, "exit code of t");
+    pod.remove_container("t").await?;
     ensure!(pod.destroy().await? == 0);
+    Ok(())
+}
+
+/// The monitor is protected as docs/monitor.md says: if it dies, the sandbox ends
+/// (init exits, nothing is left running).
+pub async fn the_sandbox_ends_when_the_monitor_dies() -> anyhow::Result<()> {
+    let mut pod = pod().await?;
+    start(&pod, "c", &sh("exec sleep 1000")).await?;
+    let init = pod.sandbox.ns().context("a namespace sandbox")?.init_pid.as_raw();
+    let before = descendants(init);
+    let monitor = init_child(&pod, true)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(monitor),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let code = pod
+        .sandbox
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .context("the sandbox did not end after its monitor died")?;
+    ensure!(code != 0, "init exited {code} after the monitor died");
+    wait_until("every process of the sandbox to be gone", Duration::from_secs(10), || {
+        before
+            .iter()
+            .all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+    })
+    .await?;
     Ok(())
 }

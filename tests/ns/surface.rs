@@ -18,7 +18,7 @@ use crate::common::{config, create, exec, pod, read_all, sh, start};
 const KATA_ROOT: &str = "/run/kata-containers/shared/containers/";
 
 /// Starts container `cid` running `script` with a memory limit.
-async fn start_limited(pod: &Pod, cid: &str, script: &str, limit: i64) -> anyhow::Result<()> {
+pub async fn start_limited(pod: &Pod, cid: &str, script: &str, limit: i64) -> anyhow::Result<()> {
     let mut c = config(pod, cid, &sh(script));
     let mut linux = c.spec.Linux.take().unwrap_or_default();
     linux.Resources = Some(memory(limit)).into();

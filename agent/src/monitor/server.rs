@@ -166,7 +166,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         anyhow::bail!("become a child subreaper: {}", std::io::Error::last_os_error());
     }
     if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
-        warn!("monitor: cannot lower its OOM score: {e}");
+        info!("monitor: cannot lower its OOM score (it keeps its own): {e}");
     }
     super::launch::raise_nofile();
     let mut server = Server::new(&listen)?;
@@ -426,7 +426,7 @@ impl Server {
                 Ok(_) => return,
                 Err(Errno::EAGAIN) => {}
                 Err(e) => {
-                    debug!("monitor: send to the agent: {e}");
+                    warn!("monitor: send to the agent: {e}");
                     return;
                 }
             }
