@@ -76,8 +76,19 @@ fn main() {
     }
     init_logging();
     let args = Args::parse();
+    // Two malloc arenas at most: a burst of RPCs on many threads would otherwise leave
+    // memory spread over one arena per thread.
+    // SAFETY: mallopt only sets an allocator parameter; no allocation runs concurrently
+    // (the process is still single-threaded).
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // Blocking work (libcontainer, mounts) queues beyond this many threads rather
+        // than start a thread per request in a burst.
+        .max_blocking_threads(8)
         .enable_all()
         .build()
     {
