@@ -401,13 +401,6 @@ impl Containers {
     /// ended with it: only what is left is released, and no pid from the old state is
     /// signalled. Returns the containers taken over.
     pub async fn recover(&self, sandbox_alive: bool) -> Vec<Arc<Container>> {
-        let held = match sandbox_alive {
-            true => self.os.monitor.list().await.unwrap_or_else(|e| {
-                warn!("cannot list the monitor's processes: {e:#}");
-                Vec::new()
-            }),
-            false => Vec::new(),
-        };
         let ids: BTreeSet<String> = self
             .os
             .runtime
@@ -415,6 +408,15 @@ impl Containers {
             .into_iter()
             .chain(dir_names(&self.dirs.bundles))
             .collect();
+        // A fresh sandbox has nothing to take over: the monitor is not asked (nor
+        // waited for).
+        let held = match sandbox_alive && !ids.is_empty() {
+            true => self.os.monitor.list().await.unwrap_or_else(|e| {
+                warn!("cannot list the monitor's processes: {e:#}");
+                Vec::new()
+            }),
+            false => Vec::new(),
+        };
         let mut adopted = Vec::new();
         for id in ids {
             let res = Resources::load(self.dirs.bundles.join(&id));

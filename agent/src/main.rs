@@ -139,7 +139,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         Some(path) => PathBuf::from(path),
         None => monitor::client::spawn_own(&state_dir)?,
     };
-    let monitor = monitor::client::MonitorClient::connect(&monitor_socket).await?;
+    let monitor = monitor::client::MonitorClient::new(monitor_socket);
     let os = os::Os {
         runtime: Arc::new(runtime::Libcontainer::new(dirs.containers.clone())),
         sys: Arc::new(os::Linux),

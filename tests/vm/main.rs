@@ -4,6 +4,7 @@
 //! QEMU, vhost-device-vsock and the artifacts in images/out (see README).
 
 mod nydus;
+mod restart;
 mod surface;
 mod testguest;
 mod vm;
@@ -184,6 +185,7 @@ fn main() {
         nydus::joeyctl_runs_a_nydus_image_in_a_vm,
         nydus::a_dead_image_service_ends_the_vm,
         surface::the_agent_surface_in_a_vm,
+        restart::containers_survive_an_agent_restart_in_a_vm,
     ];
     // joey-vmm's own KVM boot needs /dev/kvm: a property of the machine, skipped (with
     // its reason) even in strict mode where it lacks one.

@@ -1,5 +1,6 @@
 //! The agent's side of the monitor: one connection, any number of requests in flight
-//! (each with a tag; a reader task hands each reply to its caller).
+//! (each with a tag; a reader task hands each reply to its caller). It connects on
+//! first use, so the agent answers Check without waiting for the monitor to start.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -30,7 +31,8 @@ const MAX_CONCURRENT_LAUNCHES: usize = 8;
 type Pending = Mutex<HashMap<u64, oneshot::Sender<(Body, Vec<u8>)>>>;
 
 pub struct MonitorClient {
-    fd: Arc<AsyncFd<OwnedFd>>,
+    path: PathBuf,
+    fd: tokio::sync::OnceCell<Arc<AsyncFd<OwnedFd>>>,
     next: AtomicU64,
     pending: Arc<Pending>,
     launches: tokio::sync::Semaphore,
@@ -54,47 +56,36 @@ pub fn spawn_own(state_dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 impl MonitorClient {
-    /// Connects to the monitor at `path` (retrying while it starts) and starts the
-    /// task that reads its replies.
-    pub async fn connect(path: &Path) -> anyhow::Result<Arc<Self>> {
-        let started = Instant::now();
-        let fd = loop {
-            let fd = socket::socket(
-                AddressFamily::Unix,
-                SockType::SeqPacket,
-                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-                None,
-            )
-            .context("create a socket")?;
-            match socket::connect(fd.as_raw_fd(), &UnixAddr::new(path)?) {
-                Ok(()) => break fd,
-                Err(Errno::ENOENT | Errno::ECONNREFUSED) if started.elapsed() < CONNECT_FOR => {
-                    tokio::time::sleep(Duration::from_millis(1)).await
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| format!("connect to the monitor {}", path.display()))
-                }
-            }
-        };
-        // SAFETY: `fd` is an owned, connected, non-blocking socket; the AsyncFd takes it
-        // over and nothing reads, writes or closes it behind tokio's back.
-        let fd = unsafe { AsyncFd::register(fd) }.context("register the monitor's socket")?;
-        let fd = Arc::new(fd);
-        let pending: Arc<Pending> = Arc::default();
-        let client = Arc::new(MonitorClient {
-            fd: fd.clone(),
+    /// A client of the monitor at `path`; it connects on first use.
+    pub fn new(path: PathBuf) -> Arc<Self> {
+        Arc::new(MonitorClient {
+            path,
+            fd: tokio::sync::OnceCell::new(),
             next: AtomicU64::new(1),
-            pending: pending.clone(),
+            pending: Arc::default(),
             launches: tokio::sync::Semaphore::new(MAX_CONCURRENT_LAUNCHES),
-        });
-        tokio::spawn(async move {
-            if let Err(e) = read_replies(&fd, &pending).await {
-                error!("the monitor's connection failed: {e:#}");
-            }
-            // Callers still waiting get an error rather than hanging.
-            pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        });
-        Ok(client)
+        })
+    }
+
+    /// The connection, made (retrying while the monitor starts) with the task that
+    /// reads its replies on first use.
+    async fn fd(&self) -> anyhow::Result<&Arc<AsyncFd<OwnedFd>>> {
+        self.fd
+            .get_or_try_init(|| async {
+                let fd = connect(&self.path).await?;
+                let reader = (fd.clone(), self.pending.clone());
+                tokio::spawn(async move {
+                    let (fd, pending) = reader;
+                    if let Err(e) = read_replies(&fd, &pending).await {
+                        error!("the monitor's connection failed: {e:#}");
+                    }
+                    // Callers still waiting get an error rather than hanging.
+                    pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                });
+                info!(socket = %self.path.display(), "connected to the monitor");
+                Ok(fd)
+            })
+            .await
     }
 
     async fn call(&self, op: Op, data: &[u8]) -> anyhow::Result<(Body, Vec<u8>)> {
@@ -120,8 +111,9 @@ impl MonitorClient {
     }
 
     async fn send(&self, msg: &[u8]) -> anyhow::Result<()> {
+        let fd = self.fd().await?;
         loop {
-            let mut guard = self.fd.writable().await?;
+            let mut guard = fd.writable().await?;
             match guard.try_io(|fd| {
                 socket::send(fd.get_ref().as_raw_fd(), msg, MsgFlags::MSG_DONTWAIT)
                     .map_err(std::io::Error::from)
@@ -136,6 +128,33 @@ impl MonitorClient {
         match self.call(op, &[]).await?.0 {
             Body::Done => Ok(()),
             other => anyhow::bail!("the monitor answered {other:?}"),
+        }
+    }
+}
+
+async fn connect(path: &Path) -> anyhow::Result<Arc<AsyncFd<OwnedFd>>> {
+    let started = Instant::now();
+    loop {
+        let fd = socket::socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .context("create a socket")?;
+        match socket::connect(fd.as_raw_fd(), &UnixAddr::new(path)?) {
+            Ok(()) => {
+                // SAFETY: `fd` is an owned, connected, non-blocking socket; the AsyncFd
+                // takes it over and nothing reads, writes or closes it behind tokio's back.
+                let fd = unsafe { AsyncFd::register(fd) }.context("register the monitor's socket")?;
+                return Ok(Arc::new(fd));
+            }
+            Err(Errno::ENOENT | Errno::ECONNREFUSED) if started.elapsed() < CONNECT_FOR => {
+                tokio::time::sleep(Duration::from_millis(1)).await
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("connect to the monitor {}", path.display()))
+            }
         }
     }
 }
@@ -238,13 +257,17 @@ impl Monitor for MonitorClient {
             cid: cid.to_string(),
             eid: eid.map(str::to_string),
         };
-        // No reply is awaited: a tag nobody waits for is dropped by the reader.
+        // No reply is awaited: a tag nobody waits for is dropped by the reader. Without
+        // a connection there is nothing of this agent's to forget.
+        let Some(fd) = self.fd.get() else {
+            return;
+        };
         let tag = self.next.fetch_add(1, Ordering::Relaxed);
         let msg = encode(&Request { tag, op }, &[]);
-        match socket::send(self.fd.get_ref().as_raw_fd(), &msg, MsgFlags::MSG_DONTWAIT) {
+        match socket::send(fd.get_ref().as_raw_fd(), &msg, MsgFlags::MSG_DONTWAIT) {
             Ok(_) => {}
             Err(Errno::EAGAIN) => {
-                let fd = self.fd.clone();
+                let fd = fd.clone();
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {
                     rt.spawn(async move {
                         loop {

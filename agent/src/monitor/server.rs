@@ -181,12 +181,15 @@ fn errno_io(e: Errno) -> std::io::Error {
 impl Server {
     fn new(path: &Path) -> anyhow::Result<Self> {
         use nix::sys::signal::{signal, SigHandler};
-        for sig in [Signal::SIGPIPE, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        for sig in [Signal::SIGPIPE, Signal::SIGINT, Signal::SIGHUP] {
             // SAFETY: ignoring a signal installs no handler.
             unsafe { signal(sig, SigHandler::SigIgn) }.context("ignore a signal")?;
         }
+        // SIGTERM ends the monitor only when its parent (init, ending the sandbox) sends
+        // it; from anyone else it is ignored (see `reap`).
         let mut mask = SigSet::empty();
         mask.add(Signal::SIGCHLD);
+        mask.add(Signal::SIGTERM);
         mask.thread_block().context("block SIGCHLD")?;
         let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
             .context("signalfd")?;
@@ -740,7 +743,15 @@ impl Server {
     // ---- exits -----------------------------------------------------------------
 
     fn reap(&mut self) {
-        while let Ok(Some(_)) = self.signals.read_signal() {}
+        while let Ok(Some(info)) = self.signals.read_signal() {
+            if info.ssi_signo == Signal::SIGTERM as u32 {
+                if info.ssi_pid as i32 == nix::unistd::getppid().as_raw() {
+                    info!("monitor: SIGTERM from its parent: the sandbox ends");
+                    std::process::exit(0);
+                }
+                warn!(from = info.ssi_pid, "monitor: ignoring SIGTERM");
+            }
+        }
         loop {
             let (pid, status) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => (pid.as_raw(), code),

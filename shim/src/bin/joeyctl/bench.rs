@@ -181,3 +181,11 @@ pub fn ms(d: Duration) -> f64 {
 pub fn median_ms(v: Vec<Duration>) -> f64 {
     median(v.into_iter().map(ms).collect())
 }
+
+/// The median, the smallest and the largest of durations, in milliseconds.
+pub fn spread_ms(v: &[Duration]) -> (f64, f64, f64) {
+    let all: Vec<f64> = v.iter().copied().map(ms).collect();
+    let lo = all.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = all.iter().copied().fold(0.0, f64::max);
+    (median(all), lo, hi)
+}

@@ -7,13 +7,19 @@
 //!   Check answered (init stamps its start on CLOCK_MONOTONIC, the host's clock too),
 //!   and CreateSandbox on its own;
 //! - `container`: CreateContainer + StartContainer + WaitProcess + RemoveContainer of
-//!   `/bin/true` through the agent (includes the launcher re-exec);
-//! - `crun`: `crun run` of `/bin/true` on the same rootfs (crun refuses these hybrid
-//!   cgroup hosts, so it runs in a private mount namespace with a cgroup2-only
-//!   /sys/fs/cgroup and its cgroup manager disabled);
-//! - `launcher_exec`: spawning `joey-agent launch` until it exits (the re-exec cost the
-//!   single-threaded launcher adds to every create and exec);
+//!   `/bin/true` through the agent (the monitor forks to launch it);
+//! - `crun`: `crun run` of `/bin/true` on the same rootfs and the same spec (no
+//!   seccomp on either side; crun refuses these hybrid cgroup hosts, so it runs in a
+//!   private mount namespace with a cgroup2-only /sys/fs/cgroup and its cgroup manager
+//!   disabled: it makes no cgroup);
+//! - `cgroup_setup`: what joey's container pays for its cgroup and crun does not:
+//!   the container's cgroup made in every hierarchy libcontainer uses here, a process
+//!   moved into it, and the cgroup removed, done by the benchmark itself the way
+//!   libcontainer's v1 manager does (mkdir, cpuset copied from the parent, a pid
+//!   written to `cgroup.procs`, rmdir); the ratio subtracts it from joey's total;
 //! - `run`: a whole `joeyctl run`-equivalent (sandbox, container, teardown).
+//!
+//! joey and crun alternate, iteration by iteration; the spread (min–max) is printed.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -28,7 +34,7 @@ use joey_shim::nssandbox::{NsOptions, NsSandbox};
 use joey_shim::pod::{Pod, Sandbox, AGENT_READY_DEADLINE};
 use joey_shim::spec::ProcessSpec;
 
-use super::median_ms;
+use super::spread_ms;
 
 fn true_process() -> ProcessSpec {
     ProcessSpec {
@@ -37,16 +43,21 @@ fn true_process() -> ProcessSpec {
     }
 }
 
-async fn container_once(pod: &Pod, cid: &str, rootfs: &Path) -> anyhow::Result<Duration> {
+/// A container's RPCs, each timed: create, start, wait, remove.
+async fn container_once(pod: &Pod, cid: &str, rootfs: &Path) -> anyhow::Result<[Duration; 4]> {
     let t = Instant::now();
     pod.create_container(cid, rootfs, &true_process()).await?;
+    let created = t.elapsed();
     pod.start_container(cid).await?;
+    let started = t.elapsed();
     let status = pod.wait_process(cid, cid).await?;
+    let waited = t.elapsed();
     pod.remove_container(cid).await?;
+    let removed = t.elapsed();
     if status != 0 {
         bail!("/bin/true exited {status}");
     }
-    Ok(t.elapsed())
+    Ok([created, started - created, waited - started, removed - waited])
 }
 
 /// A crun bundle for `/bin/true` on `rootfs`, made from `crun spec`.
@@ -108,22 +119,74 @@ fn crun_once(bundle: &Path, id: &str) -> anyhow::Result<Duration> {
     Ok(elapsed)
 }
 
-fn launcher_once(agent: &Path) -> anyhow::Result<Duration> {
-    let t = Instant::now();
-    // An empty request: the launcher starts, fails to parse it and exits.
-    let out = Command::new(agent)
-        .arg("launch")
-        .env(joey_protocols::contract::LOG_ENV, "off")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .output()
-        .context("run joey-agent launch")?;
-    let elapsed = t.elapsed();
-    if !String::from_utf8_lossy(&out.stdout).contains("err") {
-        bail!("joey-agent launch did not answer with an error reply");
+/// The v1 hierarchies (mount directories under /sys/fs/cgroup) libcontainer puts a
+/// container into on this host: every controller this process is in that its v1
+/// manager supports.
+fn v1_hierarchies() -> anyhow::Result<Vec<PathBuf>> {
+    const SUPPORTED: [&str; 8] = [
+        "cpu", "cpuacct", "cpuset", "devices", "memory", "pids", "blkio", "freezer",
+    ];
+    let text = std::fs::read_to_string("/proc/self/cgroup")?;
+    let mut dirs = Vec::new();
+    for line in text.lines() {
+        let mut f = line.splitn(3, ':');
+        let (_, ctrls) = (f.next(), f.next().unwrap_or(""));
+        if ctrls.split(',').any(|c| SUPPORTED.contains(&c)) {
+            let dir = Path::new("/sys/fs/cgroup").join(ctrls);
+            if dir.is_dir() {
+                dirs.push(dir);
+            }
+        }
     }
-    Ok(elapsed)
+    if dirs.is_empty() {
+        bail!("no cgroup v1 hierarchy here (bench --ns measures cgroup setup on v1 hosts)");
+    }
+    Ok(dirs)
+}
+
+/// One container cgroup's setup and removal, as joey's runtime does it (see the
+/// module's `cgroup_setup`): timed from the first mkdir to the last rmdir, without
+/// the helper process's start and end.
+fn cgroup_setup_once(hierarchies: &[PathBuf], rel: &Path) -> anyhow::Result<Duration> {
+    let mut child = Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .context("start a process to move into the cgroup")?;
+    let pid = child.id().to_string();
+    let t = Instant::now();
+    let setup = (|| -> anyhow::Result<()> {
+        for h in hierarchies {
+            let dir = h.join(rel);
+            std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+            if h.join("cpuset.cpus").exists() {
+                // A new cpuset is empty until given its parent's cpus and mems, from
+                // the top down.
+                let mut levels: Vec<&Path> = rel.ancestors().collect();
+                levels.reverse();
+                for level in levels.iter().filter(|p| !p.as_os_str().is_empty()) {
+                    for f in ["cpuset.cpus", "cpuset.mems"] {
+                        std::fs::write(h.join(level).join(f), std::fs::read(h.join(f))?)?;
+                    }
+                }
+            }
+            std::fs::write(dir.join("cgroup.procs"), &pid)
+                .with_context(|| format!("join {}", dir.display()))?;
+        }
+        Ok(())
+    })();
+    let joined = t.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    let t = Instant::now();
+    for h in hierarchies {
+        // Not the shared top (`joey`), as the agent does not remove it either.
+        for dir in rel.ancestors().filter(|p| p.components().count() >= 2) {
+            let _ = std::fs::remove_dir(h.join(dir));
+        }
+    }
+    let removed = t.elapsed();
+    setup?;
+    Ok(joined + removed)
 }
 
 /// A sandbox start's phases.
@@ -186,8 +249,9 @@ pub async fn bench_ns(bins: &Binaries, opts: &BenchOptions) -> anyhow::Result<()
         .canonicalize()
         .with_context(|| format!("rootfs {}", opts.rootfs.display()))?;
     let n = opts.iterations.max(1);
-    let (mut ready, mut container, mut crun, mut launcher, mut run) =
+    let (mut ready, mut container, mut crun, mut cgroup, mut run) =
         (vec![], vec![], vec![], vec![], vec![]);
+    let mut phases: [Vec<Duration>; 4] = Default::default();
     let (mut clone_check, mut init_check, mut create_sandbox) = (vec![], vec![], vec![]);
     // The peer is measured in the same run, or there is no ratio to print.
     if joey_shim::binaries::which("crun").is_none() {
@@ -195,17 +259,24 @@ pub async fn bench_ns(bins: &Binaries, opts: &BenchOptions) -> anyhow::Result<()
             "bench --ns needs crun, its peer: apt-get install crun (bash scripts/install-deps installs it)"
         );
     }
+    let hierarchies = v1_hierarchies()?;
     let crun_dir = std::env::temp_dir().join(format!("joey-bench-crun-{}", std::process::id()));
     let result = async {
         crun_bundle(&rootfs, &crun_dir).context("make the crun peer's bundle")?;
         let pod = Pod::start_ns(bins, &NsOptions::default()).await?;
+        let cg = format!("joey/bench-{}", std::process::id());
         for i in 0..n {
-            container.push(container_once(&pod, &format!("b{i}"), &rootfs).await?);
+            let rpcs = container_once(&pod, &format!("b{i}"), &rootfs).await?;
+            container.push(rpcs.iter().sum());
+            for (all, one) in phases.iter_mut().zip(rpcs) {
+                all.push(one);
+            }
             crun.push(crun_once(
                 &crun_dir,
                 &format!("joey-bench-{}-{i}", std::process::id()),
             )?);
-            launcher.push(launcher_once(&bins.agent)?);
+            let rel = PathBuf::from(format!("{cg}/c{i}"));
+            cgroup.push(cgroup_setup_once(&hierarchies, &rel).context("time a cgroup's setup")?);
         }
         pod.destroy().await?;
         for i in 0..n {
@@ -224,32 +295,32 @@ pub async fn bench_ns(bins: &Binaries, opts: &BenchOptions) -> anyhow::Result<()
     .await;
     let _ = std::fs::remove_dir_all(&crun_dir);
     result?;
-    let (ready, container, crun, launcher, run) = (
-        median_ms(ready),
-        median_ms(container),
-        median_ms(crun),
-        median_ms(launcher),
-        median_ms(run),
-    );
-    let (clone_check, init_check, create_sandbox) = (
-        median_ms(clone_check),
-        median_ms(init_check),
-        median_ms(create_sandbox),
-    );
+    let line = |what: &str, v: &[Duration]| {
+        let (m, lo, hi) = spread_ms(v);
+        println!("  {what:<42} {m:8.2} ms  ({lo:.2}–{hi:.2})");
+        m
+    };
     println!(
-        "joey namespace-sandbox benchmark, medians over {n} iterations (/bin/true, busybox rootfs)"
+        "joey namespace-sandbox benchmark, medians (min–max) over {n} iterations (/bin/true, busybox rootfs, no seccomp on either side)"
     );
-    println!("  sandbox ready (init + agent answering)  {ready:8.2} ms");
-    println!("    clone() -> Check answered             {clone_check:8.2} ms");
-    println!("    joey-init exec -> Check answered      {init_check:8.2} ms");
-    println!("    CreateSandbox                         {create_sandbox:8.2} ms");
-    println!("  container create+start+wait+remove      {container:8.2} ms");
-    println!("  crun run (peer, same rootfs)            {crun:8.2} ms");
-    println!("  launcher re-exec (part of each create)  {launcher:8.2} ms");
-    println!("  whole run (sandbox + container + end)   {run:8.2} ms");
+    let ready = line("sandbox ready (init + agent answering)", &ready);
+    let clone_check = line("  clone() -> Check answered", &clone_check);
+    let init_check = line("  joey-init exec -> Check answered", &init_check);
+    let create_sandbox = line("  CreateSandbox", &create_sandbox);
+    let joey = line("container create+start+wait+remove", &container);
+    for (what, v) in ["CreateContainer", "StartContainer", "WaitProcess", "RemoveContainer"]
+        .iter()
+        .zip(&phases)
+    {
+        line(&format!("  {what}"), v);
+    }
+    let cgroup = line("  of it, cgroup setup (timed apart)", &cgroup);
+    let crun = line("crun run (peer, same rootfs, no cgroup)", &crun);
+    let run = line("whole run (sandbox + container + end)", &run);
+    let ratio = (joey - cgroup) / crun;
+    println!("  (container - cgroup setup) / crun        {ratio:8.2}");
     println!(
-        "bench-ns: iterations={n} sandbox_ready_ms={ready:.2} clone_to_check_ms={clone_check:.2} init_to_check_ms={init_check:.2} create_sandbox_ms={create_sandbox:.2} container_ms={container:.2} crun_ms={crun:.2} container_vs_crun={:.2} launcher_exec_ms={launcher:.2} run_ms={run:.2}",
-        container / crun
+        "bench-ns: iterations={n} sandbox_ready_ms={ready:.2} clone_to_check_ms={clone_check:.2} init_to_check_ms={init_check:.2} create_sandbox_ms={create_sandbox:.2} container_ms={joey:.2} cgroup_setup_ms={cgroup:.2} crun_ms={crun:.2} container_vs_crun={ratio:.2} run_ms={run:.2}"
     );
     Ok(())
 }
