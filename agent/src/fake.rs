@@ -432,6 +432,10 @@ impl Monitor for FakeOs {
             .retain(|(c, e), _| c != cid || eid.is_some_and(|x| x != e));
     }
 
+    async fn pid(&self) -> anyhow::Result<i32> {
+        anyhow::bail!("the fake monitor is no process")
+    }
+
     async fn list(&self) -> anyhow::Result<Vec<Entry>> {
         let st = self.st();
         Ok(st

@@ -151,7 +151,7 @@ agent_service! {
 
     async fn get_metrics(&self, _ctx: &TtrpcContext, _req: agent::GetMetricsRequest) -> ttrpc::Result<agent::Metrics> {
         let mut r = agent::Metrics::new();
-        r.metrics = self.agent.metrics();
+        r.metrics = self.agent.metrics().await;
         Ok(r)
     }
 

@@ -284,7 +284,7 @@ pub async fn metrics_volume_stats_and_ephemeral_mounts() -> anyhow::Result<()> {
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
     ensure!(samples >= 8 && rss > 1e6, "metrics:\n{text}");
-    for p in ["init", "agent"] {
+    for p in ["init", "agent", "monitor"] {
         let key = format!("joey_process_pss_bytes{{process=\"{p}\"}} ");
         let pss = text
             .lines()

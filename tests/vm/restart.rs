@@ -66,6 +66,11 @@ pub async fn containers_survive_an_agent_restart_in_a_vm() -> anyhow::Result<()>
     }
 
     exec("killer", KILL_THE_AGENT).await?;
+    // The agent dies while it waits for its killer: the call fails with the connection.
+    let wait = tokio::time::timeout(Duration::from_secs(60), pod.client.wait_process("k", "killer"))
+        .await
+        .context("the agent was not killed within 60 s")?;
+    ensure!(wait.is_err(), "the agent answered WaitProcess for its own killer: {wait:?}");
     pod.client = AgentClient::connect_ready(&pod.sandbox.agent_addr(), Duration::from_secs(60))
         .await
         .context("the restarted agent")?;

@@ -138,7 +138,7 @@ impl Agent {
     }
 
     /// GetMetrics: Prometheus text exposition of the agent's process and the guest.
-    pub fn metrics(&self) -> String {
+    pub async fn metrics(&self) -> String {
         let mut m = Metrics(String::new());
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
         if let Some(v) = proc_field(&status, "VmRSS:") {
@@ -184,11 +184,14 @@ impl Agent {
             self.containers.count() as f64,
         );
         // The sandbox's own processes, from smaps_rollup: joey-init (the agent's parent
-        // when it runs under init) and the agent.
+        // when it runs under init), the agent and the container monitor.
         let mut own = vec![("agent", rollup("self"))];
         if self.init_daemon {
             let init = nix::unistd::getppid().as_raw().to_string();
             own.insert(0, ("init", rollup(&init)));
+        }
+        if let Ok(pid) = self.os.monitor.pid().await {
+            own.push(("monitor", rollup(&pid.to_string())));
         }
         let pick = |f: fn(&(u64, u64)) -> u64| -> Vec<(&str, f64)> {
             own.iter()

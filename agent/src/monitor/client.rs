@@ -288,6 +288,13 @@ impl Monitor for MonitorClient {
         }
     }
 
+    async fn pid(&self) -> anyhow::Result<i32> {
+        let fd = self.fd().await?;
+        let cred = socket::getsockopt(fd.get_ref(), socket::sockopt::PeerCredentials)
+            .context("the monitor's credentials")?;
+        Ok(cred.pid())
+    }
+
     async fn list(&self) -> anyhow::Result<Vec<Entry>> {
         match self.call(Op::List, &[]).await?.0 {
             Body::List { entries } => Ok(entries),

@@ -174,6 +174,8 @@ pub trait Monitor: Send + Sync {
     /// Fire and forget (it runs from `Drop`).
     fn forget(&self, cid: &str, eid: Option<&str>);
     async fn list(&self) -> anyhow::Result<Vec<Entry>>;
+    /// The monitor's process id.
+    async fn pid(&self) -> anyhow::Result<i32>;
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
-//! `joeyctl bench --vm`: boot time, agent readiness, guest memory (and init's and the
-//! agent's own Pss and private dirty memory, from GetMetrics) and artifact sizes,
-//! with Debian's cloud kernel as the peer, booted by the same emulator with the same
-//! quiet command line and the same initrd.
+//! `joeyctl bench --vm`: boot time, agent readiness, guest memory (and the Pss and
+//! private dirty memory of joey-init, the agent and the monitor, from GetMetrics) and
+//! artifact sizes, with Debian's cloud kernel as the peer, booted by the same emulator
+//! with the same quiet command line and the same initrd.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -183,7 +183,7 @@ pub async fn bench_vm(o: &VmBenchOptions) -> anyhow::Result<()> {
     let metrics = pod.client.get_metrics().await?;
     pod.destroy().await?;
     let own = |metric: &str| -> anyhow::Result<u64> {
-        ["init", "agent"]
+        ["init", "agent", "monitor"]
             .iter()
             .map(|p| {
                 let key = format!("{metric}{{process=\"{p}\"}} ");
@@ -265,11 +265,11 @@ pub async fn bench_vm(o: &VmBenchOptions) -> anyhow::Result<()> {
     .collect();
     println!("    of which (KiB): {}", parts.join(", "));
     println!(
-        "  joey-init + joey-agent, idle: Pss {own_pss} KiB, of it Private_Dirty {own_dirty} KiB"
+        "  joey-init + joey-agent + its monitor, idle: Pss {own_pss} KiB, of it Private_Dirty {own_dirty} KiB"
     );
     println!("  vmlinux {vmlinux} KiB, guest.img {img} KiB, initrd.img {initrd} KiB");
     println!(
-        "bench-vm: backend={} kernel_init_ms={joey:.1} debian_init_ms={deb:.1} boot_ratio_vs_debian={:.2} agent_ready_ms={ready:.1} agent_ready_vhost_device_vsock_ms={ready_peer:.1} vsock_rss_kib={joey_rss} vhost_device_vsock_rss_kib={peer_rss} guest_used_kib={used} init_agent_pss_kib={own_pss} init_agent_private_dirty_kib={own_dirty} guest_img_kib={img} vmlinux_kib={vmlinux}",
+        "bench-vm: backend={} kernel_init_ms={joey:.1} debian_init_ms={deb:.1} boot_ratio_vs_debian={:.2} agent_ready_ms={ready:.1} agent_ready_vhost_device_vsock_ms={ready_peer:.1} vsock_rss_kib={joey_rss} vhost_device_vsock_rss_kib={peer_rss} guest_used_kib={used} init_agent_monitor_pss_kib={own_pss} init_agent_monitor_private_dirty_kib={own_dirty} guest_img_kib={img} vmlinux_kib={vmlinux}",
         o.base.backend.name(),
         joey / deb
     );
