@@ -21,8 +21,8 @@ use tracing::{info, warn};
 
 use crate::dirs::Dirs;
 use crate::error::{invalid, not_found, AgentError, Result};
-use crate::os::Os;
 use crate::monitor::{Entry, What};
+use crate::os::Os;
 use crate::process::{self, Process};
 use crate::runtime::dir_names;
 use crate::storage::{self, MountedStorage, StorageContext, StorageRequest};

@@ -344,7 +344,9 @@ impl Monitor for FakeOs {
                     .containers
                     .get(&l.cid)
                     .map(|c| c.cgroup.clone())
-                    .ok_or_else(|| anyhow::anyhow!("exec in container {}: no such container", l.cid))?;
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("exec in container {}: no such container", l.cid)
+                    })?;
                 (self.spawn(Some(cgroup)), false)
             }
         };
@@ -360,7 +362,13 @@ impl Monitor for FakeOs {
         Ok(pid)
     }
 
-    async fn read(&self, cid: &str, eid: &str, stream: Stream, max: usize) -> anyhow::Result<Vec<u8>> {
+    async fn read(
+        &self,
+        cid: &str,
+        eid: &str,
+        stream: Stream,
+        max: usize,
+    ) -> anyhow::Result<Vec<u8>> {
         let mut file = self.held(cid, eid, |h| {
             let f = match stream {
                 Stream::Stdout => Some(&h.stdout),

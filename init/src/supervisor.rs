@@ -77,7 +77,9 @@ impl Supervisor {
     pub fn spawn_monitor(&mut self) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.cfg.state_dir)?;
         let mut cmd = Command::new(&self.cfg.path);
-        cmd.arg("monitor").arg("--listen").arg(self.monitor_socket());
+        cmd.arg("monitor")
+            .arg("--listen")
+            .arg(self.monitor_socket());
         let pid = spawn(cmd, "monitor", &self.cfg.path)?;
         info!(pid = pid.as_raw(), "monitor started");
         self.monitor = Some(pid);

@@ -180,14 +180,6 @@ pub fn init_child(pod: &Pod, monitor: bool) -> anyhow::Result<i32> {
         .ok_or_else(|| anyhow::anyhow!("no joey-agent {what} under the sandbox's init"))
 }
 
-/// The comm (process name) of `pid`.
-pub fn comm(pid: i32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .unwrap_or_default()
-        .trim()
-        .to_string()
-}
-
 pub fn ppid(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = stat.rsplit_once(')')?.1;

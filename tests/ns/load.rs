@@ -94,11 +94,16 @@ pub async fn two_hundred_containers_and_a_thousand_execs() -> anyhow::Result<()>
     let who = ["agent", "monitor"];
     for (i, who) in who.iter().enumerate() {
         let ((fds1, rss1), (fds2, rss2)) = (first[i], second[i]);
-        eprintln!("{who} after round 1: {fds1} fds, {rss1} KiB; after round 2: {fds2} fds, {rss2} KiB");
+        eprintln!(
+            "{who} after round 1: {fds1} fds, {rss1} KiB; after round 2: {fds2} fds, {rss2} KiB"
+        );
     }
     for (i, who) in who.iter().enumerate() {
         let ((fds1, rss1), (fds2, rss2)) = (first[i], second[i]);
-        ensure!(fds2 == fds1, "the {who}'s descriptors went from {fds1} to {fds2}");
+        ensure!(
+            fds2 == fds1,
+            "the {who}'s descriptors went from {fds1} to {fds2}"
+        );
         ensure!(
             rss2 <= rss1 + 1024,
             "the {who}'s resident memory grew from {rss1} KiB to {rss2} KiB in a round"

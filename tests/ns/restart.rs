@@ -14,7 +14,10 @@ use crate::surface::start_limited;
 
 /// What `seq 1 N` prints.
 fn seq(n: u32) -> Vec<u8> {
-    (1..=n).map(|i| format!("{i}\n")).collect::<String>().into_bytes()
+    (1..=n)
+        .map(|i| format!("{i}\n"))
+        .collect::<String>()
+        .into_bytes()
 }
 
 /// Kills the sandbox's agent with SIGKILL and connects to the one init starts next.
@@ -25,14 +28,19 @@ async fn kill_agent(pod: &mut Pod) -> anyhow::Result<()> {
         nix::unistd::Pid::from_raw(old),
         nix::sys::signal::Signal::SIGKILL,
     )?;
-    wait_until("the killed agent to be gone", Duration::from_secs(10), || {
-        init_child(pod, false).map_or(true, |p| p != old)
-    })
+    wait_until(
+        "the killed agent to be gone",
+        Duration::from_secs(10),
+        || init_child(pod, false).map_or(true, |p| p != old),
+    )
     .await?;
     pod.client = AgentClient::connect_ready(&pod.sandbox.agent_addr(), Duration::from_secs(20))
         .await
         .context("the restarted agent")?;
-    ensure!(init_child(pod, false)? != old, "the same agent pid answered");
+    ensure!(
+        init_child(pod, false)? != old,
+        "the same agent pid answered"
+    );
     ensure!(
         init_child(pod, true)? == monitor,
         "the monitor did not outlive the agent"
@@ -41,12 +49,19 @@ async fn kill_agent(pod: &mut Pod) -> anyhow::Result<()> {
 }
 
 /// Reads `cid`/`eid`'s `stream` until `want` bytes came (or it ended).
-async fn read_n(pod: &Pod, cid: &str, eid: &str, stream: Stream, want: usize) -> anyhow::Result<Vec<u8>> {
+async fn read_n(
+    pod: &Pod,
+    cid: &str,
+    eid: &str,
+    stream: Stream,
+    want: usize,
+) -> anyhow::Result<Vec<u8>> {
     let mut out = Vec::new();
     while out.len() < want {
         let chunk = tokio::time::timeout(
             Duration::from_secs(20),
-            pod.client.read_stream(cid, eid, stream, (want - out.len()) as u32),
+            pod.client
+                .read_stream(cid, eid, stream, (want - out.len()) as u32),
         )
         .await
         .with_context(|| format!("no output from {cid}/{eid} within 20 s"))??;
@@ -68,7 +83,10 @@ async fn read_until(pod: &Pod, cid: &str, eid: &str, needle: &str) -> anyhow::Re
         )
         .await
         .with_context(|| format!("{cid}/{eid} printed no {needle:?} within 20 s: {out:?}"))??;
-        ensure!(!chunk.is_empty(), "{cid}/{eid} ended before {needle:?}: {out:?}");
+        ensure!(
+            !chunk.is_empty(),
+            "{cid}/{eid} ended before {needle:?}: {out:?}"
+        );
         out.push_str(&String::from_utf8_lossy(&chunk));
     }
     Ok(out)
@@ -85,19 +103,34 @@ pub async fn pipes_survive_an_agent_restart() -> anyhow::Result<()> {
     ensure!(want.len() > 1 << 20, "the stream is under 1 MiB");
     start(&pod, "w", &sh(&format!("seq 1 {N}; echo done >&2; exit 5"))).await?;
     start(&pod, "idle", &sh("exec sleep 1000")).await?;
-    start_limited(&pod, "m", "read go; a=0123456789abcdef; while :; do a=\"$a$a\"; done", 16 << 20)
-        .await?;
+    start_limited(
+        &pod,
+        "m",
+        "read go; a=0123456789abcdef; while :; do a=\"$a$a\"; done",
+        16 << 20,
+    )
+    .await?;
     exec(&pod, "idle", "e1", &sh("read x; echo \"got $x\"; exit 7")).await?;
-    exec(&pod, "idle", "e2", &ProcessSpec {
-        args: vec!["sleep".into(), "1001".into()],
-        ..Default::default()
-    })
+    exec(
+        &pod,
+        "idle",
+        "e2",
+        &ProcessSpec {
+            args: vec!["sleep".into(), "1001".into()],
+            ..Default::default()
+        },
+    )
     .await?;
     let head = read_n(&pod, "w", "", Stream::Stdout, 100 << 10).await?;
 
     kill_agent(&mut pod).await?;
     // e2 ends while nobody asks: its exit waits in the monitor.
-    let init = pod.sandbox.ns().context("a namespace sandbox")?.init_pid.as_raw();
+    let init = pod
+        .sandbox
+        .ns()
+        .context("a namespace sandbox")?
+        .init_pid
+        .as_raw();
     let find_e2 = || {
         let sleeps: Vec<i32> = joey_tests::process_cmdlines()
             .into_iter()
@@ -106,9 +139,15 @@ pub async fn pipes_survive_an_agent_restart() -> anyhow::Result<()> {
             .collect();
         descendants(init).into_iter().find(|p| sleeps.contains(p))
     };
-    wait_until("exec e2's sleep to run", Duration::from_secs(10), || find_e2().is_some()).await?;
+    wait_until("exec e2's sleep to run", Duration::from_secs(10), || {
+        find_e2().is_some()
+    })
+    .await?;
     let e2 = find_e2().context("no sleep 1001 in the sandbox")?;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(e2), nix::sys::signal::Signal::SIGTERM)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(e2),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
 
     let rest = read_all(&pod, "w", "", false).await?;
     let mut all = head.clone();
@@ -121,18 +160,34 @@ pub async fn pipes_survive_an_agent_restart() -> anyhow::Result<()> {
         want.len(),
         all.len() == want.len()
     );
-    ensure!(read_all(&pod, "w", "", true).await? == b"done\n", "stderr of w");
+    ensure!(
+        read_all(&pod, "w", "", true).await? == b"done\n",
+        "stderr of w"
+    );
     ensure!(pod.wait_process("w", "").await? == 5, "exit code of w");
 
     pod.client.write_stdin("idle", "e1", b"hello\n").await?;
     pod.client.close_stdin("idle", "e1").await?;
     let out = read_all(&pod, "idle", "e1", false).await?;
-    ensure!(out == b"got hello\n", "e1 printed {:?}", String::from_utf8_lossy(&out));
-    ensure!(pod.wait_process("idle", "e1").await? == 7, "exit code of e1");
-    ensure!(pod.wait_process("idle", "e2").await? == 143, "exit code of e2");
+    ensure!(
+        out == b"got hello\n",
+        "e1 printed {:?}",
+        String::from_utf8_lossy(&out)
+    );
+    ensure!(
+        pod.wait_process("idle", "e1").await? == 7,
+        "exit code of e1"
+    );
+    ensure!(
+        pod.wait_process("idle", "e2").await? == 143,
+        "exit code of e2"
+    );
 
     let stats = pod.client.stats_container("idle").await?;
-    ensure!(stats.cgroup_stats.is_some(), "no cgroup stats after the restart");
+    ensure!(
+        stats.cgroup_stats.is_some(),
+        "no cgroup stats after the restart"
+    );
     pod.client.pause_container("idle").await?;
     pod.client.resume_container("idle").await?;
     // OOM watches are taken over too.
@@ -141,11 +196,17 @@ pub async fn pipes_survive_an_agent_restart() -> anyhow::Result<()> {
         .await
         .context("the memory hog was not killed within 60 s")??;
     ensure!(status == 137, "m: status {status}, want 137");
-    let oom = pod.client.get_oom_event(Some(Duration::from_secs(10))).await?;
+    let oom = pod
+        .client
+        .get_oom_event(Some(Duration::from_secs(10)))
+        .await?;
     ensure!(oom == "m", "OOM event {oom:?}");
 
     pod.client.signal_process("idle", "", 9).await?;
-    ensure!(pod.wait_process("idle", "").await? == 137, "idle after SIGKILL");
+    ensure!(
+        pod.wait_process("idle", "").await? == 137,
+        "idle after SIGKILL"
+    );
     for cid in ["w", "idle", "m"] {
         pod.remove_container(cid).await?;
     }
@@ -172,7 +233,13 @@ pub async fn terminals_survive_an_agent_restart() -> anyhow::Result<()> {
         &tty(&format!("stty -echo; echo ready; read go; seq 1 {N}; read x; echo \"got $x\"; stty size; exit 4")),
     )
     .await?;
-    exec(&pod, "t", "te", &tty("stty -echo; echo ready; read y; echo \"exec $y\"; exit 6")).await?;
+    exec(
+        &pod,
+        "t",
+        "te",
+        &tty("stty -echo; echo ready; read y; echo \"exec $y\"; exit 6"),
+    )
+    .await?;
     read_until(&pod, "t", "te", "ready").await?;
     let mut seen = read_until(&pod, "t", "", "ready").await?;
     pod.client.write_stdin("t", "", b"go\n").await?;
@@ -201,7 +268,10 @@ pub async fn terminals_survive_an_agent_restart() -> anyhow::Result<()> {
     // The exec first: it dies with the container's init.
     pod.client.write_stdin("t", "te", b"y1\n").await?;
     let out = read_until(&pod, "t", "te", "exec y1").await?;
-    ensure!(!out.contains("y1\r\ny1"), "the exec's terminal echoed: {out:?}");
+    ensure!(
+        !out.contains("y1\r\ny1"),
+        "the exec's terminal echoed: {out:?}"
+    );
     ensure!(pod.wait_process("t", "te").await? == 6, "exit code of te");
     pod.client.write_stdin("t", "", b"x1\n").await?;
     let tail = read_until(&pod, "t", "", "30 100").await?;
@@ -217,7 +287,12 @@ pub async fn terminals_survive_an_agent_restart() -> anyhow::Result<()> {
 pub async fn the_sandbox_ends_when_the_monitor_dies() -> anyhow::Result<()> {
     let mut pod = pod().await?;
     start(&pod, "c", &sh("exec sleep 1000")).await?;
-    let init = pod.sandbox.ns().context("a namespace sandbox")?.init_pid.as_raw();
+    let init = pod
+        .sandbox
+        .ns()
+        .context("a namespace sandbox")?
+        .init_pid
+        .as_raw();
     let before = descendants(init);
     let monitor = init_child(&pod, true)?;
     nix::sys::signal::kill(
@@ -230,11 +305,15 @@ pub async fn the_sandbox_ends_when_the_monitor_dies() -> anyhow::Result<()> {
         .await
         .context("the sandbox did not end after its monitor died")?;
     ensure!(code != 0, "init exited {code} after the monitor died");
-    wait_until("every process of the sandbox to be gone", Duration::from_secs(10), || {
-        before
-            .iter()
-            .all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
-    })
+    wait_until(
+        "every process of the sandbox to be gone",
+        Duration::from_secs(10),
+        || {
+            before
+                .iter()
+                .all(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+        },
+    )
     .await?;
     Ok(())
 }

@@ -35,14 +35,21 @@ async fn read_once(pod: &Pod, cid: &str, len: u32) -> anyhow::Result<Vec<u8>> {
 
 pub async fn containers_survive_an_agent_restart_in_a_vm() -> anyhow::Result<()> {
     const N: u32 = 50_000;
-    let want: Vec<u8> = (1..=N).map(|i| format!("{i}\n")).collect::<String>().into_bytes();
+    let want: Vec<u8> = (1..=N)
+        .map(|i| format!("{i}\n"))
+        .collect::<String>()
+        .into_bytes();
     let mut opts = vm_options(Some(env().image.clone()), &[]);
     opts.memory_mib = 512;
     let mut pod = Pod::start_vm(&opts, BOOT_DEADLINE).await?;
 
     // `w` streams more than the monitor buffers once told to go.
-    pod.create_container_from("w", &disk(), &sh(&format!("read go; seq 1 {N}; exit 5"), false))
-        .await?;
+    pod.create_container_from(
+        "w",
+        &disk(),
+        &sh(&format!("read go; seq 1 {N}; exit 5"), false),
+    )
+    .await?;
     pod.start_container("w").await?;
     // `k` runs in the guest's own PID namespace, so an exec in it sees the agent.
     let mut cfg = pod.container_config("k", &disk(), &sh("exec sleep 100000", false));
@@ -67,17 +74,29 @@ pub async fn containers_survive_an_agent_restart_in_a_vm() -> anyhow::Result<()>
 
     exec("killer", KILL_THE_AGENT).await?;
     // The agent dies while it waits for its killer: the call fails with the connection.
-    let wait = tokio::time::timeout(Duration::from_secs(60), pod.client.wait_process("k", "killer"))
-        .await
-        .context("the agent was not killed within 60 s")?;
-    ensure!(wait.is_err(), "the agent answered WaitProcess for its own killer: {wait:?}");
+    let wait = tokio::time::timeout(
+        Duration::from_secs(60),
+        pod.client.wait_process("k", "killer"),
+    )
+    .await
+    .context("the agent was not killed within 60 s")?;
+    ensure!(
+        wait.is_err(),
+        "the agent answered WaitProcess for its own killer: {wait:?}"
+    );
     pod.client = AgentClient::connect_ready(&pod.sandbox.agent_addr(), Duration::from_secs(60))
         .await
         .context("the restarted agent")?;
     let killed = pod.read_to_end("k", "killer", Stream::Stdout).await?;
     let killed = String::from_utf8_lossy(&killed).into_owned();
-    ensure!(killed.starts_with("killed "), "the killer printed {killed:?}");
-    ensure!(pod.wait_process("k", "killer").await? == 0, "the killer's exit");
+    ensure!(
+        killed.starts_with("killed "),
+        "the killer printed {killed:?}"
+    );
+    ensure!(
+        pod.wait_process("k", "killer").await? == 0,
+        "the killer's exit"
+    );
 
     loop {
         let chunk = read_once(&pod, "w", 64 << 10).await?;
@@ -96,7 +115,11 @@ pub async fn containers_survive_an_agent_restart_in_a_vm() -> anyhow::Result<()>
     pod.client.write_stdin("k", "e1", b"hello\n").await?;
     pod.client.close_stdin("k", "e1").await?;
     let out = pod.read_to_end("k", "e1", Stream::Stdout).await?;
-    ensure!(out == b"got hello\n", "e1 printed {:?}", String::from_utf8_lossy(&out));
+    ensure!(
+        out == b"got hello\n",
+        "e1 printed {:?}",
+        String::from_utf8_lossy(&out)
+    );
     ensure!(pod.wait_process("k", "e1").await? == 7, "e1's exit code");
 
     // 200 execs at once on the restarted agent.
@@ -128,6 +151,9 @@ pub async fn containers_survive_an_agent_restart_in_a_vm() -> anyhow::Result<()>
     for cid in ["w", "k"] {
         pod.remove_container(cid).await?;
     }
-    ensure!(pod.destroy().await? == 0, "QEMU exit after the guest's reboot");
+    ensure!(
+        pod.destroy().await? == 0,
+        "QEMU exit after the guest's reboot"
+    );
     Ok(())
 }

@@ -146,7 +146,8 @@ async fn connect(path: &Path) -> anyhow::Result<Arc<AsyncFd<OwnedFd>>> {
             Ok(()) => {
                 // SAFETY: `fd` is an owned, connected, non-blocking socket; the AsyncFd
                 // takes it over and nothing reads, writes or closes it behind tokio's back.
-                let fd = unsafe { AsyncFd::register(fd) }.context("register the monitor's socket")?;
+                let fd =
+                    unsafe { AsyncFd::register(fd) }.context("register the monitor's socket")?;
                 return Ok(Arc::new(fd));
             }
             Err(Errno::ENOENT | Errno::ECONNREFUSED) if started.elapsed() < CONNECT_FOR => {
@@ -212,7 +213,15 @@ impl Monitor for MonitorClient {
         let (cid, eid) = ids(cid, eid);
         let max = max.min(MAX_CHUNK) as u32;
         Ok(self
-            .call(Op::Read { cid, eid, stream, max }, &[])
+            .call(
+                Op::Read {
+                    cid,
+                    eid,
+                    stream,
+                    max,
+                },
+                &[],
+            )
             .await?
             .1)
     }

@@ -88,7 +88,6 @@ pub fn raise_nofile() {
     }
 }
 
-
 /// The forked child: launches, reports on `result` and exits. `stdio` is the
 /// process's stdin, stdout and stderr, or none for a terminal.
 pub fn child_main(launch: &Launch, stdio: Option<[RawFd; 3]>, result: RawFd) -> ! {
@@ -120,7 +119,12 @@ pub fn child_main(launch: &Launch, stdio: Option<[RawFd; 3]>, result: RawFd) -> 
 fn reset_inherited() {
     use nix::sys::signal::{signal, SigHandler, SigSet, SigmaskHow, Signal};
     let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
-    for sig in [Signal::SIGPIPE, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+    for sig in [
+        Signal::SIGPIPE,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
         // SAFETY: restoring the default disposition installs no handler.
         let _ = unsafe { signal(sig, SigHandler::SigDfl) };
     }

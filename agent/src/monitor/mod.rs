@@ -79,8 +79,14 @@ pub enum Op {
         max: u32,
     },
     /// Writes the message's bytes to stdin; the reply comes once they are written.
-    Write { cid: String, eid: String },
-    CloseStdin { cid: String, eid: String },
+    Write {
+        cid: String,
+        eid: String,
+    },
+    CloseStdin {
+        cid: String,
+        eid: String,
+    },
     Resize {
         cid: String,
         eid: String,
@@ -88,10 +94,16 @@ pub enum Op {
         cols: u16,
     },
     /// The exit status; waits for the end.
-    Wait { cid: String, eid: String },
+    Wait {
+        cid: String,
+        eid: String,
+    },
     /// Drops a process (or, without `eid`, every process of a container): its stdio
     /// is closed and what it buffered discarded.
-    Forget { cid: String, eid: Option<String> },
+    Forget {
+        cid: String,
+        eid: Option<String>,
+    },
     List,
 }
 
@@ -106,13 +118,22 @@ pub enum ErrorKind {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "r", rename_all = "snake_case")]
 pub enum Body {
-    Pid { pid: i32 },
+    Pid {
+        pid: i32,
+    },
     /// Stream bytes follow the header.
     Data,
     Done,
-    Exit { status: i32 },
-    List { entries: Vec<Entry> },
-    Error { kind: ErrorKind, message: String },
+    Exit {
+        status: i32,
+    },
+    List {
+        entries: Vec<Entry>,
+    },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -165,8 +186,13 @@ pub struct MonitorError {
 pub trait Monitor: Send + Sync {
     /// Launches a container's init or an exec; returns its pid.
     async fn launch(&self, launch: Launch) -> anyhow::Result<i32>;
-    async fn read(&self, cid: &str, eid: &str, stream: Stream, max: usize)
-        -> anyhow::Result<Vec<u8>>;
+    async fn read(
+        &self,
+        cid: &str,
+        eid: &str,
+        stream: Stream,
+        max: usize,
+    ) -> anyhow::Result<Vec<u8>>;
     async fn write(&self, cid: &str, eid: &str, data: &[u8]) -> anyhow::Result<()>;
     async fn close_stdin(&self, cid: &str, eid: &str) -> anyhow::Result<()>;
     async fn resize(&self, cid: &str, eid: &str, rows: u16, cols: u16) -> anyhow::Result<()>;

@@ -40,6 +40,8 @@ const SIGNALS: u64 = 1;
 
 type Key = (String, String);
 type ConnId = u64;
+/// A reply waiting for room in the socket, with the stream its bytes came from.
+type Queued = (Vec<u8>, Option<(Key, Stream)>);
 
 /// What an epoll token stands for.
 #[derive(Clone)]
@@ -63,7 +65,7 @@ struct Conn {
     token: u64,
     /// Replies the socket had no room for, with the stream bytes they carry (given
     /// back to their stream if the agent goes away before they are sent).
-    queue: VecDeque<(Vec<u8>, Option<(Key, Stream)>)>,
+    queue: VecDeque<Queued>,
     writable_armed: bool,
 }
 
@@ -163,7 +165,10 @@ fn run(args: &[String]) -> anyhow::Result<()> {
     }
     // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes an integer flag and touches no memory.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
-        anyhow::bail!("become a child subreaper: {}", std::io::Error::last_os_error());
+        anyhow::bail!(
+            "become a child subreaper: {}",
+            std::io::Error::last_os_error()
+        );
     }
     if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
         info!("monitor: cannot lower its OOM score (it keeps its own): {e}");
@@ -678,7 +683,13 @@ impl Server {
         };
         if let (Some(fd), false) = (out.fd.as_ref(), out.armed) {
             if out.buf.len() < OUTPUT_LIMIT {
-                Self::watch(&self.epoll, fd, out.token, &mut out.armed, EpollFlags::EPOLLIN);
+                Self::watch(
+                    &self.epoll,
+                    fd,
+                    out.token,
+                    &mut out.armed,
+                    EpollFlags::EPOLLIN,
+                );
             }
         }
     }
@@ -709,7 +720,13 @@ impl Server {
                     for (a, _, _) in input.writes.drain(..) {
                         if let Some(a) = a {
                             let kind = ErrorKind::Failed;
-                            answers.push((a, Body::Error { kind, message: message.clone() }));
+                            answers.push((
+                                a,
+                                Body::Error {
+                                    kind,
+                                    message: message.clone(),
+                                },
+                            ));
                         }
                     }
                     if input.armed {
@@ -825,7 +842,13 @@ impl Server {
         }
         if let Err(e) = self.fork_launch(asker, launch) {
             let message = format!("{e:#}");
-            self.reply(asker, Body::Error { kind: ErrorKind::Failed, message });
+            self.reply(
+                asker,
+                Body::Error {
+                    kind: ErrorKind::Failed,
+                    message,
+                },
+            );
         }
     }
 
@@ -869,8 +892,10 @@ impl Server {
         };
         drop(result_w);
         let result_token = self.token(Source::Result(lid));
-        self.epoll
-            .add(&result_r, EpollEvent::new(EpollFlags::EPOLLIN, result_token))?;
+        self.epoll.add(
+            &result_r,
+            EpollEvent::new(EpollFlags::EPOLLIN, result_token),
+        )?;
         debug!(cid = %launch.cid, eid = %launch.eid, child, "monitor: launching");
         self.launch_by_child.insert(child, lid);
         self.launches.insert(
@@ -996,7 +1021,13 @@ impl Server {
             Err(e) => {
                 let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
                 let message = format!("{e:#}");
-                self.reply(l.asker, Body::Error { kind: ErrorKind::Failed, message });
+                self.reply(
+                    l.asker,
+                    Body::Error {
+                        kind: ErrorKind::Failed,
+                        message,
+                    },
+                );
             }
         }
     }

@@ -57,7 +57,12 @@ async fn container_once(pod: &Pod, cid: &str, rootfs: &Path) -> anyhow::Result<[
     if status != 0 {
         bail!("/bin/true exited {status}");
     }
-    Ok([created, started - created, waited - started, removed - waited])
+    Ok([
+        created,
+        started - created,
+        waited - started,
+        removed - waited,
+    ])
 }
 
 /// A crun bundle for `/bin/true` on `rootfs`, made from `crun spec`.
@@ -308,9 +313,14 @@ pub async fn bench_ns(bins: &Binaries, opts: &BenchOptions) -> anyhow::Result<()
     let init_check = line("  joey-init exec -> Check answered", &init_check);
     let create_sandbox = line("  CreateSandbox", &create_sandbox);
     let joey = line("container create+start+wait+remove", &container);
-    for (what, v) in ["CreateContainer", "StartContainer", "WaitProcess", "RemoveContainer"]
-        .iter()
-        .zip(&phases)
+    for (what, v) in [
+        "CreateContainer",
+        "StartContainer",
+        "WaitProcess",
+        "RemoveContainer",
+    ]
+    .iter()
+    .zip(&phases)
     {
         line(&format!("  {what}"), v);
     }

@@ -182,24 +182,25 @@ pub async fn bench_vm(o: &VmBenchOptions) -> anyhow::Result<()> {
     // ran and exited).
     let metrics = pod.client.get_metrics().await?;
     pod.destroy().await?;
-    let own = |metric: &str| -> anyhow::Result<u64> {
-        ["init", "agent", "monitor"]
-            .iter()
-            .map(|p| {
-                let key = format!("{metric}{{process=\"{p}\"}} ");
-                metrics
-                    .lines()
-                    .find_map(|l| l.strip_prefix(&key))
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .map(|v| v as u64 / 1024)
-                    .with_context(|| format!("GetMetrics has no {key}"))
-            })
-            .sum()
+    // KiB of `metric` for init, the agent and the monitor.
+    let own = |metric: &str| -> anyhow::Result<[u64; 3]> {
+        let mut v = [0; 3];
+        for (i, p) in ["init", "agent", "monitor"].iter().enumerate() {
+            let key = format!("{metric}{{process=\"{p}\"}} ");
+            v[i] = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&key))
+                .and_then(|v| v.parse::<f64>().ok())
+                .map(|v| v as u64 / 1024)
+                .with_context(|| format!("GetMetrics has no {key}"))?;
+        }
+        Ok(v)
     };
-    let (own_pss, own_dirty) = (
+    let (pss, dirty) = (
         own("joey_process_pss_bytes")?,
         own("joey_process_private_dirty_bytes")?,
     );
+    let (own_pss, own_dirty): (u64, u64) = (pss.iter().sum(), dirty.iter().sum());
     let text = String::from_utf8_lossy(&text);
     let field = |name: &str| -> u64 {
         text.lines()
@@ -266,6 +267,10 @@ pub async fn bench_vm(o: &VmBenchOptions) -> anyhow::Result<()> {
     println!("    of which (KiB): {}", parts.join(", "));
     println!(
         "  joey-init + joey-agent + its monitor, idle: Pss {own_pss} KiB, of it Private_Dirty {own_dirty} KiB"
+    );
+    println!(
+        "    init {} ({}), agent {} ({}), monitor {} ({}) KiB",
+        pss[0], dirty[0], pss[1], dirty[1], pss[2], dirty[2]
     );
     println!("  vmlinux {vmlinux} KiB, guest.img {img} KiB, initrd.img {initrd} KiB");
     println!(
