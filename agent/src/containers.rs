@@ -17,7 +17,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use oci_spec::runtime::Spec;
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::dirs::Dirs;
 use crate::error::{invalid, not_found, AgentError, Result};
@@ -246,6 +246,7 @@ impl Containers {
     /// bundle) before the next, then launches its init.
     async fn build(&self, new: NewContainer, res: &mut Resources) -> Result<Arc<Container>> {
         let id = &new.id;
+        let began = std::time::Instant::now();
         std::fs::create_dir_all(&res.bundle)
             .map_err(|e| anyhow::anyhow!("create bundle {}: {e}", res.bundle.display()))?;
         res.cgroups_path = Some(new.cgroups_path.clone());
@@ -277,6 +278,7 @@ impl Containers {
             .and_then(|p| p.terminal())
             .unwrap_or(false);
         let console = res.bundle.join(format!("{}.console", new.exec_id));
+        let prepared = began.elapsed();
         let init = process::launch(
             &self.os.monitor,
             &self.dirs.containers,
@@ -288,6 +290,12 @@ impl Containers {
             &console,
         )
         .await?;
+        debug!(
+            container = %id,
+            prepare_us = prepared.as_micros() as u64,
+            launch_us = (began.elapsed() - prepared).as_micros() as u64,
+            "storages and bundle ready, then launched"
+        );
         Ok(Arc::new(Container {
             id: new.id,
             init,

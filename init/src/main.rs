@@ -104,8 +104,10 @@ fn run(mode: Mode, args: &Args) -> anyhow::Result<i32> {
         addr: args.agent_addr.clone(),
         state_dir: args.guest_dir.join("agent"),
     });
-    sup.spawn_monitor()?;
+    // The agent first: Check is answered without the monitor, which the agent
+    // connects to when it first needs it.
     sup.spawn_agent()?;
+    sup.spawn_monitor()?;
     loop {
         let timeout = sup
             .restart_at

@@ -51,8 +51,3 @@ pub fn wait(timeout: Option<Duration>) -> Option<Signal> {
         }
     }
 }
-
-/// Clears the signal mask (for a child about to exec).
-pub fn unblock_all() -> nix::Result<()> {
-    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
-}

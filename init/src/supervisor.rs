@@ -1,7 +1,6 @@
 //! Starts the container monitor and the agent, restarts the agent when it dies, ends
 //! the sandbox when the monitor dies (docs/monitor.md), and reaps every orphan.
 
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -152,13 +151,10 @@ impl Supervisor {
     }
 }
 
-/// Spawns `cmd` with every signal unblocked (init blocks the signals it waits for;
-/// its children must not inherit that mask).
+/// Spawns `cmd`. Init blocks the signals it waits for and its children inherit that
+/// mask: joey-agent (and the monitor, the same binary) clears it first thing, which
+/// lets this spawn without a pre-exec hook (posix_spawn, no copy of init's memory).
 fn spawn(mut cmd: Command, what: &str, path: &std::path::Path) -> anyhow::Result<Pid> {
-    // SAFETY: sigprocmask is async-signal-safe; the closure touches no shared state.
-    unsafe {
-        cmd.pre_exec(|| crate::signals::unblock_all().map_err(std::io::Error::from));
-    }
     let child = cmd
         .spawn()
         .map_err(|e| anyhow::anyhow!("start {what} {}: {e}", path.display()))?;

@@ -119,6 +119,7 @@ struct PendingLaunch {
     console: Option<(UnixListener, u64)>,
     master: Option<OwnedFd>,
     deadline: Option<Instant>,
+    forked: Instant,
 }
 
 struct Server {
@@ -911,6 +912,7 @@ impl Server {
                 console,
                 master: None,
                 deadline: None,
+                forked: Instant::now(),
             },
         );
         Ok(())
@@ -1011,7 +1013,8 @@ impl Server {
             self.tokens.remove(&l.result_token);
         }
         self.launch_by_child.remove(&l.child);
-        match self.register(l.launch, pid, l.pipes, l.master) {
+        let took_us = l.forked.elapsed().as_micros() as u64;
+        match self.register(l.launch, pid, l.pipes, l.master, took_us) {
             Ok(key) => {
                 if let Some((status, _)) = self.unclaimed.remove(&pid) {
                     self.set_exit(&key, status);
@@ -1075,6 +1078,7 @@ impl Server {
         pid: i32,
         pipes: Option<[OwnedFd; 3]>,
         master: Option<OwnedFd>,
+        took_us: u64,
     ) -> anyhow::Result<Key> {
         let key = (launch.cid.clone(), launch.eid.clone());
         let terminal = master.is_some();
@@ -1114,7 +1118,7 @@ impl Server {
             terminal,
             exit: None,
         };
-        info!(cid = %key.0, eid = %key.1, pid, "monitor: launched");
+        info!(cid = %key.0, eid = %key.1, pid, took_us, "monitor: launched");
         self.procs.insert(
             key.clone(),
             Proc {
