@@ -90,11 +90,15 @@ fn crun_bundle(rootfs: &Path, dir: &Path) -> anyhow::Result<()> {
 }
 
 /// `crun run` of the bundle. Without `v1` crun makes no cgroup (its manager
-/// disabled, a cgroup2-only /sys/fs/cgroup: crun refuses this host's hybrid layout).
-/// With `v1` it manages the container's cgroup as joey's runtime does, in a
-/// /sys/fs/cgroup that shows it only these v1 hierarchies (the host's own, mounted
-/// again in a private mount namespace).
-fn crun_once(bundle: &Path, id: &str, v1: Option<&[std::ffi::CString]>) -> anyhow::Result<Duration> {
+/// disabled, a cgroup2-only /sys/fs/cgroup: crun refuses hybrid hosts). With `v1` it
+/// manages the container's cgroup as joey's runtime does, in a /sys/fs/cgroup that
+/// shows it only these v1 hierarchies (the host's own, mounted again in a private
+/// mount namespace), or the host's cgroup2 as it is when there are none.
+fn crun_once(
+    bundle: &Path,
+    id: &str,
+    v1: Option<&[std::ffi::CString]>,
+) -> anyhow::Result<Duration> {
     use std::ffi::CString;
     let manager = match v1 {
         Some(_) => "--cgroup-manager=cgroupfs",
@@ -137,6 +141,7 @@ fn crun_once(bundle: &Path, id: &str, v1: Option<&[std::ffi::CString]>) -> anyho
                     MsFlags::empty(),
                     None::<&str>,
                 )?,
+                Some(hs) if hs.is_empty() => {}
                 Some(hs) => {
                     mount(
                         Some("tmpfs"),
@@ -146,7 +151,10 @@ fn crun_once(bundle: &Path, id: &str, v1: Option<&[std::ffi::CString]>) -> anyho
                         None::<&str>,
                     )?;
                     for (dir, opts) in hs {
-                        nix::unistd::mkdir(dir.as_c_str(), nix::sys::stat::Mode::from_bits_truncate(0o755))?;
+                        nix::unistd::mkdir(
+                            dir.as_c_str(),
+                            nix::sys::stat::Mode::from_bits_truncate(0o755),
+                        )?;
                         mount(
                             Some("cgroup"),
                             dir.as_c_str(),
@@ -170,7 +178,8 @@ fn crun_once(bundle: &Path, id: &str, v1: Option<&[std::ffi::CString]>) -> anyho
 }
 
 /// The v1 controllers this host mounts that libcontainer's v1 manager uses (each
-/// hierarchy's mount options, such as `cpu` or `cpu,cpuacct`).
+/// hierarchy's mount options, such as `cpu` or `cpu,cpuacct`); empty on a
+/// cgroup2-only host.
 fn v1_hierarchies() -> anyhow::Result<Vec<std::ffi::CString>> {
     const SUPPORTED: [&str; 8] = [
         "cpu", "cpuacct", "cpuset", "devices", "memory", "pids", "blkio", "freezer",
@@ -178,16 +187,14 @@ fn v1_hierarchies() -> anyhow::Result<Vec<std::ffi::CString>> {
     let text = std::fs::read_to_string("/proc/self/cgroup")?;
     let mut out = Vec::new();
     for line in text.lines() {
-        let ctrls = line.splitn(3, ':').nth(1).unwrap_or("");
+        let ctrls = line.split(':').nth(1).unwrap_or("");
         if ctrls.split(',').any(|c| SUPPORTED.contains(&c))
             && Path::new("/sys/fs/cgroup").join(ctrls).is_dir()
         {
             out.push(std::ffi::CString::new(ctrls)?);
         }
     }
-    if out.is_empty() {
-        bail!("no cgroup v1 hierarchy here (bench --ns compares cgroup setup on v1 hosts)");
-    }
+    // None on a cgroup2-only host: crun then manages its cgroup there as it is.
     Ok(out)
 }
 
@@ -270,8 +277,7 @@ pub async fn bench_ns(bins: &Binaries, opts: &BenchOptions) -> anyhow::Result<()
             serde_json::from_slice(&std::fs::read(crun_dir.join("config.json"))?)?;
         let cg_dir = crun_dir.join("cgroup");
         std::fs::create_dir_all(&cg_dir)?;
-        cg_bundle["linux"]["cgroupsPath"] =
-            format!("/joey-bench/{}", std::process::id()).into();
+        cg_bundle["linux"]["cgroupsPath"] = format!("/joey-bench/{}", std::process::id()).into();
         std::fs::write(cg_dir.join("config.json"), serde_json::to_vec(&cg_bundle)?)?;
         for i in 0..n {
             let rpcs = container_once(&pod, &format!("b{i}"), &rootfs).await?;
@@ -299,6 +305,16 @@ pub async fn bench_ns(bins: &Binaries, opts: &BenchOptions) -> anyhow::Result<()
     }
     .await;
     let _ = std::fs::remove_dir_all(&crun_dir);
+    // crun removes its container's cgroup, not the parent the bench named.
+    let roots = hierarchies
+        .iter()
+        .map(|h| Path::new("/sys/fs/cgroup").join(h.to_string_lossy().as_ref()))
+        .chain(std::iter::once(PathBuf::from("/sys/fs/cgroup")));
+    for root in roots {
+        let parent = root.join("joey-bench");
+        let _ = std::fs::remove_dir(parent.join(std::process::id().to_string()));
+        let _ = std::fs::remove_dir(parent);
+    }
     result?;
     let line = |what: &str, v: &[Duration]| {
         let (m, lo, hi) = spread_ms(v);
