@@ -159,15 +159,20 @@ pub fn pids_mentioning(needle: &str) -> Vec<i32> {
         .collect()
 }
 
-/// joey-init's child in `pod`'s namespace sandbox running joey-agent: the container
-/// monitor (`joey-agent monitor`) when `monitor`, else the agent.
-pub fn init_child(pod: &Pod, monitor: bool) -> anyhow::Result<i32> {
-    let init = pod
+/// The host pid of `pod`'s joey-init (a namespace sandbox's).
+pub fn init_pid(pod: &Pod) -> anyhow::Result<i32> {
+    Ok(pod
         .sandbox
         .ns()
         .ok_or_else(|| anyhow::anyhow!("not a namespace sandbox"))?
         .init_pid
-        .as_raw();
+        .as_raw())
+}
+
+/// joey-init's child in `pod`'s namespace sandbox running joey-agent: the container
+/// monitor (`joey-agent monitor`) when `monitor`, else the agent.
+pub fn init_child(pod: &Pod, monitor: bool) -> anyhow::Result<i32> {
+    let init = init_pid(pod)?;
     let what = if monitor { "monitor" } else { "agent" };
     joey_tests::process_cmdlines()
         .into_iter()

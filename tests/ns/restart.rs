@@ -9,7 +9,7 @@ use joey_shim::pod::Pod;
 use joey_shim::spec::ProcessSpec;
 use joey_tests::wait_until;
 
-use crate::common::{descendants, exec, init_child, pod, read_all, sh, start};
+use crate::common::{descendants, exec, init_child, init_pid, pod, read_all, sh, start};
 use crate::surface::start_limited;
 
 /// What `seq 1 N` prints.
@@ -125,12 +125,7 @@ pub async fn pipes_survive_an_agent_restart() -> anyhow::Result<()> {
 
     kill_agent(&mut pod).await?;
     // e2 ends while nobody asks: its exit waits in the monitor.
-    let init = pod
-        .sandbox
-        .ns()
-        .context("a namespace sandbox")?
-        .init_pid
-        .as_raw();
+    let init = init_pid(&pod)?;
     let find_e2 = || {
         let sleeps: Vec<i32> = joey_tests::process_cmdlines()
             .into_iter()
@@ -287,12 +282,7 @@ pub async fn terminals_survive_an_agent_restart() -> anyhow::Result<()> {
 pub async fn the_sandbox_ends_when_the_monitor_dies() -> anyhow::Result<()> {
     let mut pod = pod().await?;
     start(&pod, "c", &sh("exec sleep 1000")).await?;
-    let init = pod
-        .sandbox
-        .ns()
-        .context("a namespace sandbox")?
-        .init_pid
-        .as_raw();
+    let init = init_pid(&pod)?;
     let before = descendants(init);
     let monitor = init_child(&pod, true)?;
     nix::sys::signal::kill(

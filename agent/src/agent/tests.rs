@@ -127,6 +127,17 @@ impl Harness {
         self.agent.signal_process(req).await
     }
 
+    /// A sandbox with an `shm` storage, and container `cid` started in it with a
+    /// volume `v1`.
+    async fn sandbox_with_a_running_container(&self, cid: &str) {
+        self.agent
+            .create_sandbox(sandbox_sb(vec![self.ephemeral("shm")]))
+            .await
+            .unwrap();
+        self.create(cid, vec![self.ephemeral("v1")]).await.unwrap();
+        self.agent.start_container(cid).await.unwrap();
+    }
+
     /// Whether the volume `name` (see [`Harness::ephemeral`]) was unmounted.
     fn unmounted(&self, name: &str) -> bool {
         let target = self.root.join("volumes").join(name);
@@ -424,12 +435,7 @@ async fn the_sandbox_is_created_once_and_destroyed_with_its_containers() {
 #[tokio::test]
 async fn a_restarted_agent_takes_over_the_containers_the_monitor_holds() {
     let mut h = Harness::new();
-    h.agent
-        .create_sandbox(sandbox_sb(vec![h.ephemeral("shm")]))
-        .await
-        .unwrap();
-    h.create("old", vec![h.ephemeral("v1")]).await.unwrap();
-    h.agent.start_container("old").await.unwrap();
+    h.sandbox_with_a_running_container("old").await;
     h.exec("old", "e1").await.unwrap();
     h.create("fresh", vec![]).await.unwrap();
     let init = h.fake.init_of("old");
@@ -466,12 +472,7 @@ async fn a_restarted_agent_takes_over_the_containers_the_monitor_holds() {
 #[tokio::test]
 async fn a_restarted_agent_ends_the_containers_the_monitor_lost() {
     let mut h = Harness::new();
-    h.agent
-        .create_sandbox(sandbox_sb(vec![h.ephemeral("shm")]))
-        .await
-        .unwrap();
-    h.create("old", vec![h.ephemeral("v1")]).await.unwrap();
-    h.agent.start_container("old").await.unwrap();
+    h.sandbox_with_a_running_container("old").await;
     let init = h.fake.init_of("old");
     let holder = h.agent.sandbox.info().pidns_pid.unwrap();
 

@@ -1004,15 +1004,9 @@ impl Server {
             }
             return;
         }
-        self.close_console(lid);
-        let Some(l) = self.launches.remove(&lid) else {
+        let Some(l) = self.take_launch(lid) else {
             return;
         };
-        if let Some(fd) = &l.result_fd {
-            let _ = self.epoll.delete(fd);
-            self.tokens.remove(&l.result_token);
-        }
-        self.launch_by_child.remove(&l.child);
         let took_us = l.forked.elapsed().as_micros() as u64;
         match self.register(l.launch, pid, l.pipes, l.master, took_us) {
             Ok(key) => {
@@ -1035,21 +1029,26 @@ impl Server {
         }
     }
 
-    fn fail_launch(&mut self, lid: u64, message: String) {
+    /// Ends launch `lid`'s bookkeeping: its console socket, its result pipe and its
+    /// child's entry (a child still running is then reaped as an unknown pid).
+    fn take_launch(&mut self, lid: u64) -> Option<PendingLaunch> {
         self.close_console(lid);
-        let Some(l) = self.launches.remove(&lid) else {
-            return;
-        };
+        let l = self.launches.remove(&lid)?;
         if let Some(fd) = &l.result_fd {
             let _ = self.epoll.delete(fd);
             self.tokens.remove(&l.result_token);
         }
+        self.launch_by_child.remove(&l.child);
+        Some(l)
+    }
+
+    fn fail_launch(&mut self, lid: u64, message: String) {
+        let Some(l) = self.take_launch(lid) else {
+            return;
+        };
         if let Some(Ok(pid)) = l.result {
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
-        // The launch child may still run (a failure before it reported); it is reaped
-        // as an unknown pid.
-        self.launch_by_child.remove(&l.child);
         let kind = ErrorKind::Invalid;
         self.reply(l.asker, Body::Error { kind, message });
     }
