@@ -38,6 +38,11 @@ impl WriteCounter {
         self.writes.send_modify(|n| *n += 1);
     }
 
+    /// A receiver that sees each write.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.writes.subscribe()
+    }
+
     /// Waits until a write happens after `since` was read, or `timeout` passes.
     pub async fn wait_past(&self, since: u64, timeout: Duration) -> bool {
         let mut rx = self.writes.subscribe();

@@ -23,6 +23,7 @@ mod server;
 mod spec;
 mod stdio;
 mod storage;
+mod trim;
 mod validate;
 
 use std::path::PathBuf;
@@ -154,6 +155,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
 
     let addr = listener::parse(&args.server_addr)?;
     let writes = agent.writes();
+    trim::after_bursts(&writes);
     let agent_service =
         joey_protocols::agent_ttrpc::create_agent_service(Arc::new(server::AgentRpc {
             agent: agent.clone(),

@@ -78,6 +78,10 @@ impl Process {
                     Ok(status) => {
                         let _ = tx.send(Some(status));
                     }
+                    // Removed before it ended (its container went): nothing to report.
+                    Err(e)
+                        if e.downcast_ref::<MonitorError>()
+                            .is_some_and(|m| m.kind == ErrorKind::NotFound) => {}
                     Err(e) => warn!("wait for {cid}/{eid}: {e:#}"),
                 }
             });

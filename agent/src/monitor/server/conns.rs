@@ -45,13 +45,15 @@ impl Server {
     }
 
     pub(super) fn receive(&mut self, id: ConnId) {
-        let mut buf = vec![0u8; MAX_MESSAGE];
-        loop {
+        // One buffer for every message (allocated once: a fresh 128 KiB per message
+        // would be an mmap, its page faults and a munmap each time).
+        let mut buf = std::mem::take(&mut self.inbox);
+        let closed = loop {
             let Some(conn) = self.conns.get(&id) else {
-                return;
+                break false;
             };
             match socket::recv(conn.fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
-                Ok(0) => return self.close_conn(id),
+                Ok(0) => break true,
                 Ok(n) => match decode::<Request>(&buf[..n]) {
                     Ok((req, data)) => {
                         let data = data.to_vec();
@@ -60,12 +62,16 @@ impl Server {
                     Err(e) => warn!("monitor: a malformed request: {e:#}"),
                 },
                 Err(Errno::EINTR) => continue,
-                Err(Errno::EAGAIN) => return,
+                Err(Errno::EAGAIN) => break false,
                 Err(e) => {
                     warn!("monitor: receive: {e}");
-                    return self.close_conn(id);
+                    break true;
                 }
             }
+        };
+        self.inbox = buf;
+        if closed {
+            self.close_conn(id);
         }
     }
 

@@ -141,6 +141,8 @@ struct Server {
     launches: HashMap<u64, PendingLaunch>,
     launch_by_child: HashMap<i32, u64>,
     unclaimed: HashMap<i32, (i32, Instant)>,
+    /// Where requests are received (see `conns`).
+    inbox: Vec<u8>,
 }
 
 /// The monitor's entry point. Never returns.
@@ -232,6 +234,7 @@ impl Server {
             launches: HashMap::new(),
             launch_by_child: HashMap::new(),
             unclaimed: HashMap::new(),
+            inbox: vec![0; MAX_MESSAGE],
         })
     }
 
