@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use joey_shim::pod::Pod;
-use joey_shim::spec::ProcessSpec;
 use tokio::task::JoinSet;
 
 use crate::common::{config, env, init_child, pod, sh};
@@ -52,25 +51,7 @@ async fn round(pod: &Pod) -> anyhow::Result<()> {
     while let Some(r) = set.join_next().await {
         r??;
     }
-    let mut set = JoinSet::new();
-    for i in 0..EXECS {
-        let client = pod.client.clone();
-        set.spawn(async move {
-            let eid = format!("e{i}");
-            let p = joey_shim::spec::process(&ProcessSpec {
-                args: vec!["/bin/true".into()],
-                ..Default::default()
-            });
-            client.exec_process("base", &eid, p).await?;
-            let status = client.wait_process("base", &eid).await?;
-            ensure!(status == 0, "exec {eid}: status {status}");
-            anyhow::Ok(())
-        });
-    }
-    while let Some(r) = set.join_next().await {
-        r??;
-    }
-    Ok(())
+    joey_tests::load::concurrent_true_execs(&pod.client, "base", "e", EXECS).await
 }
 
 pub async fn two_hundred_containers_and_a_thousand_execs() -> anyhow::Result<()> {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use libtest_mimic::{Arguments, Failed, Trial};
 
 pub mod limits;
+pub mod load;
 pub mod nydus;
 pub mod registry;
 pub mod seccomp;

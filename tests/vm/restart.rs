@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::{ensure, Context};
 use joey_shim::client::{AgentClient, Stream};
 use joey_shim::pod::Pod;
-use tokio::task::JoinSet;
 
 use crate::vm::{disk, sh};
 use crate::{env, vm_options, BOOT_DEADLINE};
@@ -123,27 +122,7 @@ pub async fn containers_survive_an_agent_restart_in_a_vm() -> anyhow::Result<()>
     ensure!(pod.wait_process("k", "e1").await? == 7, "e1's exit code");
 
     // 200 execs at once on the restarted agent.
-    let mut set = JoinSet::new();
-    for i in 0..EXECS {
-        let client = pod.client.clone();
-        set.spawn(async move {
-            let eid = format!("x{i}");
-            let p = joey_shim::spec::process(&joey_shim::spec::ProcessSpec {
-                args: vec!["/bin/true".into()],
-                ..Default::default()
-            });
-            client.exec_process("k", &eid, p).await?;
-            let status = client.wait_process("k", &eid).await?;
-            ensure!(status == 0, "exec {eid}: status {status}");
-            anyhow::Ok(())
-        });
-    }
-    let load = async {
-        while let Some(r) = set.join_next().await {
-            r??;
-        }
-        anyhow::Ok(())
-    };
+    let load = joey_tests::load::concurrent_true_execs(&pod.client, "k", "x", EXECS);
     tokio::time::timeout(Duration::from_secs(600), load)
         .await
         .context("200 concurrent execs did not finish within 600 s")??;
