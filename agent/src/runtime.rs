@@ -95,7 +95,7 @@ impl Runtime for Libcontainer {
         let dir = self.root.join(id);
         if dir.exists() {
             if let Err(e) = self.with_container(id, "delete", |c| c.delete(true)).await {
-                // Half-written state (a launcher that died) cannot be loaded: remove it.
+                // Half-written state (a launch that died) cannot be loaded: remove it.
                 std::fs::remove_dir_all(&dir)
                     .with_context(|| format!("{e:#}; then remove {}", dir.display()))?;
                 tracing::warn!("{e:#}; removed its state directory instead");
