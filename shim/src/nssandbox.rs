@@ -253,9 +253,56 @@ impl NsSandbox {
 impl Drop for NsSandbox {
     fn drop(&mut self) {
         self.kill();
-        // Only once init is gone: its mounts (on guest/) vanished with its namespace.
+        // Only once init is gone: its mounts (on guest/) vanished with its namespace,
+        // its processes with its PID namespace.
         let _ = std::fs::remove_dir_all(&self.dir);
+        remove_cgroups(&self.id);
     }
+}
+
+/// The cgroup every container goes under: `/joey/<sandbox id>/<container id>` (in the
+/// host's hierarchies for a namespace sandbox, in the guest's for a VM).
+pub fn container_cgroup(sandbox: &str, cid: &str) -> String {
+    format!("/{CGROUP_PARENT}/{sandbox}/{cid}")
+}
+
+const CGROUP_PARENT: &str = "joey";
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// Removes sandbox `id`'s cgroups (`/joey/<id>` and its containers' below it, in
+/// cgroup2 and in every v1 hierarchy). The agent removes a container's cgroup with the
+/// container; a sandbox that ended without the agent doing so (its monitor died, its
+/// agent kept dying) would leave them on the host. Its processes are gone by now; a
+/// cgroup whose last task is still being torn down gets a few more tries.
+fn remove_cgroups(id: &str) {
+    let root = Path::new(CGROUP_ROOT);
+    let mut bases = vec![root.to_path_buf()];
+    if let Ok(entries) = std::fs::read_dir(root) {
+        bases.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+    }
+    for base in bases {
+        let top = base.join(CGROUP_PARENT).join(id);
+        if top.is_dir() {
+            remove_cgroup_tree(&top);
+        }
+    }
+}
+
+fn remove_cgroup_tree(dir: &Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup_tree(&e.path());
+        }
+    }
+    for _ in 0..20 {
+        match std::fs::remove_dir(dir) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Ok(()) | Err(_) => return,
+        }
+    }
+    tracing::warn!(cgroup = %dir.display(), "still busy after 100 ms; left in place");
 }
 
 #[cfg(test)]

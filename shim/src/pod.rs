@@ -358,7 +358,7 @@ impl Pod {
             p,
             &mount_point,
             cid,
-            &format!("/joey/{}/{cid}", self.sandbox.id()),
+            &crate::nssandbox::container_cgroup(self.sandbox.id(), cid),
         );
         ContainerConfig { storages, spec }
     }

@@ -278,7 +278,7 @@ pub async fn terminals_survive_an_agent_restart() -> anyhow::Result<()> {
 }
 
 /// The monitor is protected as docs/monitor.md says: if it dies, the sandbox ends
-/// (init exits, nothing is left running).
+/// (init exits, nothing is left running, no cgroup is left on the host).
 pub async fn the_sandbox_ends_when_the_monitor_dies() -> anyhow::Result<()> {
     let mut pod = pod().await?;
     start(&pod, "c", &sh("exec sleep 1000")).await?;
@@ -305,5 +305,13 @@ pub async fn the_sandbox_ends_when_the_monitor_dies() -> anyhow::Result<()> {
         },
     )
     .await?;
+    // Its container was never removed by the agent: the host removes the sandbox's
+    // cgroups once the sandbox is gone.
+    let id = pod.sandbox.id().to_string();
+    drop(pod);
+    for h in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
+        let cg = h.path().join("joey").join(&id);
+        ensure!(!cg.exists(), "cgroup {} left behind", cg.display());
+    }
     Ok(())
 }
