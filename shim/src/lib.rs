@@ -9,6 +9,7 @@ pub mod client;
 pub mod image;
 pub mod imaged;
 pub mod nssandbox;
+pub mod owner;
 pub mod pod;
 pub mod rootfs;
 pub mod spawner;

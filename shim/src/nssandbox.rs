@@ -118,11 +118,19 @@ impl NsSandbox {
                 crate::imaged::images_dir().display()
             ))
         })?;
+        // Sandboxes whose owner was killed: their processes died with it (they are
+        // cloned with a parent-death signal); their directories and cgroups did not.
+        for stale in crate::owner::prune_stale(&ns_root()) {
+            if let Some(id) = stale.file_name().and_then(|n| n.to_str()) {
+                remove_cgroups(id);
+            }
+        }
         let id = random_id();
         let dir = ns_root().join(&id);
         let sock = dir.join("agent.sock");
         check_socket_path(&sock).map_err(SandboxError::Setup)?;
-        std::fs::create_dir_all(dir.join("guest"))
+        crate::owner::claim(&dir)
+            .and_then(|()| std::fs::create_dir_all(dir.join("guest")))
             .map_err(|e| SandboxError::Setup(format!("create {}: {e}", dir.display())))?;
         let console = if opts.console_to_stderr {
             None

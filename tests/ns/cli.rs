@@ -133,6 +133,79 @@ pub async fn run_leaves_nothing_behind() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A joeyctl killed with SIGKILL while its container runs: the sandbox's processes die
+/// with it (parent-death signal), and the next sandbox started removes its directory
+/// and its cgroups.
+pub async fn a_killed_joeyctl_leaves_nothing_after_the_next_start() -> anyhow::Result<()> {
+    use std::time::Duration;
+    let rootfs = crate::common::env().rootfs.display().to_string();
+    let root = joey_shim::nssandbox::ns_root();
+    let dirs = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect()
+    };
+    let before = dirs();
+    let mut child = tokio::process::Command::new(&crate::common::env().joeyctl)
+        .args([
+            "run",
+            "--ns",
+            "--rootfs",
+            &rootfs,
+            "--",
+            "/bin/sleep",
+            "600",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let running = |d: &std::path::PathBuf| {
+        std::fs::read_to_string(d.join("console.log"))
+            .is_ok_and(|c| c.contains("container started"))
+    };
+    joey_tests::wait_until("the container to start", Duration::from_secs(30), || {
+        dirs().iter().any(|d| !before.contains(d) && running(d))
+    })
+    .await?;
+    let dir = dirs()
+        .into_iter()
+        .find(|d| !before.contains(d) && running(d))
+        .ok_or_else(|| anyhow::anyhow!("the sandbox's directory went away"))?;
+    let sid = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default()
+        .to_string();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id().expect("running") as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    child.wait().await?;
+    joey_tests::wait_until(
+        "the sandbox's processes to end",
+        Duration::from_secs(10),
+        || pids_mentioning(&sid).is_empty(),
+    )
+    .await?;
+    ensure!(
+        dir.exists(),
+        "nothing was left to clean up, so this test proves nothing"
+    );
+    let o = run(&["/bin/true"], b"").await?;
+    ensure!(o.code == 0, "the next run: exit {} ({})", o.code, o.stderr);
+    ensure!(!dir.exists(), "{} survived the next start", dir.display());
+    for h in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
+        let cg = h.path().join("joey").join(&sid);
+        ensure!(!cg.exists(), "cgroup {} was left behind", cg.display());
+    }
+    Ok(())
+}
+
 pub async fn bad_rootfs_is_a_clear_error() -> anyhow::Result<()> {
     let o = crate::common::joeyctl(
         &[

@@ -26,6 +26,7 @@ fn main() {
         cli::env_cwd_and_hostname,
         cli::writes_stay_in_memory,
         cli::run_leaves_nothing_behind,
+        cli::a_killed_joeyctl_leaves_nothing_after_the_next_start,
         cli::bad_rootfs_is_a_clear_error,
         rpc::init_sigterm_without_handler_is_137,
         rpc::exec_sigterm_is_143_and_exec_exit_codes,

@@ -239,7 +239,7 @@ pub async fn killed_joeyctl_leaves_nothing_running() -> anyhow::Result<()> {
         .await?;
     }
     // The SIGKILLed joeyctl's directory is gone once another VM starts.
-    joey_shim::vm::sandbox::prune_stale(&joey_shim::vm::sandbox::vm_root());
+    joey_shim::owner::prune_stale(&joey_shim::vm::sandbox::vm_root());
     no_vm_leftovers()
 }
 

@@ -44,8 +44,6 @@ const CONSOLE_FILE: &str = "console.log";
 /// The VM process's stdout and stderr, in the VM directory.
 const VMM_LOG: &str = "vmm.log";
 const VMM_ERR: &str = "vmm.err";
-/// The file in a VM directory naming the host process that owns the VM.
-const OWNER_FILE: &str = "owner";
 
 fn setup(msg: impl Into<String>) -> VmError {
     VmError::Setup(msg.into())
@@ -169,28 +167,6 @@ pub struct VmSandbox {
     pub started: Instant,
 }
 
-/// Removes the directories of VMs whose owner died without cleaning up (killed with
-/// SIGKILL, say; its VM process and device backends died with it). Returns what it removed.
-pub fn prune_stale(root: &Path) -> Vec<PathBuf> {
-    let mut removed = Vec::new();
-    for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        let owner = std::fs::read_to_string(e.path().join(OWNER_FILE))
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok());
-        let alive = |pid: i32| {
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
-                != Err(nix::errno::Errno::ESRCH)
-        };
-        if let Some(pid) = owner {
-            if !alive(pid) && std::fs::remove_dir_all(e.path()).is_ok() {
-                tracing::info!(dir = %e.path().display(), pid, "removed a stale VM directory");
-                removed.push(e.path());
-            }
-        }
-    }
-    removed
-}
-
 impl VmSandbox {
     /// Starts the devices' backends and the VM's process. Returns once it runs; the guest boots
     /// and its agent answers later (connect with a deadline). Whichever thread calls
@@ -218,12 +194,10 @@ impl VmSandbox {
             }
         }
         let root = vm_root();
-        prune_stale(&root);
+        crate::owner::prune_stale(&root);
         let id = random_id();
         let dir = root.join(&id);
-        std::fs::create_dir_all(&dir)
-            .and_then(|()| std::fs::write(dir.join(OWNER_FILE), std::process::id().to_string()))
-            .map_err(|e| setup(format!("create {}: {e}", dir.display())))?;
+        crate::owner::claim(&dir).map_err(|e| setup(format!("create {}: {e}", dir.display())))?;
         let launched = Self::launch(opts, &vmm_bin, id, &dir);
         if launched.is_err() {
             let _ = std::fs::remove_dir_all(&dir);
