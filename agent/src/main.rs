@@ -136,7 +136,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     dirs.create()
         .with_context(|| format!("create state directories under {}", state_dir.display()))?;
     // joey-init starts the monitor before the agent; an agent on its own starts one.
-    let monitor_socket = match std::env::var_os(monitor::SOCKET_ENV) {
+    let monitor_socket = match std::env::var_os(joey_protocols::contract::MONITOR_SOCKET_ENV) {
         Some(path) => PathBuf::from(path),
         None => monitor::client::spawn_own(&state_dir)?,
     };

@@ -22,10 +22,6 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
 }
 
-/// The variable that tells the agent where the monitor listens (the agent's
-/// `monitor::SOCKET_ENV`).
-const MONITOR_SOCKET_ENV: &str = "JOEY_MONITOR_SOCKET";
-
 /// What the agent's or the monitor's exit means for the sandbox.
 #[derive(Debug, PartialEq, Eq)]
 pub enum AgentExit {
@@ -71,8 +67,8 @@ impl Supervisor {
         self.cfg.state_dir.join("monitor.sock")
     }
 
-    /// Starts the monitor (`joey-agent monitor`), before the agent: the agent
-    /// connects to it, retrying while it starts.
+    /// Starts the monitor (`joey-agent monitor`). The agent connects to it when it
+    /// first needs it, retrying while it starts.
     pub fn spawn_monitor(&mut self) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.cfg.state_dir)?;
         let mut cmd = Command::new(&self.cfg.path);
@@ -88,7 +84,10 @@ impl Supervisor {
     pub fn spawn_agent(&mut self) -> anyhow::Result<()> {
         let mut cmd = Command::new(&self.cfg.path);
         cmd.env("KATA_AGENT_SERVER_ADDR", &self.cfg.addr)
-            .env(MONITOR_SOCKET_ENV, self.monitor_socket())
+            .env(
+                joey_protocols::contract::MONITOR_SOCKET_ENV,
+                self.monitor_socket(),
+            )
             .env("JOEY_AGENT_STATE_DIR", &self.cfg.state_dir)
             .env("JOEY_UNDER_INIT", "1")
             .env(

@@ -31,6 +31,10 @@ pub const INIT_EXIT_MARKER: &str = "joey-init: exit ";
 /// (RPCs that change the machine run only in a VM).
 pub const SANDBOX_KIND_ENV: &str = "JOEY_SANDBOX";
 
+/// The variable joey-init sets for the agent to the container monitor's socket
+/// (`joey-agent monitor --listen PATH`).
+pub const MONITOR_SOCKET_ENV: &str = "JOEY_MONITOR_SOCKET";
+
 /// [`RUNTIME_DIR`], or `$JOEY_RUNTIME_DIR` when set to an absolute path.
 pub fn runtime_dir() -> PathBuf {
     std::env::var_os(RUNTIME_DIR_ENV)

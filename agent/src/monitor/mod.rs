@@ -19,8 +19,6 @@ use anyhow::Context;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-/// The variable joey-init sets to the monitor's socket for the agent.
-pub const SOCKET_ENV: &str = "JOEY_MONITOR_SOCKET";
 /// The most stream bytes one message carries (reads and writes are cut to this).
 pub const MAX_CHUNK: usize = 60 << 10;
 /// Room for a whole message: the header and one chunk.
