@@ -17,6 +17,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 use tracing::{error, info};
 
+use crate::containers::lock;
+
 use super::{
     decode, encode, Body, Entry, Launch, Monitor, MonitorError, Op, Reply, Request, Stream,
     MAX_CHUNK, MAX_MESSAGE,
@@ -80,7 +82,7 @@ impl MonitorClient {
                         error!("the monitor's connection failed: {e:#}");
                     }
                     // Callers still waiting get an error rather than hanging.
-                    pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                    lock(&pending).clear();
                 });
                 info!(socket = %self.path.display(), "connected to the monitor");
                 Ok(fd)
@@ -91,16 +93,10 @@ impl MonitorClient {
     async fn call(&self, op: Op, data: &[u8]) -> anyhow::Result<(Body, Vec<u8>)> {
         let tag = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(tag, tx);
+        lock(&self.pending).insert(tag, tx);
         let msg = encode(&Request { tag, op }, data);
-        if let Err(e) = self.send(&msg).await {
-            self.pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&tag);
+        if let Err(e) = send(self.fd().await?, &msg).await {
+            lock(&self.pending).remove(&tag);
             return Err(e);
         }
         let (body, data) = rx.await.context("the monitor's connection closed")?;
@@ -110,24 +106,24 @@ impl MonitorClient {
         }
     }
 
-    async fn send(&self, msg: &[u8]) -> anyhow::Result<()> {
-        let fd = self.fd().await?;
-        loop {
-            let mut guard = fd.writable().await?;
-            match guard.try_io(|fd| {
-                socket::send(fd.get_ref().as_raw_fd(), msg, MsgFlags::MSG_DONTWAIT)
-                    .map_err(std::io::Error::from)
-            }) {
-                Ok(r) => return r.map(drop).context("send to the monitor"),
-                Err(_would_block) => continue,
-            }
-        }
-    }
-
     async fn done(&self, op: Op) -> anyhow::Result<()> {
         match self.call(op, &[]).await?.0 {
             Body::Done => Ok(()),
             other => anyhow::bail!("the monitor answered {other:?}"),
+        }
+    }
+}
+
+/// Sends one message, waiting while the socket is full.
+async fn send(fd: &AsyncFd<OwnedFd>, msg: &[u8]) -> anyhow::Result<()> {
+    loop {
+        let mut guard = fd.writable().await?;
+        match guard.try_io(|fd| {
+            socket::send(fd.get_ref().as_raw_fd(), msg, MsgFlags::MSG_DONTWAIT)
+                .map_err(std::io::Error::from)
+        }) {
+            Ok(r) => return r.map(drop).context("send to the monitor"),
+            Err(_would_block) => continue,
         }
     }
 }
@@ -175,10 +171,7 @@ async fn read_replies(fd: &AsyncFd<OwnedFd>, pending: &Pending) -> anyhow::Resul
             anyhow::bail!("the monitor closed the connection");
         }
         let (reply, data): (Reply, _) = decode(&buf[..n])?;
-        let tx = pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&reply.tag);
+        let tx = lock(pending).remove(&reply.tag);
         if let Some(tx) = tx {
             let _ = tx.send((reply.body, data.to_vec()));
         }
@@ -278,19 +271,7 @@ impl Monitor for MonitorClient {
             Err(Errno::EAGAIN) => {
                 let fd = fd.clone();
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    rt.spawn(async move {
-                        loop {
-                            let Ok(mut guard) = fd.writable().await else {
-                                return;
-                            };
-                            if let Ok(_sent) = guard.try_io(|fd| {
-                                socket::send(fd.get_ref().as_raw_fd(), &msg, MsgFlags::MSG_DONTWAIT)
-                                    .map_err(std::io::Error::from)
-                            }) {
-                                return;
-                            }
-                        }
-                    });
+                    rt.spawn(async move { send(&fd, &msg).await });
                 }
             }
             Err(e) => tracing::warn!("tell the monitor to forget {cid}: {e}"),

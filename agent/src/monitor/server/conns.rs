@@ -217,7 +217,7 @@ impl Server {
                 let Some(p) = self.procs.get_mut(&key) else {
                     return self.reply(asker, missing(&key.0, &key.1));
                 };
-                if p.input.closed || p.input.fd.is_none() {
+                if p.input.closed || p.input.io.fd.is_none() {
                     let message = format!("stdin of {}/{} is closed", key.0, key.1);
                     let kind = ErrorKind::Invalid;
                     return self.reply(asker, Body::Error { kind, message });
@@ -253,7 +253,7 @@ impl Server {
                         kind: ErrorKind::Invalid,
                         message: format!("{}/{} has no terminal", key.0, key.1),
                     },
-                    Some(p) => match p.input.fd.as_ref().or(p.out.fd.as_ref()) {
+                    Some(p) => match p.input.io.fd.as_ref().or(p.out.io.fd.as_ref()) {
                         None => Body::Error {
                             kind: ErrorKind::Failed,
                             message: format!("the terminal of {}/{} is closed", key.0, key.1),
@@ -304,16 +304,12 @@ impl Server {
             let mut askers: Vec<Asker> = p.waiters.drain(..).collect();
             for out in [Some(&mut p.out), p.err.as_mut()].into_iter().flatten() {
                 askers.extend(out.readers.drain(..).map(|(a, _)| a));
-                self.tokens.remove(&out.token);
-                if let (Some(fd), true) = (&out.fd, out.armed) {
-                    let _ = self.epoll.delete(fd);
-                }
+                self.tokens.remove(&out.io.token);
+                out.io.close(&self.epoll);
             }
             askers.extend(p.input.writes.drain(..).filter_map(|w| w.0));
-            self.tokens.remove(&p.input.token);
-            if let (Some(fd), true) = (&p.input.fd, p.input.armed) {
-                let _ = self.epoll.delete(fd);
-            }
+            self.tokens.remove(&p.input.io.token);
+            p.input.io.close(&self.epoll);
             for a in askers {
                 self.reply(a, gone());
             }

@@ -270,9 +270,7 @@ impl Server {
             stdio::set_nonblocking(fd.as_fd().as_raw_fd())?;
         }
         let output = |server: &mut Server, fd: OwnedFd, stream: Stream| Output {
-            fd: Some(fd),
-            token: server.token(Source::Out(key.clone(), stream)),
-            armed: false,
+            io: Watched::new(fd, server.token(Source::Out(key.clone(), stream))),
             buf: VecDeque::new(),
             eof: false,
             readers: VecDeque::new(),
@@ -280,9 +278,7 @@ impl Server {
         let out = output(self, stdout, Stream::Stdout);
         let err = stderr.map(|fd| output(self, fd, Stream::Stderr));
         let input = Input {
-            fd: Some(stdin),
-            token: self.token(Source::In(key.clone())),
-            armed: false,
+            io: Watched::new(stdin, self.token(Source::In(key.clone()))),
             writes: VecDeque::new(),
             closed: false,
         };

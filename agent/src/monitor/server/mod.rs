@@ -76,19 +76,59 @@ struct Conn {
     writable_armed: bool,
 }
 
-struct Output {
+/// A process's stdio descriptor the loop watches. It is in the epoll set only while
+/// the loop wants something from it: an idle pipe's hang-up would otherwise wake the
+/// loop for nothing.
+struct Watched {
     fd: Option<OwnedFd>,
     token: u64,
     armed: bool,
+}
+
+impl Watched {
+    fn new(fd: OwnedFd, token: u64) -> Self {
+        Watched {
+            fd: Some(fd),
+            token,
+            armed: false,
+        }
+    }
+
+    /// Watches for `flags`, or stops watching when they are empty.
+    fn interest(&mut self, epoll: &Epoll, flags: EpollFlags) {
+        let Some(fd) = self.fd.as_ref() else {
+            return;
+        };
+        let want = !flags.is_empty();
+        let r = match (self.armed, want) {
+            (false, true) => epoll.add(fd, EpollEvent::new(flags, self.token)),
+            (true, false) => epoll.delete(fd),
+            _ => Ok(()),
+        };
+        match r {
+            Ok(()) => self.armed = want,
+            Err(e) => warn!("monitor: epoll on fd {}: {e}", fd.as_raw_fd()),
+        }
+    }
+
+    /// Stops watching it and closes it. (Closing alone would not do: a terminal's
+    /// stdin and stdout are two descriptors of one file, which epoll keeps watching
+    /// until both are closed.)
+    fn close(&mut self, epoll: &Epoll) {
+        self.interest(epoll, EpollFlags::empty());
+        self.fd = None;
+    }
+}
+
+struct Output {
+    io: Watched,
     buf: VecDeque<u8>,
     eof: bool,
     readers: VecDeque<(Asker, usize)>,
 }
 
 struct Input {
-    fd: Option<OwnedFd>,
-    token: u64,
-    armed: bool,
+    io: Watched,
     /// Pending writes: who asked (none for the terminal's end-of-transmission), the
     /// bytes and how many are written.
     writes: VecDeque<(Option<Asker>, Vec<u8>, usize)>,
@@ -268,20 +308,6 @@ impl Server {
         self.next_token += 1;
         self.tokens.insert(t, source);
         t
-    }
-
-    /// Starts or stops watching `fd` (`flags` empty stops).
-    fn watch(epoll: &Epoll, fd: &OwnedFd, token: u64, armed: &mut bool, flags: EpollFlags) {
-        let want = !flags.is_empty();
-        let r = match (*armed, want) {
-            (false, true) => epoll.add(fd, EpollEvent::new(flags, token)),
-            (true, false) => epoll.delete(fd),
-            _ => Ok(()),
-        };
-        match r {
-            Ok(()) => *armed = want,
-            Err(e) => warn!("monitor: epoll on fd {}: {e}", fd.as_raw_fd()),
-        }
     }
 
     fn dispatch(&mut self, token: u64, events: EpollFlags) {

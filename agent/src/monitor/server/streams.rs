@@ -13,19 +13,15 @@ impl Server {
             return;
         };
         let mut chunk = [0u8; 16 << 10];
-        while let Some(fd) = out.fd.as_ref() {
+        while let Some(fd) = out.io.fd.as_ref().map(|fd| fd.as_raw_fd()) {
             let room = OUTPUT_LIMIT.saturating_sub(out.buf.len()).min(chunk.len());
             if room == 0 {
                 break;
             }
-            match nix::unistd::read(fd.as_raw_fd(), &mut chunk[..room]) {
+            match nix::unistd::read(fd, &mut chunk[..room]) {
                 Ok(0) | Err(Errno::EIO) => {
                     // Every writer is gone (EIO: the terminal's slave side closed).
-                    if out.armed {
-                        let _ = self.epoll.delete(fd);
-                        out.armed = false;
-                    }
-                    out.fd = None;
+                    out.io.close(&self.epoll);
                     out.eof = true;
                 }
                 Ok(n) => out.buf.extend(&chunk[..n]),
@@ -33,22 +29,16 @@ impl Server {
                 Err(Errno::EAGAIN) => break,
                 Err(e) => {
                     warn!(cid = %key.0, eid = %key.1, "monitor: read {stream:?}: {e}");
-                    if out.armed {
-                        let _ = self.epoll.delete(fd);
-                        out.armed = false;
-                    }
-                    out.fd = None;
+                    out.io.close(&self.epoll);
                     out.eof = true;
                 }
             }
         }
-        if let Some(fd) = out.fd.as_ref() {
-            let flags = match out.buf.len() < OUTPUT_LIMIT {
-                true => EpollFlags::EPOLLIN,
-                false => EpollFlags::empty(),
-            };
-            Self::watch(&self.epoll, fd, out.token, &mut out.armed, flags);
-        }
+        let flags = match out.buf.len() < OUTPUT_LIMIT {
+            true => EpollFlags::EPOLLIN,
+            false => EpollFlags::empty(),
+        };
+        out.io.interest(&self.epoll, flags);
         self.serve_readers(key, stream);
     }
 
@@ -76,16 +66,8 @@ impl Server {
         let Some(out) = self.procs.get_mut(key).and_then(|p| p.output(stream)) else {
             return;
         };
-        if let (Some(fd), false) = (out.fd.as_ref(), out.armed) {
-            if out.buf.len() < OUTPUT_LIMIT {
-                Self::watch(
-                    &self.epoll,
-                    fd,
-                    out.token,
-                    &mut out.armed,
-                    EpollFlags::EPOLLIN,
-                );
-            }
+        if out.buf.len() < OUTPUT_LIMIT {
+            out.io.interest(&self.epoll, EpollFlags::EPOLLIN);
         }
     }
 
@@ -96,7 +78,7 @@ impl Server {
         };
         let input = &mut p.input;
         let mut answers = Vec::new();
-        while let (Some(fd), Some(front)) = (input.fd.as_ref(), input.writes.front_mut()) {
+        while let (Some(fd), Some(front)) = (input.io.fd.as_ref(), input.writes.front_mut()) {
             let (asker, data, done) = front;
             if *done == data.len() {
                 if let Some(a) = asker.take() {
@@ -124,29 +106,18 @@ impl Server {
                             ));
                         }
                     }
-                    if input.armed {
-                        let _ = self.epoll.delete(fd);
-                        input.armed = false;
-                    }
-                    input.fd = None;
+                    input.io.close(&self.epoll);
                 }
             }
         }
         if input.closed && input.writes.is_empty() && !p.entry.terminal {
-            if let Some(fd) = input.fd.take() {
-                if input.armed {
-                    let _ = self.epoll.delete(&fd);
-                    input.armed = false;
-                }
-            }
+            input.io.close(&self.epoll);
         }
-        if let Some(fd) = input.fd.as_ref() {
-            let flags = match input.writes.is_empty() {
-                true => EpollFlags::empty(),
-                false => EpollFlags::EPOLLOUT,
-            };
-            Self::watch(&self.epoll, fd, input.token, &mut input.armed, flags);
-        }
+        let flags = match input.writes.is_empty() {
+            true => EpollFlags::empty(),
+            false => EpollFlags::EPOLLOUT,
+        };
+        input.io.interest(&self.epoll, flags);
         for (a, body) in answers {
             self.reply(a, body);
         }
