@@ -173,6 +173,38 @@ pub fn bind(addr: &ServeAddr, writes: WriteCounter) -> anyhow::Result<Listener> 
     }
 }
 
+/// The listening Unix socket joey-init passed on
+/// ([`joey_protocols::contract::AGENT_LISTEN_FD_ENV`]), if it passed one: the agent
+/// serves on it instead of binding its address.
+pub fn inherited(writes: WriteCounter) -> anyhow::Result<Option<Listener>> {
+    use nix::sys::socket::{getsockname, getsockopt, sockopt, UnixAddr};
+    use std::os::fd::{AsFd, FromRawFd, RawFd};
+    let var = joey_protocols::contract::AGENT_LISTEN_FD_ENV;
+    let Ok(value) = std::env::var(var) else {
+        return Ok(None);
+    };
+    let fd: RawFd = value
+        .parse()
+        .ok()
+        .filter(|fd| *fd > 2)
+        .with_context(|| format!("{var}={value:?}: not a descriptor above 2"))?;
+    // SAFETY: init passed this descriptor to this process alone, for the agent to own;
+    // nothing else in the agent uses it.
+    let l = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+    let listening = getsockopt(&l.as_fd(), sockopt::AcceptConn)
+        .with_context(|| format!("{var}={fd}: not a socket"))?;
+    getsockname::<UnixAddr>(fd).with_context(|| format!("{var}={fd}: not a Unix socket"))?;
+    anyhow::ensure!(listening, "{var}={fd}: the socket is not listening");
+    nix::fcntl::fcntl(
+        fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .context("set close-on-exec on the inherited socket")?;
+    l.set_nonblocking(true)?;
+    let l = tokio::net::UnixListener::from_std(l).context("register the inherited socket")?;
+    Ok(Some(counted(l, writes)))
+}
+
 /// A bound listener of either kind.
 trait Accept: Send + 'static {
     type Conn: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static;

@@ -161,8 +161,16 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             agent: agent.clone(),
         }));
     let health_service = joey_protocols::health_ttrpc::create_health(Arc::new(server::HealthRpc));
+    // joey-init may pass a socket made by the host (namespace sandboxes): it outlives
+    // this agent, and its path is the host's to remove.
+    let inherited = listener::inherited(writes.clone())?;
+    let activated = inherited.is_some();
+    let l = match inherited {
+        Some(l) => l,
+        None => listener::bind(&addr, writes.clone())?,
+    };
     let mut server = ttrpc::r#async::Server::new()
-        .add_listener(listener::bind(&addr, writes.clone())?)
+        .add_listener(l)
         .register_service(agent_service)
         .register_service(health_service);
     server.start().await.context("start the ttrpc server")?;
@@ -191,8 +199,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     {
         warn!("ttrpc server did not shut down within 2s");
     }
-    if let listener::ServeAddr::Unix(path) = &addr {
-        let _ = std::fs::remove_file(path);
+    match &addr {
+        listener::ServeAddr::Unix(path) if !activated => {
+            let _ = std::fs::remove_file(path);
+        }
+        _ => {}
     }
     Ok(())
 }

@@ -8,13 +8,15 @@ use joey_protocols::contract::{AGENT_DEFAULT_ADDR, RUNTIME_DIR};
 pub const USAGE: &str = "\
 joey-init: PID 1 of a joey sandbox
 
-Usage: joey-init [--sandbox vm|ns] [--agent PATH] [--agent-addr ADDR] [--guest-dir DIR]
-                 [--images-dir DIR]
+Usage: joey-init [--sandbox vm|ns] [--agent PATH] [--agent-addr ADDR] [--agent-listen-fd N]
+                 [--guest-dir DIR] [--images-dir DIR]
 
   --sandbox vm|ns     where init runs: PID 1 of a microVM (default) or of host namespaces
   --agent PATH        the agent binary (default /usr/bin/joey-agent; in a VM,
                       JOEY_AGENT_PATH=... on the kernel command line sets it)
   --agent-addr ADDR   the agent's address (default vsock://-1:1024)
+  --agent-listen-fd N a listening socket (inherited) the agent serves on, kept by
+                      init for every agent it starts
   --guest-dir DIR     a private tmpfs for the agent's state (default /run/joey)
   --images-dir DIR    ns: the host's images directory, kept a slave of the host's
                       (default /run/joey/images)
@@ -26,6 +28,8 @@ pub struct Args {
     pub sandbox: String,
     pub agent: PathBuf,
     pub agent_addr: String,
+    /// An inherited listening socket for the agent, instead of binding `agent_addr`.
+    pub agent_listen_fd: Option<i32>,
     pub guest_dir: PathBuf,
     /// In a namespace sandbox: the host's images directory, whose mounts keep reaching
     /// the sandbox.
@@ -50,6 +54,7 @@ impl Args {
                 .unwrap_or_else(|| "/usr/bin/joey-agent".into())
                 .into(),
             agent_addr: AGENT_DEFAULT_ADDR.into(),
+            agent_listen_fd: None,
             guest_dir: RUNTIME_DIR.into(),
             images_dir: joey_protocols::contract::images_dir(),
         }
@@ -78,6 +83,13 @@ pub fn parse<I: IntoIterator<Item = String>>(
             "--sandbox" => args.sandbox = value()?,
             "--agent" => args.agent = value()?.into(),
             "--agent-addr" => args.agent_addr = value()?,
+            "--agent-listen-fd" => {
+                let v = value()?;
+                args.agent_listen_fd =
+                    Some(v.parse().ok().filter(|fd| *fd > 2).ok_or_else(|| {
+                        format!("--agent-listen-fd {v:?}: not a descriptor above 2")
+                    })?)
+            }
             "--guest-dir" => args.guest_dir = value()?.into(),
             "--images-dir" => args.images_dir = value()?.into(),
             "-h" | "--help" => return Ok(Parsed::Help),
@@ -118,6 +130,7 @@ mod tests {
                 "--agent=/a",
                 "--agent-addr",
                 "unix:///s",
+                "--agent-listen-fd=3",
                 "--guest-dir=/g",
                 "--images-dir",
                 "/i",
@@ -132,6 +145,7 @@ mod tests {
                 sandbox: "ns".into(),
                 agent: "/a".into(),
                 agent_addr: "unix:///s".into(),
+                agent_listen_fd: Some(3),
                 guest_dir: "/g".into(),
                 images_dir: "/i".into(),
             }
@@ -141,6 +155,8 @@ mod tests {
     #[test]
     fn bad_input_is_named() {
         assert_eq!(p(&["--agent"], None), Err("--agent needs a value".into()));
+        assert!(p(&["--agent-listen-fd", "1"], None).is_err());
+        assert!(p(&["--agent-listen-fd", "x"], None).is_err());
         assert_eq!(
             p(&["quiet"], None),
             Err("unexpected argument \"quiet\"".into())

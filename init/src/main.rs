@@ -87,9 +87,10 @@ fn main() {
 /// Sets up the sandbox and supervises the agent; returns init's exit code.
 fn run(mode: Mode, args: &Args) -> anyhow::Result<i32> {
     signals::block()?;
-    if mode == Mode::Namespace {
-        mounts::make_private(&args.images_dir)?;
-    }
+    let host_mounts = match mode {
+        Mode::Namespace => mounts::make_slave()?,
+        Mode::Vm => Vec::new(),
+    };
     mounts::apply(&mounts::plan(mode, &args.guest_dir))?;
     if let Err(e) = mounts::loopback_up() {
         warn!("{e:#}");
@@ -102,12 +103,14 @@ fn run(mode: Mode, args: &Args) -> anyhow::Result<i32> {
         },
         path: args.agent.clone(),
         addr: args.agent_addr.clone(),
+        listen_fd: args.agent_listen_fd,
         state_dir: args.guest_dir.join("agent"),
     });
     // The agent first: Check is answered without the monitor, which the agent
     // connects to when it first needs it.
     sup.spawn_agent()?;
     sup.spawn_monitor()?;
+    mounts::make_private(&host_mounts, &args.images_dir);
     loop {
         let timeout = sup
             .restart_at

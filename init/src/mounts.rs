@@ -99,11 +99,9 @@ pub fn plan(mode: Mode, guest_dir: &Path) -> Vec<Step> {
     }
 }
 
-/// Makes every mount private, so nothing init or the agent mounts reaches the host and
-/// nothing the host mounts reaches the sandbox, except under `keep` (the host image
-/// service's directory), which stays a slave of the host's: an image the service
-/// mounts after the sandbox started still appears in it.
-pub fn make_private(keep: &Path) -> anyhow::Result<()> {
+/// Makes every mount a slave of the host's (one call), so nothing init or the agent
+/// mounts reaches the host, and lists the mounts [`make_private`] then detaches.
+pub fn make_slave() -> anyhow::Result<Vec<std::path::PathBuf>> {
     nix::mount::mount(
         None::<&str>,
         "/",
@@ -114,13 +112,22 @@ pub fn make_private(keep: &Path) -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("make / rslave: {e}"))?;
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| anyhow::anyhow!("read /proc/self/mountinfo: {e}"))?;
-    for point in joey_protocols::mountinfo::mount_points(&mountinfo) {
+    Ok(joey_protocols::mountinfo::mount_points(&mountinfo).collect())
+}
+
+/// Makes each of `points` (the host's mounts, from [`make_slave`]) private, so nothing
+/// the host mounts later reaches the sandbox, except under `keep` (the host image
+/// service's directory), which stays a slave of the host's: an image the service
+/// mounts after the sandbox started still appears in it. One call per mount: init does
+/// this once the agent is starting, which does not need it.
+pub fn make_private(points: &[std::path::PathBuf], keep: &Path) {
+    for point in points {
         if point.starts_with(keep) {
             continue;
         }
         if let Err(e) = nix::mount::mount(
             None::<&str>,
-            &point,
+            point,
             None::<&str>,
             MsFlags::MS_PRIVATE,
             None::<&str>,
@@ -128,7 +135,6 @@ pub fn make_private(keep: &Path) -> anyhow::Result<()> {
             tracing::debug!(mount = %point.display(), "make private: {e}");
         }
     }
-    Ok(())
 }
 
 pub fn apply(steps: &[Step]) -> anyhow::Result<()> {

@@ -19,6 +19,8 @@ pub struct AgentConfig {
     pub sandbox_kind: &'static str,
     pub path: PathBuf,
     pub addr: String,
+    /// A listening socket init keeps and passes to every agent it starts.
+    pub listen_fd: Option<i32>,
     pub state_dir: PathBuf,
 }
 
@@ -54,6 +56,10 @@ pub struct Supervisor {
 
 impl Supervisor {
     pub fn new(cfg: AgentConfig) -> Self {
+        // Only the agents get the listening socket (see `spawn_agent`).
+        if let Some(fd) = cfg.listen_fd {
+            set_cloexec(fd, true);
+        }
         Supervisor {
             cfg,
             agent: None,
@@ -94,7 +100,21 @@ impl Supervisor {
                 joey_protocols::contract::SANDBOX_KIND_ENV,
                 self.cfg.sandbox_kind,
             );
-        let pid = spawn(cmd, "agent", &self.cfg.path)?;
+        let pid = match self.cfg.listen_fd {
+            Some(fd) => {
+                cmd.env(
+                    joey_protocols::contract::AGENT_LISTEN_FD_ENV,
+                    fd.to_string(),
+                );
+                // Inherited by this one spawn: init is single-threaded, so no other
+                // child can start while the flag is off.
+                set_cloexec(fd, false);
+                let spawned = spawn(cmd, "agent", &self.cfg.path);
+                set_cloexec(fd, true);
+                spawned?
+            }
+            None => spawn(cmd, "agent", &self.cfg.path)?,
+        };
         info!(pid = pid.as_raw(), addr = %self.cfg.addr, "agent started");
         self.agent = Some(pid);
         self.restart_at = None;
@@ -160,6 +180,19 @@ fn spawn(mut cmd: Command, what: &str, path: &std::path::Path) -> anyhow::Result
     Ok(Pid::from_raw(child.id() as i32))
 }
 
+fn set_cloexec(fd: i32, on: bool) {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let flag = if on {
+        FdFlag::FD_CLOEXEC
+    } else {
+        FdFlag::empty()
+    };
+    // `fd` is the listening socket init was given and keeps open for its life.
+    if let Err(e) = fcntl(fd, FcntlArg::F_SETFD(flag)) {
+        warn!("set close-on-exec of the agent's listening socket: {e}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,6 +221,7 @@ mod tests {
             sandbox_kind: "ns",
             path: "/nonexistent".into(),
             addr: String::new(),
+            listen_fd: None,
             state_dir: "/tmp".into(),
         });
         for _ in 0..MAX_RESTARTS {

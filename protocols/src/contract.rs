@@ -35,6 +35,13 @@ pub const SANDBOX_KIND_ENV: &str = "JOEY_SANDBOX";
 /// (`joey-agent monitor --listen PATH`).
 pub const MONITOR_SOCKET_ENV: &str = "JOEY_MONITOR_SOCKET";
 
+/// The variable joey-init sets for the agent to the number of a listening socket it
+/// passes on (`--agent-listen-fd`): the agent serves on it instead of binding its
+/// address. A namespace sandbox's host makes that socket before the sandbox starts,
+/// so its first connect succeeds at once and waits in the backlog while the agent
+/// starts (or restarts) rather than failing and being retried.
+pub const AGENT_LISTEN_FD_ENV: &str = "JOEY_AGENT_LISTEN_FD";
+
 /// [`RUNTIME_DIR`], or `$JOEY_RUNTIME_DIR` when set to an absolute path.
 pub fn runtime_dir() -> PathBuf {
     std::env::var_os(RUNTIME_DIR_ENV)

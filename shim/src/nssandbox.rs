@@ -142,6 +142,12 @@ impl NsSandbox {
         };
         let devnull = File::open("/dev/null")
             .map_err(|e| SandboxError::Setup(format!("open /dev/null: {e}")))?;
+        // The agent's socket, made here and passed down (init keeps it for every agent
+        // it starts): a client's connect succeeds from now on and waits in the backlog
+        // until the agent accepts, instead of failing until the agent has bound it.
+        // Only the sandbox holds it once started, so a dead sandbox refuses connects.
+        let listener = std::os::unix::net::UnixListener::bind(&sock)
+            .map_err(|e| SandboxError::Setup(format!("listen on {}: {e}", sock.display())))?;
         let argv = [
             cstr(&bins.init)?,
             cstr("--sandbox")?,
@@ -150,6 +156,8 @@ impl NsSandbox {
             cstr(&bins.agent)?,
             cstr("--agent-addr")?,
             cstr(format!("unix://{}", sock.display()))?,
+            cstr("--agent-listen-fd")?,
+            cstr(AGENT_LISTEN_FD.to_string())?,
             cstr("--guest-dir")?,
             cstr(dir.join("guest"))?,
             // Init does not see $JOEY_RUNTIME_DIR: it is told where the images are.
@@ -168,8 +176,15 @@ impl NsSandbox {
         let pid = on_spawner_thread(move || {
             let console_fd = console.as_ref().map(|f| f.as_raw_fd());
             let null_fd = devnull.as_raw_fd();
+            // Closed here (the closure owns it) once the child has exec'd.
+            let listen_fd = listener.as_raw_fd();
             let mut stack = vec![0u8; 256 * 1024];
-            let flags = CloneFlags::CLONE_NEWPID
+            // CLONE_VM|CLONE_VFORK: the child borrows joeyctl's memory until its exec,
+            // as posix_spawn does; copying the page tables of a big multi-threaded
+            // process only to throw them away at the exec cost about a millisecond.
+            let flags = CloneFlags::CLONE_VM
+                | CloneFlags::CLONE_VFORK
+                | CloneFlags::CLONE_NEWPID
                 | CloneFlags::CLONE_NEWNS
                 | CloneFlags::CLONE_NEWUTS
                 | CloneFlags::CLONE_NEWIPC
@@ -183,6 +198,13 @@ impl NsSandbox {
                         libc::dup2(fd, 1);
                         libc::dup2(fd, 2);
                     }
+                    // dup2 clears close-on-exec on the copy, but does nothing when the
+                    // descriptor already has the number.
+                    if listen_fd == AGENT_LISTEN_FD {
+                        libc::fcntl(listen_fd, libc::F_SETFD, 0);
+                    } else {
+                        libc::dup2(listen_fd, AGENT_LISTEN_FD);
+                    }
                     // If joeyctl dies, the sandbox dies with it (and its PID namespace).
                     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
                 }
@@ -190,8 +212,9 @@ impl NsSandbox {
                 127
             });
             // SAFETY: the child only performs async-signal-safe calls before execve (see
-            // the callback), and `stack` outlives the clone call (the child gets its own
-            // copy of the address space since CLONE_VM is not set).
+            // the callback), writing nothing but its own stack; it shares this address
+            // space (CLONE_VM) and this thread waits until it has exec'd or exited
+            // (CLONE_VFORK), so `stack`, `argv` and `envp` outlive its use of them.
             unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }
         })
         .map_err(|e| SandboxError::Setup(format!("clone into new namespaces: {e}")))?;
@@ -273,6 +296,9 @@ impl Drop for NsSandbox {
 pub fn container_cgroup(sandbox: &str, cid: &str) -> String {
     format!("/{CGROUP_PARENT}/{sandbox}/{cid}")
 }
+
+/// The descriptor number joey-init gets the agent's listening socket on.
+const AGENT_LISTEN_FD: i32 = 3;
 
 const CGROUP_PARENT: &str = "joey";
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
