@@ -93,7 +93,18 @@ impl Runtime for Libcontainer {
 
     async fn delete(&self, id: &str, cgroups_path: Option<&str>) -> anyhow::Result<()> {
         let dir = self.root.join(id);
-        if dir.exists() {
+        if let Some(cgroup) = plain_state(&dir) {
+            // Without hooks to run, libcontainer's delete removes the cgroup and the
+            // state, and nothing else: done here without its /proc walks.
+            let d = dir.clone();
+            tokio::task::spawn_blocking(move || {
+                crate::cgroup::remove(&cgroup)?;
+                std::fs::remove_dir_all(&d).with_context(|| format!("remove {}", d.display()))
+            })
+            .await
+            .context("delete task panicked")?
+            .with_context(|| format!("delete container {id}"))?;
+        } else if dir.exists() {
             if let Err(e) = self.with_container(id, "delete", |c| c.delete(true)).await {
                 // Half-written state (a launch that died) cannot be loaded: remove it.
                 std::fs::remove_dir_all(&dir)
@@ -102,7 +113,7 @@ impl Runtime for Libcontainer {
             }
         }
         if let Some(cg) = cgroups_path {
-            prune_cgroup_parents(Path::new(CGROUP_ROOT), cg);
+            crate::cgroup::prune_parents(cg);
         }
         Ok(())
     }
@@ -124,32 +135,17 @@ impl Runtime for Libcontainer {
     }
 }
 
-pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
-
-/// libcontainer removes a container's own cgroup but not the parents it created
-/// (`/joey/<sandbox>` for `/joey/<sandbox>/<container>`). Removes those that are empty,
-/// in the cgroup2 root and in every v1 hierarchy under `root`, but never the first
-/// component, which other sandboxes share (removing it could race their creation).
-pub fn prune_cgroup_parents(root: &Path, cgroups_path: &str) {
-    let rel = Path::new(cgroups_path.trim_start_matches('/'));
-    let parents: Vec<&Path> = rel
-        .ancestors()
-        .skip(1)
-        .filter(|p| p.components().count() >= 2)
-        .collect();
-    if parents.is_empty() {
-        return;
+/// The cgroup of the container whose libcontainer state is in `dir`, if that state
+/// names one and no hooks (which only libcontainer's delete runs): read from the
+/// `youki_config.json` libcontainer writes at create.
+fn plain_state(dir: &Path) -> Option<String> {
+    let text = std::fs::read(dir.join("youki_config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    if !config.get("hooks").is_some_and(serde_json::Value::is_null) {
+        return None;
     }
-    let mut bases = vec![root.to_path_buf()];
-    if let Ok(entries) = std::fs::read_dir(root) {
-        bases.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
-    }
-    for base in &bases {
-        for p in &parents {
-            // Fails (and is meant to) while the cgroup has children or processes.
-            let _ = std::fs::remove_dir(base.join(p));
-        }
-    }
+    let cgroup = config.get("cgroup_path")?.as_str()?;
+    (!cgroup.trim_start_matches('/').is_empty()).then(|| cgroup.to_string())
 }
 
 /// The names of the entries of `dir` (none if it cannot be read).
@@ -160,22 +156,4 @@ pub fn dir_names(dir: &Path) -> Vec<String> {
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn empty_cgroup_parents_are_pruned_but_not_the_shared_top() {
-        let tmp = tempfile::tempdir().unwrap();
-        for h in ["memory", "pids"] {
-            std::fs::create_dir_all(tmp.path().join(h).join("joey/sb")).unwrap();
-        }
-        std::fs::create_dir_all(tmp.path().join("pids/joey/sb/other")).unwrap();
-        prune_cgroup_parents(tmp.path(), "/joey/sb/c1");
-        assert!(!tmp.path().join("memory/joey/sb").exists());
-        assert!(tmp.path().join("memory/joey").exists());
-        assert!(tmp.path().join("pids/joey/sb/other").exists());
-    }
 }
