@@ -92,9 +92,6 @@ fn run(mode: Mode, args: &Args) -> anyhow::Result<i32> {
         Mode::Vm => Vec::new(),
     };
     mounts::apply(&mounts::plan(mode, &args.guest_dir))?;
-    if let Err(e) = mounts::loopback_up() {
-        warn!("{e:#}");
-    }
     info!(?mode, "init ready");
     let mut sup = Supervisor::new(AgentConfig {
         sandbox_kind: match mode {
@@ -110,7 +107,11 @@ fn run(mode: Mode, args: &Args) -> anyhow::Result<i32> {
     // connects to when it first needs it.
     sup.spawn_agent()?;
     sup.spawn_monitor()?;
+    // What neither needs to start, done while they do (long before a container runs).
     mounts::make_private(&host_mounts, &args.images_dir);
+    if let Err(e) = mounts::loopback_up() {
+        warn!("{e:#}");
+    }
     loop {
         let timeout = sup
             .restart_at

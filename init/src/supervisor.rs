@@ -170,14 +170,82 @@ impl Supervisor {
     }
 }
 
-/// Spawns `cmd`. Init blocks the signals it waits for and its children inherit that
-/// mask: joey-agent (and the monitor, the same binary) clears it first thing, which
-/// lets this spawn without a pre-exec hook (posix_spawn, no copy of init's memory).
-fn spawn(mut cmd: Command, what: &str, path: &std::path::Path) -> anyhow::Result<Pid> {
-    let child = cmd
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("start {what} {}: {e}", path.display()))?;
-    Ok(Pid::from_raw(child.id() as i32))
+/// Spawns `cmd` (its program, arguments and the variables it sets over init's). Init
+/// blocks the signals it waits for and its children inherit that mask: joey-agent
+/// (and the monitor, the same binary) clears it first thing. The child borrows init's
+/// memory until its exec (CLONE_VM|CLONE_VFORK, as posix_spawn does) but skips
+/// posix_spawn's reset of every signal's handler, a hundred system calls on the way
+/// to each agent start: init installs no handler a blocked signal could run.
+fn spawn(cmd: Command, what: &str, path: &std::path::Path) -> anyhow::Result<Pid> {
+    use std::ffi::{CString, OsString};
+    use std::os::unix::ffi::OsStrExt;
+    let cstr = |s: &std::ffi::OsStr| {
+        CString::new(s.as_bytes()).map_err(|_| anyhow::anyhow!("start {what}: a NUL in {s:?}"))
+    };
+    let mut argv = vec![cstr(cmd.get_program())?];
+    for a in cmd.get_args() {
+        argv.push(cstr(a)?);
+    }
+    let mut env: std::collections::BTreeMap<OsString, OsString> = std::env::vars_os().collect();
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => env.insert(k.to_owned(), v.to_owned()),
+            None => env.remove(k),
+        };
+    }
+    let mut envp = Vec::with_capacity(env.len());
+    for (k, v) in &env {
+        let mut kv = k.clone();
+        kv.push("=");
+        kv.push(v);
+        envp.push(cstr(&kv)?);
+    }
+    let argv_ptrs: Vec<*const libc::c_char> = argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let envp_ptrs: Vec<*const libc::c_char> = envp
+        .iter()
+        .map(|e| e.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    // The child's exec error, written through the shared memory before it exits.
+    let exec_errno = std::sync::atomic::AtomicI32::new(0);
+    let mut stack = vec![0u8; 64 * 1024];
+    let child = Box::new(|| -> isize {
+        // SAFETY: execve with NUL-terminated arrays of pointers to strings that live
+        // until this returns (the parent is suspended until the child execs or exits).
+        unsafe { libc::execve(argv_ptrs[0], argv_ptrs.as_ptr(), envp_ptrs.as_ptr()) };
+        exec_errno.store(
+            nix::errno::Errno::last_raw(),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        127
+    });
+    // SAFETY: the child shares this address space (CLONE_VM) and only calls execve or
+    // stores an error and returns; this thread (init has one) is suspended until then
+    // (CLONE_VFORK), so the stack and every pointer it uses outlive it.
+    let pid = unsafe {
+        nix::sched::clone(
+            child,
+            &mut stack,
+            nix::sched::CloneFlags::CLONE_VM | nix::sched::CloneFlags::CLONE_VFORK,
+            Some(libc::SIGCHLD),
+        )
+    }
+    .map_err(|e| anyhow::anyhow!("start {what} {}: {e}", path.display()))?;
+    match exec_errno.load(std::sync::atomic::Ordering::SeqCst) {
+        0 => Ok(pid),
+        errno => {
+            let _ = waitpid(pid, None);
+            Err(anyhow::anyhow!(
+                "start {what} {}: {}",
+                path.display(),
+                nix::errno::Errno::from_raw(errno).desc()
+            ))
+        }
+    }
 }
 
 fn set_cloexec(fd: i32, on: bool) {
