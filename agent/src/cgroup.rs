@@ -21,11 +21,13 @@ pub enum Layout {
     V1,
 }
 
+/// Found once: the mounts do not change under a running agent.
 pub fn layout() -> Layout {
-    match libcgroups::common::get_cgroup_setup() {
+    static FOUND: OnceLock<Layout> = OnceLock::new();
+    *FOUND.get_or_init(|| match libcgroups::common::get_cgroup_setup() {
         Ok(CgroupSetup::Unified) => Layout::V2,
         _ => Layout::V1,
-    }
+    })
 }
 
 /// The directory of cgroup `path` in the memory controller's hierarchy.
