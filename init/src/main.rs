@@ -112,6 +112,10 @@ fn run(mode: Mode, args: &Args) -> anyhow::Result<i32> {
     if let Err(e) = mounts::loopback_up() {
         warn!("{e:#}");
     }
+    // SAFETY: malloc_trim only returns free heap to the kernel; init is single-threaded.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     loop {
         let timeout = sup
             .restart_at
