@@ -177,10 +177,19 @@ pub fn bind(addr: &ServeAddr, writes: WriteCounter) -> anyhow::Result<Listener> 
 /// ([`joey_protocols::contract::AGENT_LISTEN_FD_ENV`]), if it passed one: the agent
 /// serves on it instead of binding its address.
 pub fn inherited(writes: WriteCounter) -> anyhow::Result<Option<Listener>> {
+    let var = joey_protocols::contract::AGENT_LISTEN_FD_ENV;
+    inherited_from(var, std::env::var(var).ok(), writes)
+}
+
+/// The listening socket descriptor `value` of variable `var` names (taken over).
+fn inherited_from(
+    var: &str,
+    value: Option<String>,
+    writes: WriteCounter,
+) -> anyhow::Result<Option<Listener>> {
     use nix::sys::socket::{getsockname, getsockopt, sockopt, UnixAddr};
     use std::os::fd::{AsFd, FromRawFd, RawFd};
-    let var = joey_protocols::contract::AGENT_LISTEN_FD_ENV;
-    let Ok(value) = std::env::var(var) else {
+    let Some(value) = value else {
         return Ok(None);
     };
     let fd: RawFd = value
@@ -236,6 +245,7 @@ fn counted<L: Accept>(l: L, writes: WriteCounter) -> Listener {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::IntoRawFd;
 
     #[test]
     fn addresses_parse() {
@@ -266,5 +276,29 @@ mod tests {
         assert!(!counter.wait_all_closed(Duration::from_millis(5)).await);
         drop(c);
         assert!(counter.wait_all_closed(Duration::from_millis(5)).await);
+    }
+
+    fn take(fd: i32) -> anyhow::Result<Option<Listener>> {
+        inherited_from("FD", Some(fd.to_string()), WriteCounter::default())
+    }
+
+    #[tokio::test]
+    async fn an_inherited_socket_must_be_a_listening_unix_socket() {
+        assert!(inherited_from("FD", None, WriteCounter::default())
+            .unwrap()
+            .is_none());
+        let tmp = tempfile::tempdir().unwrap();
+        let listening = std::os::unix::net::UnixListener::bind(tmp.path().join("s")).unwrap();
+        assert!(take(listening.into_raw_fd()).unwrap().is_some());
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let err = take(a.into_raw_fd()).err().unwrap();
+        assert!(err.to_string().contains("not listening"), "{err:#}");
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let err = take(file.into_raw_fd()).err().unwrap();
+        assert!(err.to_string().contains("not a socket"), "{err:#}");
+        let err = inherited_from("FD", Some("1".into()), WriteCounter::default())
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("above 2"), "{err:#}");
     }
 }

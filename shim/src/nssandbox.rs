@@ -147,6 +147,7 @@ impl NsSandbox {
         // until the agent accepts, instead of failing until the agent has bound it.
         // Only the sandbox holds it once started, so a dead sandbox refuses connects.
         let listener = std::os::unix::net::UnixListener::bind(&sock)
+            .and_then(above_stdio)
             .map_err(|e| SandboxError::Setup(format!("listen on {}: {e}", sock.display())))?;
         let argv = [
             cstr(&bins.init)?,
@@ -295,6 +296,20 @@ impl Drop for NsSandbox {
 /// host's hierarchies for a namespace sandbox, in the guest's for a VM).
 pub fn container_cgroup(sandbox: &str, cid: &str) -> String {
     format!("/{CGROUP_PARENT}/{sandbox}/{cid}")
+}
+
+/// `l` on a descriptor above 2 (it is one unless joeyctl was started with stdio
+/// closed), which the child's stdio set-up cannot overwrite.
+fn above_stdio(
+    l: std::os::unix::net::UnixListener,
+) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::fd::FromRawFd;
+    if l.as_raw_fd() > 2 {
+        return Ok(l);
+    }
+    let fd = nix::fcntl::fcntl(l.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))?;
+    // SAFETY: a fresh descriptor, owned by the listener made from it.
+    Ok(unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) })
 }
 
 /// The descriptor number joey-init gets the agent's listening socket on.

@@ -45,6 +45,7 @@ fn main() {
         restart::pipes_survive_an_agent_restart,
         restart::terminals_survive_an_agent_restart,
         restart::the_sandbox_ends_when_the_monitor_dies,
+        restart::the_agents_socket_outlives_the_agent_not_the_sandbox,
         registry::run_by_tag_digest_and_offline,
         registry::image_cache_ls_cap_and_prune,
         registry::concurrent_pulls_download_each_layer_once,

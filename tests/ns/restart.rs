@@ -315,3 +315,90 @@ pub async fn the_sandbox_ends_when_the_monitor_dies() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The socket inode a `/proc/PID/fd/N` link names (`socket:[N]`).
+fn socket_inode(link: &std::path::Path) -> Option<String> {
+    let target = std::fs::read_link(link).ok()?;
+    let t = target.to_str()?;
+    t.strip_prefix("socket:[")?
+        .strip_suffix(']')
+        .map(str::to_string)
+}
+
+/// Whether process `pid` holds socket `inode`.
+fn holds(pid: i32, inode: &str) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| socket_inode(&e.path()).as_deref() == Some(inode))
+}
+
+/// joeyctl makes the agent's listening socket and init passes it to every agent it
+/// starts: only init and the agent hold it (not the monitor, not a container), a
+/// connection made while the agent is dead is served by the next one, and once the
+/// sandbox is gone the socket refuses connections instead of leaving them waiting.
+pub async fn the_agents_socket_outlives_the_agent_not_the_sandbox() -> anyhow::Result<()> {
+    let mut pod = pod().await?;
+    start(&pod, "c", &sh("exec sleep 1000")).await?;
+    let init = init_pid(&pod)?;
+    let agent = init_child(&pod, false)?;
+    let monitor = init_child(&pod, true)?;
+    let inode = socket_inode(std::path::Path::new(&format!("/proc/{agent}/fd/3")))
+        .context("the agent holds no socket on fd 3")?;
+    ensure!(holds(init, &inode), "init does not keep the agent's socket");
+    ensure!(
+        !holds(monitor, &inode),
+        "the monitor holds the agent's socket"
+    );
+    let container = descendants(monitor)
+        .into_iter()
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.starts_with("sleep"))
+        })
+        .context("the container's sleep is not under the monitor")?;
+    ensure!(
+        !holds(container, &inode),
+        "the container holds the agent's socket"
+    );
+
+    // Killed: a connection made at once waits for the agent init starts next.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let addr = pod.sandbox.agent_addr();
+    let joey_shim::addr::AgentAddr::Unix(path) = &addr else {
+        anyhow::bail!("a namespace sandbox's agent is not on a Unix socket: {addr}");
+    };
+    let early =
+        std::os::unix::net::UnixStream::connect(path).context("connect while the agent is dead")?;
+    drop(early);
+    pod.client = AgentClient::connect_ready(&addr, Duration::from_secs(20))
+        .await
+        .context("the restarted agent")?;
+    let again = init_child(&pod, false)?;
+    ensure!(again != agent, "the agent was not restarted");
+    ensure!(
+        socket_inode(std::path::Path::new(&format!("/proc/{again}/fd/3"))).as_deref()
+            == Some(inode.as_str()),
+        "the restarted agent serves on another socket"
+    );
+
+    // The sandbox gone, nobody holds the socket: connecting is refused.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(init),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    pod.sandbox
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .context("the sandbox did not end")?;
+    let refused = std::os::unix::net::UnixStream::connect(path);
+    ensure!(
+        matches!(&refused, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "connecting to a dead sandbox's socket: {refused:?}"
+    );
+    Ok(())
+}
