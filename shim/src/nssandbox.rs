@@ -179,6 +179,14 @@ impl NsSandbox {
             let null_fd = devnull.as_raw_fd();
             // Closed here (the closure owns it) once the child has exec'd.
             let listen_fd = listener.as_raw_fd();
+            // execve's arrays, made here: the child must not allocate.
+            let ptrs = |v: &[std::ffi::CString]| -> Vec<*const libc::c_char> {
+                v.iter()
+                    .map(|s| s.as_ptr())
+                    .chain(std::iter::once(std::ptr::null()))
+                    .collect()
+            };
+            let (argv_ptrs, envp_ptrs) = (ptrs(&argv), ptrs(&envp));
             let mut stack = vec![0u8; 256 * 1024];
             // CLONE_VM|CLONE_VFORK: the child borrows joeyctl's memory until its exec,
             // as posix_spawn does; copying the page tables of a big multi-threaded
@@ -208,14 +216,15 @@ impl NsSandbox {
                     }
                     // If joeyctl dies, the sandbox dies with it (and its PID namespace).
                     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+                    libc::execve(argv_ptrs[0], argv_ptrs.as_ptr(), envp_ptrs.as_ptr());
                 }
-                let _ = nix::unistd::execve(&argv[0], &argv, &envp);
                 127
             });
             // SAFETY: the child only performs async-signal-safe calls before execve (see
-            // the callback), writing nothing but its own stack; it shares this address
-            // space (CLONE_VM) and this thread waits until it has exec'd or exited
-            // (CLONE_VFORK), so `stack`, `argv` and `envp` outlive its use of them.
+            // the callback) and allocates nothing; it shares this address space
+            // (CLONE_VM) and this thread waits until it has exec'd or exited
+            // (CLONE_VFORK), so `stack`, `argv`, `envp` and their pointer arrays outlive
+            // its use of them.
             unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }
         })
         .map_err(|e| SandboxError::Setup(format!("clone into new namespaces: {e}")))?;
