@@ -14,8 +14,13 @@ use crate::run::{ensure_packages, run};
 use crate::{cache, manifest};
 
 pub const TARGET: &str = "x86_64-unknown-linux-gnu";
-/// The cargo profile of the guest binaries (release, stripped, optimised for size).
+/// The cargo profile of the guest binaries (release, optimised for size; stripped as
+/// they are staged, see [`stage`]).
 pub const PROFILE: &str = "guest";
+
+/// The functions the guest binaries run at start-up and idle, in the order to place
+/// them (`scripts/guest-order` writes it; relative to the workspace).
+pub const ORDER_FILE: &str = "rootfs-builder/guest-order.txt";
 
 pub struct GuestOptions {
     pub workspace: PathBuf,
@@ -96,6 +101,11 @@ pub fn parse_manifest(text: &str) -> anyhow::Result<Vec<Entry>> {
 /// the pages in doing so; the price is a fixed address for the binaries' own code
 /// (heap, stacks and mappings stay randomised). There is no musl target here. Passing
 /// --target keeps build scripts and proc macros dynamic, as they must be.
+///
+/// They are linked with lld, which places the functions [`ORDER_FILE`] names first and
+/// together: the kernel maps a binary's pages in 64 KiB windows around each page
+/// touched, so code run at start-up and idle spread over the whole binary maps most of
+/// it. The file is passed under a name made of its hash, so a new profile relinks.
 fn build_static(workspace: &Path) -> anyhow::Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     eprintln!("build: compiling joey-init and joey-agent (static, profile {PROFILE})");
@@ -116,6 +126,25 @@ fn build_static(workspace: &Path) -> anyhow::Result<PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
     if let Some(home) = cargo_home {
         flags.push(format!("--remap-path-prefix={}=/cargo", home.display()));
+    }
+    flags.push("-Clink-arg=-fuse-ld=lld".into());
+    let order = abs.join(ORDER_FILE);
+    if order.is_file() {
+        let dir = abs.join("target").join(TARGET);
+        std::fs::create_dir_all(&dir)?;
+        let hashed = dir.join(format!(
+            "guest-order-{}.txt",
+            &cache::sha256_file(&order)?[..16]
+        ));
+        if !hashed.exists() {
+            std::fs::copy(&order, &hashed).with_context(|| format!("copy {}", order.display()))?;
+        }
+        flags.push(format!(
+            "-Clink-arg=-Wl,--symbol-ordering-file={}",
+            hashed.display()
+        ));
+        // Names the profile has and these binaries lack (another build's) are skipped.
+        flags.push("-Clink-arg=-Wl,--no-warn-symbol-ordering".into());
     }
     let status = Command::new(cargo)
         .current_dir(workspace)
@@ -145,6 +174,48 @@ fn build_static(workspace: &Path) -> anyhow::Result<PathBuf> {
     Ok(workspace.join("target").join(TARGET).join(PROFILE))
 }
 
+/// How much of the order profile the binaries still have: the functions it names that
+/// exist in joey-init or joey-agent. It goes stale as functions and dependencies change.
+fn report_order(order: &Path, bins: &Path) -> anyhow::Result<()> {
+    let Ok(text) = std::fs::read_to_string(order) else {
+        eprintln!(
+            "build: no {} (scripts/guest-order writes it): functions placed as linked",
+            order.display()
+        );
+        return Ok(());
+    };
+    let mut defined = std::collections::HashSet::new();
+    for bin in ["joey-init", "joey-agent"] {
+        let out = Command::new("nm")
+            .arg("--defined-only")
+            .arg(bins.join(bin))
+            .output()
+            .context("run nm")?;
+        if !out.status.success() {
+            bail!("nm {}: {}", bin, String::from_utf8_lossy(&out.stderr));
+        }
+        defined.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(2).map(str::to_string)),
+        );
+    }
+    let names: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+    let found = names.iter().filter(|n| defined.contains(**n)).count();
+    let pct = found * 100 / names.len().max(1);
+    eprintln!(
+        "build: {found} of the {} functions in {} placed first ({pct}%){}",
+        names.len(),
+        order.display(),
+        if pct < 80 {
+            "; run scripts/guest-order to profile them again"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
 fn stage(entries: &[Entry], bins: &Path, dir: &Path) -> anyhow::Result<BTreeMap<String, String>> {
     let mut inputs = BTreeMap::new();
     let at = |p: &str| dir.join(p.trim_start_matches('/'));
@@ -156,7 +227,14 @@ fn stage(entries: &[Entry], bins: &Path, dir: &Path) -> anyhow::Result<BTreeMap<
             }
             Entry::Bin { binary, path, mode } => {
                 let src = bins.join(binary);
-                std::fs::copy(&src, at(path)).with_context(|| format!("copy {}", src.display()))?;
+                // Built unstripped (cargo's profile is part of every symbol's name,
+                // which the order profile must match); stripped here.
+                run(Command::new("strip")
+                    .arg("--strip-all")
+                    .arg("-o")
+                    .arg(at(path))
+                    .arg(&src))
+                .with_context(|| format!("strip {}", src.display()))?;
                 std::fs::set_permissions(at(path), std::fs::Permissions::from_mode(*mode))?;
                 inputs.insert(binary.clone(), cache::sha256_file(&src)?);
             }
@@ -175,12 +253,13 @@ fn stage(entries: &[Entry], bins: &Path, dir: &Path) -> anyhow::Result<BTreeMap<
 }
 
 pub fn build(opts: &GuestOptions) -> anyhow::Result<()> {
-    ensure_packages(&["erofs-utils", "cpio"])?;
+    ensure_packages(&["erofs-utils", "cpio", "lld", "binutils"])?;
     let text = std::fs::read_to_string(&opts.manifest)
         .with_context(|| format!("read {}", opts.manifest.display()))?;
     let entries =
         parse_manifest(&text).with_context(|| format!("parse {}", opts.manifest.display()))?;
     let bins = build_static(&opts.workspace)?;
+    report_order(&opts.workspace.join(ORDER_FILE), &bins)?;
     std::fs::create_dir_all(&opts.out)?;
     let out = opts.out.canonicalize()?;
     let dir = out.join(".stage-guest");
