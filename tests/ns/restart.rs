@@ -351,13 +351,21 @@ pub async fn the_agents_socket_outlives_the_agent_not_the_sandbox() -> anyhow::R
         !holds(monitor, &inode),
         "the monitor holds the agent's socket"
     );
-    let container = descendants(monitor)
-        .into_iter()
-        .find(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|c| c.starts_with("sleep"))
-        })
-        .context("the container's sleep is not under the monitor")?;
+    // The container's shell execs sleep once it runs: wait for that.
+    let mut container = None;
+    wait_until(
+        "the container's sleep to run under the monitor",
+        Duration::from_secs(10),
+        || {
+            container = descendants(monitor).into_iter().find(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c.starts_with("sleep"))
+            });
+            container.is_some()
+        },
+    )
+    .await?;
+    let container = container.context("the container's sleep is not under the monitor")?;
     ensure!(
         !holds(container, &inode),
         "the container holds the agent's socket"
