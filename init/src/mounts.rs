@@ -150,42 +150,36 @@ pub fn apply(steps: &[Step]) -> anyhow::Result<()> {
     for s in steps {
         std::fs::create_dir_all(&s.target)
             .map_err(|e| anyhow::anyhow!("create {}: {e}", s.target.display()))?;
-        let data = (!s.data.is_empty()).then_some(s.data);
-        if !s.optional.is_empty() {
-            let with = match data {
-                Some(d) => format!("{d},{}", s.optional),
-                None => s.optional.to_string(),
-            };
-            match nix::mount::mount(
-                Some(s.source),
-                &s.target,
-                Some(s.fstype),
-                s.flags,
-                Some(with.as_str()),
-            ) {
-                Ok(()) => {
-                    tracing::debug!(target = %s.target.display(), fstype = s.fstype, options = %with, "mounted");
-                    continue;
-                }
-                Err(e) => tracing::warn!(
+        let mount = |data: &str| {
+            let data = (!data.is_empty()).then_some(data);
+            nix::mount::mount(Some(s.source), &s.target, Some(s.fstype), s.flags, data)
+        };
+        let with = match (s.data, s.optional) {
+            (data, "") => data.to_string(),
+            ("", optional) => optional.to_string(),
+            (data, optional) => format!("{data},{optional}"),
+        };
+        let options = match mount(&with) {
+            Err(e) if with != s.data => {
+                tracing::warn!(
                     "mount {} on {} with {}: {e}; mounting it without",
                     s.fstype,
                     s.target.display(),
                     s.optional
-                ),
+                );
+                mount(s.data).map(|()| s.data)
             }
+            r => r.map(|()| with.as_str()),
         }
-        nix::mount::mount(Some(s.source), &s.target, Some(s.fstype), s.flags, data).map_err(
-            |e| {
-                anyhow::anyhow!(
-                    "mount {} ({}) on {}: {e}",
-                    s.source,
-                    s.fstype,
-                    s.target.display()
-                )
-            },
-        )?;
-        tracing::debug!(target = %s.target.display(), fstype = s.fstype, "mounted");
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "mount {} ({}) on {}: {e}",
+                s.source,
+                s.fstype,
+                s.target.display()
+            )
+        })?;
+        tracing::debug!(target = %s.target.display(), fstype = s.fstype, options, "mounted");
     }
     Ok(())
 }
