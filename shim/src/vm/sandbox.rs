@@ -127,6 +127,22 @@ impl Backends {
         })
     }
 
+    /// Waits, at most `within`, for every backend process to have ended. When the VM
+    /// process has ended, its backends end too (a clean exit once QEMU closed their
+    /// socket), and one whose death ended the VM can be waited for only a moment after
+    /// the VM: QEMU sees its socket close while the killed process is still exiting.
+    fn settle(&mut self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline
+            && self.0.iter_mut().any(|s| match s {
+                Server::Process(_, c) => matches!(c.try_wait(), Ok(None)),
+                Server::Service(_) => false,
+            })
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     fn kill(&mut self) {
         for s in &mut self.0 {
             if let Server::Process(_, c) = s {
@@ -324,7 +340,9 @@ impl VmSandbox {
     pub fn try_wait(&mut self) -> Option<i32> {
         if self.exit.is_none() {
             if let Ok(Some(s)) = self.vmm.try_wait() {
-                // Killed for a backend that died (the image service's link).
+                // Killed for a backend that died (the image service's link), or ended
+                // because one did (its status known only once it has exited).
+                self.backends.settle(Duration::from_millis(200));
                 self.failure = self.backends.dead();
                 self.exit = Some(s.code().unwrap_or(128 + libc::SIGKILL));
             } else if let Some(why) = self.backends.dead() {
