@@ -1,8 +1,9 @@
 //! joey-agent: serves the kata agent API (ttrpc) over vsock or a Unix socket.
 //!
-//! Two internal subcommands run single-threaded helpers from this same binary:
-//! `monitor` (the container monitor, see `monitor`) and `pidns` (the holder of a
-//! sandbox's shared PID namespace).
+//! The guest's one binary: started as `init` or `joey-init` it is joey-init (the
+//! `joey_init` crate), PID 1 of the sandbox. Two internal subcommands run
+//! single-threaded helpers: `monitor` (the container monitor, see `monitor`) and
+//! `pidns` (the holder of a sandbox's shared PID namespace).
 
 mod agent;
 mod cgroup;
@@ -55,6 +56,12 @@ struct Args {
 }
 
 fn main() {
+    if std::env::args_os()
+        .next()
+        .is_some_and(|a| joey_init::invoked_as_init(&a))
+    {
+        joey_init::main()
+    }
     // A blocked mask inherited from the parent would silence SIGCHLD (the reaper) and
     // pass on to every container process.
     let _ = nix::sys::signal::sigprocmask(

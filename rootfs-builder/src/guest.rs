@@ -21,6 +21,9 @@ pub const PROFILE: &str = "guest";
 /// The functions the guest binaries run at start-up and idle, in the order to place
 /// them (`scripts/guest-order` writes it; relative to the workspace).
 pub const ORDER_FILE: &str = "rootfs-builder/guest-order.txt";
+/// The guest's one binary: joey-agent, which is also joey-init (run as `init` or
+/// `joey-init`) and the container monitor (`joey-agent monitor`).
+pub const GUEST_BINARY: &str = "joey-agent";
 
 pub struct GuestOptions {
     pub workspace: PathBuf,
@@ -95,20 +98,21 @@ pub fn parse_manifest(text: &str) -> anyhow::Result<Vec<Entry>> {
     Ok(out)
 }
 
-/// Builds joey-init and joey-agent as static executables, not position-independent:
-/// a static-pie binary writes its relocations into its `.data.rel.ro` at start
-/// (340 KiB of the agent's, in the agent and again in the monitor), and faults twice
-/// the pages in doing so; the price is a fixed address for the binaries' own code
-/// (heap, stacks and mappings stay randomised). There is no musl target here. Passing
-/// --target keeps build scripts and proc macros dynamic, as they must be.
+/// Builds the guest binary (joey-agent, joey-init in it) as a static executable, not
+/// position-independent: a static-pie binary writes its relocations into its
+/// `.data.rel.ro` at start (340 KiB of it, in init, the agent and the monitor each),
+/// and faults twice the pages in doing so; the price is a fixed address for the
+/// binary's own code (heap, stacks and mappings stay randomised). There is no musl
+/// target here. Passing --target keeps build scripts and proc macros dynamic, as they
+/// must be.
 ///
-/// They are linked with lld, which places the functions [`ORDER_FILE`] names first and
+/// It is linked with lld, which places the functions [`ORDER_FILE`] names first and
 /// together: the kernel maps a binary's pages in 64 KiB windows around each page
 /// touched, so code run at start-up and idle spread over the whole binary maps most of
 /// it. The file is passed under a name made of its hash, so a new profile relinks.
 fn build_static(workspace: &Path) -> anyhow::Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    eprintln!("build: compiling joey-init and joey-agent (static, profile {PROFILE})");
+    eprintln!("build: compiling {GUEST_BINARY}, joey-init in it (static, profile {PROFILE})");
     // Paths compiled into the binaries (panic locations, generated code) must not name
     // the checkout or the cargo home, or two checkouts would build different bytes.
     // With --target, these flags reach only the guest binaries, not build scripts; the
@@ -155,9 +159,7 @@ fn build_static(workspace: &Path) -> anyhow::Result<PathBuf> {
             "--target",
             TARGET,
             "-p",
-            "joey-init",
-            "-p",
-            "joey-agent",
+            GUEST_BINARY,
         ])
         .env("CARGO_ENCODED_RUSTFLAGS", flags.join("\u{1f}"))
         // The agent's seccomp support links libseccomp statically (libseccomp-dev's
@@ -175,7 +177,7 @@ fn build_static(workspace: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// How much of the order profile the binaries still have: the functions it names that
-/// exist in joey-init or joey-agent. It goes stale as functions and dependencies change.
+/// exist in the guest binary. It goes stale as functions and dependencies change.
 fn report_order(order: &Path, bins: &Path) -> anyhow::Result<()> {
     let Ok(text) = std::fs::read_to_string(order) else {
         eprintln!(
@@ -185,21 +187,22 @@ fn report_order(order: &Path, bins: &Path) -> anyhow::Result<()> {
         return Ok(());
     };
     let mut defined = std::collections::HashSet::new();
-    for bin in ["joey-init", "joey-agent"] {
-        let out = Command::new("nm")
-            .arg("--defined-only")
-            .arg(bins.join(bin))
-            .output()
-            .context("run nm")?;
-        if !out.status.success() {
-            bail!("nm {}: {}", bin, String::from_utf8_lossy(&out.stderr));
-        }
-        defined.extend(
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|l| l.split_whitespace().nth(2).map(str::to_string)),
+    let out = Command::new("nm")
+        .arg("--defined-only")
+        .arg(bins.join(GUEST_BINARY))
+        .output()
+        .context("run nm")?;
+    if !out.status.success() {
+        bail!(
+            "nm {GUEST_BINARY}: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
     }
+    defined.extend(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(2).map(str::to_string)),
+    );
     let names: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
     let found = names.iter().filter(|n| defined.contains(**n)).count();
     let pct = found * 100 / names.len().max(1);
@@ -306,7 +309,7 @@ mod tests {
 
     #[test]
     fn the_manifest_format_parses_and_errors_name_the_line() {
-        let e = parse_manifest("# c\ndir /run 0755\nbin joey-init /sbin/init 0755\nfile /etc/x 0644 a b\\n\nlink /init /sbin/init\n").unwrap();
+        let e = parse_manifest("# c\ndir /run 0755\nbin joey-agent /usr/bin/joey-agent 0755\nfile /etc/x 0644 a b\\n\nlink /init /sbin/init\n").unwrap();
         assert_eq!(e.len(), 4);
         assert_eq!(
             e[2],

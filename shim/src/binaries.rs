@@ -2,11 +2,17 @@
 
 use std::path::{Path, PathBuf};
 
+/// The guest binaries a namespace sandbox runs.
 #[derive(Debug, Clone)]
 pub struct Binaries {
+    /// The program started as the sandbox's PID 1, with `argv[0]` [`INIT_ARGV0`]:
+    /// joey-agent itself (it is joey-init under that name), or `$JOEY_INIT`.
     pub init: PathBuf,
     pub agent: PathBuf,
 }
+
+/// The name joey-agent runs as joey-init under (`joey_init::NAMES`).
+pub const INIT_ARGV0: &str = "joey-init";
 
 fn find(name: &str, env: &str) -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os(env) {
@@ -57,17 +63,22 @@ pub fn which(name: &str) -> Option<PathBuf> {
 }
 
 impl Binaries {
+    /// `$JOEY_AGENT`, beside joeyctl, or PATH; init is the agent unless `$JOEY_INIT`
+    /// names another program (a wrapper, say).
     pub fn locate() -> Result<Self, String> {
-        Ok(Binaries {
-            init: find("joey-init", "JOEY_INIT")?,
-            agent: find("joey-agent", "JOEY_AGENT")?,
-        })
+        let agent = find("joey-agent", "JOEY_AGENT")?;
+        let init = match std::env::var_os("JOEY_INIT") {
+            Some(_) => find("joey-init", "JOEY_INIT")?,
+            None => agent.clone(),
+        };
+        Ok(Binaries { init, agent })
     }
 
     pub fn in_dir(dir: &Path) -> Self {
+        let agent = dir.join("joey-agent");
         Binaries {
-            init: dir.join("joey-init"),
-            agent: dir.join("joey-agent"),
+            init: agent.clone(),
+            agent,
         }
     }
 }

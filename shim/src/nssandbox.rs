@@ -149,8 +149,9 @@ impl NsSandbox {
         let listener = std::os::unix::net::UnixListener::bind(&sock)
             .and_then(above_stdio)
             .map_err(|e| SandboxError::Setup(format!("listen on {}: {e}", sock.display())))?;
+        let program = cstr(&bins.init)?;
         let argv = [
-            cstr(&bins.init)?,
+            cstr(crate::binaries::INIT_ARGV0)?,
             cstr("--sandbox")?,
             cstr("ns")?,
             cstr("--agent")?,
@@ -187,6 +188,7 @@ impl NsSandbox {
                     .collect()
             };
             let (argv_ptrs, envp_ptrs) = (ptrs(&argv), ptrs(&envp));
+            let program_ptr = program.as_ptr();
             let mut stack = vec![0u8; 256 * 1024];
             // CLONE_VM|CLONE_VFORK: the child borrows joeyctl's memory until its exec,
             // as posix_spawn does; copying the page tables of a big multi-threaded
@@ -216,15 +218,15 @@ impl NsSandbox {
                     }
                     // If joeyctl dies, the sandbox dies with it (and its PID namespace).
                     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-                    libc::execve(argv_ptrs[0], argv_ptrs.as_ptr(), envp_ptrs.as_ptr());
+                    libc::execve(program_ptr, argv_ptrs.as_ptr(), envp_ptrs.as_ptr());
                 }
                 127
             });
             // SAFETY: the child only performs async-signal-safe calls before execve (see
             // the callback) and allocates nothing; it shares this address space
             // (CLONE_VM) and this thread waits until it has exec'd or exited
-            // (CLONE_VFORK), so `stack`, `argv`, `envp` and their pointer arrays outlive
-            // its use of them.
+            // (CLONE_VFORK), so `stack`, `program`, `argv`, `envp` and their pointer
+            // arrays outlive its use of them.
             unsafe { nix::sched::clone(child, &mut stack, flags, Some(libc::SIGCHLD)) }
         })
         .map_err(|e| SandboxError::Setup(format!("clone into new namespaces: {e}")))?;

@@ -4,6 +4,12 @@
 //! restarts the agent if it dies (the monitor's death ends the sandbox), reaps
 //! orphans, and ends the sandbox on SIGTERM or when the agent finishes after
 //! DestroySandbox: in a VM with reboot(2), in a namespace sandbox by exiting.
+//!
+//! A library linked into joey-agent: the guest has one binary, which is init when
+//! started under the name `init` or `joey-init` (the kernel runs `/sbin/init`, a link
+//! to it; joeyctl passes `joey-init` as a namespace sandbox's `argv[0]`). init, the
+//! agent and the monitor then share their code's pages instead of each mapping its
+//! own copy of the standard library, glibc and the logging code.
 
 mod args;
 mod mounts;
@@ -11,6 +17,8 @@ mod shutdown;
 mod signals;
 mod supervisor;
 
+use std::ffi::OsStr;
+use std::path::Path;
 use std::time::Instant;
 
 use joey_protocols::contract::{INIT_MONOTONIC_MARKER, INIT_START_MARKER};
@@ -21,7 +29,19 @@ use crate::args::{Args, Parsed};
 use crate::mounts::Mode;
 use crate::supervisor::{AgentConfig, AgentExit, Supervisor};
 
-fn main() {
+/// The names the guest binary runs as init under (`argv[0]`'s last component).
+pub const NAMES: [&str; 2] = ["init", "joey-init"];
+
+/// Whether a process started as `argv0` is init.
+pub fn invoked_as_init(argv0: &OsStr) -> bool {
+    Path::new(argv0)
+        .file_name()
+        .and_then(OsStr::to_str)
+        .is_some_and(|n| NAMES.contains(&n))
+}
+
+/// init's whole life: never returns (a VM reboots, a namespace sandbox's init exits).
+pub fn main() -> ! {
     let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC);
     if let Ok(t) = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME) {
         eprintln!(
@@ -149,6 +169,27 @@ fn run(mode: Mode, args: &Args) -> anyhow::Result<i32> {
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_is_recognised_by_its_names_only() {
+        for name in ["/sbin/init", "/init", "init", "joey-init", "/x/y/joey-init"] {
+            assert!(invoked_as_init(OsStr::new(name)), "{name}");
+        }
+        for name in [
+            "/usr/bin/joey-agent",
+            "joey-agent",
+            "/sbin/init/x",
+            "initx",
+            "",
+        ] {
+            assert!(!invoked_as_init(OsStr::new(name)), "{name}");
         }
     }
 }
