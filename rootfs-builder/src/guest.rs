@@ -18,8 +18,8 @@ pub const TARGET: &str = "x86_64-unknown-linux-gnu";
 /// they are staged, see [`stage`]).
 pub const PROFILE: &str = "guest";
 
-/// The functions the guest binaries run at start-up and idle, in the order to place
-/// them (`scripts/guest-order` writes it; relative to the workspace).
+/// The functions the guest binary's processes run at start-up and idle, in the order
+/// to place them (`scripts/guest-order` writes it; relative to the workspace).
 pub const ORDER_FILE: &str = "rootfs-builder/guest-order.txt";
 /// The guest's one binary: joey-agent, which is also joey-init (run as `init` or
 /// `joey-init`) and the container monitor (`joey-agent monitor`).
