@@ -21,7 +21,7 @@ use std::ffi::OsStr;
 use std::path::Path;
 use std::time::Instant;
 
-use joey_protocols::contract::{INIT_MONOTONIC_MARKER, INIT_START_MARKER};
+use joey_protocols::contract::{INIT_ARGV0, INIT_MONOTONIC_MARKER, INIT_START_MARKER};
 use nix::sys::signal::Signal;
 use tracing::{error, info, warn};
 
@@ -30,7 +30,7 @@ use crate::mounts::Mode;
 use crate::supervisor::{AgentConfig, AgentExit, Supervisor};
 
 /// The names the guest binary runs as init under (`argv[0]`'s last component).
-pub const NAMES: [&str; 2] = ["init", "joey-init"];
+pub const NAMES: [&str; 2] = ["init", INIT_ARGV0];
 
 /// Whether a process started as `argv0` is init.
 pub fn invoked_as_init(argv0: &OsStr) -> bool {

@@ -16,6 +16,11 @@ pub const RUNTIME_DIR: &str = "/run/joey";
 /// The environment variable that moves [`RUNTIME_DIR`].
 pub const RUNTIME_DIR_ENV: &str = "JOEY_RUNTIME_DIR";
 
+/// The name the guest binary (joey-agent) runs as joey-init under, as `argv[0]`'s last
+/// component: joeyctl starts a namespace sandbox's init with it (the guest image's
+/// `/sbin/init` link gives the other name, `init`).
+pub const INIT_ARGV0: &str = "joey-init";
+
 /// What joey-init prints on the console as it starts, followed by the time since boot
 /// (`<seconds>.<micros>s after boot`). The host waits for it before dialling a VM.
 pub const INIT_START_MARKER: &str = "joey-init: started ";

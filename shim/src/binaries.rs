@@ -5,14 +5,12 @@ use std::path::{Path, PathBuf};
 /// The guest binaries a namespace sandbox runs.
 #[derive(Debug, Clone)]
 pub struct Binaries {
-    /// The program started as the sandbox's PID 1, with `argv[0]` [`INIT_ARGV0`]:
-    /// joey-agent itself (it is joey-init under that name), or `$JOEY_INIT`.
+    /// The program started as the sandbox's PID 1, with `argv[0]`
+    /// [`joey_protocols::contract::INIT_ARGV0`]: joey-agent itself (it is joey-init
+    /// under that name), or `$JOEY_INIT`.
     pub init: PathBuf,
     pub agent: PathBuf,
 }
-
-/// The name joey-agent runs as joey-init under (`joey_init::NAMES`).
-pub const INIT_ARGV0: &str = "joey-init";
 
 fn find(name: &str, env: &str) -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os(env) {

@@ -151,7 +151,7 @@ impl NsSandbox {
             .map_err(|e| SandboxError::Setup(format!("listen on {}: {e}", sock.display())))?;
         let program = cstr(&bins.init)?;
         let argv = [
-            cstr(crate::binaries::INIT_ARGV0)?,
+            cstr(joey_protocols::contract::INIT_ARGV0)?,
             cstr("--sandbox")?,
             cstr("ns")?,
             cstr("--agent")?,
